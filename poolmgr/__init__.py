@@ -1,0 +1,5 @@
+"""poolmgr: a GPU pool manager daemon for LLM engines."""
+
+__version__ = "0.1.0"
+
+__all__ = ["__version__"]

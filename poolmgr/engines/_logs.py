@@ -1,0 +1,100 @@
+"""Per-pool engine log files: size-based rotation before a spawn, and tailing a log for a pattern."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
+DEFAULT_LOG_KEEP = 3
+_LISTEN_RE = re.compile(rb"listening on https?://(?:\[[^\]]*\]|[^\s/:\[\]]+):(\d+)")
+_REDACT_FLAGS = frozenset({"--api-key", "--api-key-file", "--ssl-key-file", "--hf-token", "-hft"})
+
+
+def rotate_log(path: Path, *, max_bytes: int = DEFAULT_LOG_MAX_BYTES, keep: int = DEFAULT_LOG_KEEP) -> bool:
+    """When `path` has reached `max_bytes`, shift it to `path.1` (… up to `path.<keep>`, the oldest dropped).
+    Returns whether it rotated."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    if size < max_bytes:
+        return False
+    if keep <= 0:
+        path.unlink(missing_ok=True)
+        return True
+    with contextlib.suppress(FileNotFoundError):
+        Path(f"{path}.{keep}").unlink()
+    for n in range(keep - 1, 0, -1):
+        src = Path(f"{path}.{n}")
+        if src.exists():
+            os.replace(src, f"{path}.{n + 1}")
+    os.replace(path, f"{path}.1")
+    return True
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """The command line with secret flag values replaced, fit for a log line."""
+    out: list[str] = []
+    hide_next = False
+    for arg in argv:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        flag, eq, _ = arg.partition("=")
+        if flag in _REDACT_FLAGS:
+            out.append(f"{flag}=***" if eq else arg)
+            hide_next = not eq
+        else:
+            out.append(arg)
+    return out
+
+
+async def tail_for_listen_port(
+    log_path: Path,
+    offset: int,
+    deadline: float,
+    *,
+    still_running: Callable[[], bool] | None = None,
+) -> int | None:
+    """Read `log_path` from byte `offset` until a `listening on http://HOST:PORT` line appears; return the port.
+
+    `deadline` is an absolute `time.monotonic()` value. Returns None at the deadline, or as soon as
+    `still_running()` says the engine is gone and the log holds no such line. Polls every 5 ms at first,
+    easing to 50 ms: a tiny model is served ~40 ms after spawn.
+    """
+    buf = b""
+    pos = offset
+    delay = 0.005
+    while True:
+        running = still_running() if still_running is not None else True
+        chunk = _read_from(log_path, pos)
+        pos += len(chunk)
+        buf += chunk
+        match = _LISTEN_RE.search(buf)
+        if match:
+            return int(match.group(1))
+        # Keep only a tail long enough to hold a line cut in half by a read.
+        buf = buf[-4096:]
+        if not running or time.monotonic() >= deadline:
+            return None
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 0.05)
+
+
+def _read_from(path: Path, pos: int) -> bytes:
+    try:
+        with path.open("rb") as fh:
+            fh.seek(pos)
+            return fh.read()
+    except FileNotFoundError:
+        return b""
+
+
+__all__ = ["DEFAULT_LOG_KEEP", "DEFAULT_LOG_MAX_BYTES", "redact_argv", "rotate_log", "tail_for_listen_port"]

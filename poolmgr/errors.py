@@ -1,0 +1,88 @@
+"""The exceptions of poolmgr. Imports nothing from poolmgr (layer 1).
+
+    PoolmgrError
+    ├── ConfigError                 bad settings or pools file (CLI exit 2)
+    ├── NotFoundError               unknown pool / lease / device (HTTP 404)
+    ├── ConflictError               refused by the pool's current state (HTTP 409)
+    │   ├── IllegalTransition       an FSM trigger not allowed from the current state
+    │   └── LeaseRefused            no lease while draining / not ready / no free slot
+    ├── DeviceError                 bad device mask, unknown device, NVML failure
+    │   └── InsufficientVram        the model cannot fit the pool's devices
+    ├── EngineError                 the engine could not be built, spawned or made ready
+    │   └── PreloadFailed           carries a machine-readable reason
+    ├── IsolationError              a requested isolation layer could not be applied
+    └── TransientError              worth retrying later (database away, …)
+"""
+
+from __future__ import annotations
+
+
+class PoolmgrError(Exception):
+    """Root of every error poolmgr raises on purpose."""
+
+
+class ConfigError(PoolmgrError):
+    pass
+
+
+class NotFoundError(PoolmgrError):
+    pass
+
+
+class ConflictError(PoolmgrError):
+    pass
+
+
+class IllegalTransition(ConflictError):
+    def __init__(self, pool_id: str, trigger: str, state: str) -> None:
+        super().__init__(f"pool {pool_id!r}: trigger {trigger!r} is not allowed from state {state!r}")
+        self.pool_id = pool_id
+        self.trigger = trigger
+        self.state = state
+
+
+class LeaseRefused(ConflictError):
+    pass
+
+
+class DeviceError(PoolmgrError):
+    pass
+
+
+class InsufficientVram(DeviceError):
+    pass
+
+
+class EngineError(PoolmgrError):
+    pass
+
+
+class PreloadFailed(EngineError):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class IsolationError(PoolmgrError):
+    pass
+
+
+class TransientError(PoolmgrError):
+    pass
+
+
+__all__ = [
+    "ConfigError",
+    "ConflictError",
+    "DeviceError",
+    "EngineError",
+    "IllegalTransition",
+    "InsufficientVram",
+    "IsolationError",
+    "LeaseRefused",
+    "NotFoundError",
+    "PoolmgrError",
+    "PreloadFailed",
+    "TransientError",
+]

@@ -1,0 +1,1 @@
+"""Lifecycle: the pool FSM, restart policy (backoff, breaker, storm) and the reconciler (layer 7)."""

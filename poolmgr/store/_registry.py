@@ -1,0 +1,381 @@
+"""The registry: pools, their audit events and leases, in one database (B-REG).
+
+Every state change is one transaction: read the row (locked), decide, update it where its version still
+matches, insert the audit event, commit. A writer that loses a race re-reads and re-decides; nothing is lost
+and nothing is written twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.orm import Session
+
+from poolmgr import __version__
+from poolmgr.clock import Clock, SystemClock
+from poolmgr.errors import LeaseRefused, NotFoundError
+from poolmgr.poolsfile import PoolSpec
+from poolmgr.states import DesiredState, PoolState
+from poolmgr.store._db import make_engine, make_sessionmaker
+from poolmgr.store._models import Device, Lease, Node, Pool, PoolEvent
+from poolmgr.store._views import EventView, LeaseView, PoolView
+
+log = logging.getLogger("poolmgr.store")
+
+_MAX_CAS_RETRIES = 20
+# Columns a caller may set through update()/transition(); the rest are derived or owned by the registry.
+_WRITABLE = frozenset(
+    {
+        "spec", "model", "engine", "device_mask", "desired_state", "last_error", "heartbeat_at",
+        "engine_version", "slots_total", "slots_free", "restart_count", "endpoint_url", "pid",
+        "pid_start_time", "spawn_intent_at", "ready_since", "backoff_step", "next_restart_at",
+        "consecutive_failures", "breaker_timeout_s", "breaker_until", "breaker_trial", "vram_total_bytes",
+        "vram_free_bytes", "compute_capability", "split_plan", "live",
+    }
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class EventData:
+    """What an audit row says beyond the state change itself."""
+
+    kind: str | None = None
+    reason: str | None = None
+    exit_code: int | None = None
+    signal: int | None = None
+    backoff_ms: int | None = None
+    correlation_id: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of deciding a transition against a fresh row."""
+
+    to_state: PoolState
+    trigger: str
+    updates: dict[str, Any] = field(default_factory=dict)
+    event: EventData = field(default_factory=EventData)
+
+
+class Registry:
+    def __init__(self, url: str, *, node_id: str, clock: Clock | None = None) -> None:
+        self.url = url
+        self.node_id = node_id
+        self.clock: Clock = clock or SystemClock()
+        self.engine = make_engine(url)
+        self._sessions = make_sessionmaker(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _tx(self) -> Iterator[Session]:
+        with self._sessions.begin() as session:
+            yield session
+
+    def _locked(self, session: Session, pool_id: str) -> Pool:
+        row = session.scalars(select(Pool).where(Pool.id == pool_id).with_for_update()).one_or_none()
+        if row is None:
+            raise NotFoundError(f"pool {pool_id!r} not found")
+        return row
+
+    def _add_event(self, session: Session, row: Pool, ev: EventData, **kw: Any) -> None:
+        session.add(
+            PoolEvent(
+                pool_id=row.id,
+                at=self.clock.now(),
+                kind=ev.kind or kw.get("trigger") or "event",
+                reason=ev.reason,
+                restart_count=row.restart_count,
+                backoff_ms=ev.backoff_ms,
+                exit_code=ev.exit_code,
+                signal=ev.signal,
+                correlation_id=ev.correlation_id,
+                node_id=self.node_id,
+                detail=ev.detail,
+                **kw,
+            )
+        )
+
+    # -- nodes ----------------------------------------------------------------------------------------
+    def heartbeat_node(self, hostname: str) -> None:
+        now = self.clock.now()
+        with self._tx() as s:
+            node = s.get(Node, self.node_id)
+            if node is None:
+                s.add(
+                    Node(
+                        id=self.node_id,
+                        hostname=hostname,
+                        version=__version__,
+                        started_at=now,
+                        heartbeat_at=now,
+                    )
+                )
+            else:
+                node.heartbeat_at = now
+                node.version = __version__
+
+    # -- pools ----------------------------------------------------------------------------------------
+    def register(self, spec: PoolSpec, *, correlation_id: str | None = None) -> PoolView:
+        """Add a pool in state `discovered`, or update the spec of a known one (no state change)."""
+        now = self.clock.now()
+        with self._tx() as s:
+            row = s.scalars(select(Pool).where(Pool.id == spec.id).with_for_update()).one_or_none()
+            if row is not None:
+                if row.spec != spec.to_json():
+                    row.spec, row.model, row.engine = spec.to_json(), spec.model, spec.engine
+                    row.device_mask, row.version, row.updated_at = spec.device_mask, row.version + 1, now
+                    self._add_event(s, row, EventData(kind="spec_updated", correlation_id=correlation_id))
+                return PoolView.of(row)
+            row = Pool(
+                id=spec.id, node_id=self.node_id, spec=spec.to_json(), engine=spec.engine, model=spec.model,
+                device_mask=spec.device_mask, state=PoolState.DISCOVERED.value,
+                desired_state=DesiredState.RUNNING.value, live=False, ready=False, draining=False,
+                slots_total=spec.slots, slots_free=0, active_leases=0, restart_count=0, backoff_step=0,
+                consecutive_failures=0, breaker_timeout_s=0.0, breaker_trial=False, version=1,
+                created_at=now, updated_at=now,
+            )  # fmt: skip
+            s.add(row)
+            s.flush()
+            self._add_event(
+                s, row, EventData(kind="registered", correlation_id=correlation_id), to_state=row.state
+            )
+            return PoolView.of(row)
+
+    def deregister(self, pool_id: str, *, correlation_id: str | None = None) -> None:
+        with self._tx() as s:
+            row = self._locked(s, pool_id)
+            self._add_event(
+                s, row, EventData(kind="deregistered", correlation_id=correlation_id), from_state=row.state
+            )
+            s.execute(delete(Lease).where(Lease.pool_id == pool_id))
+            s.delete(row)
+
+    def find(self, pool_id: str) -> PoolView | None:
+        with self._sessions() as s:
+            row = s.get(Pool, pool_id)
+            return PoolView.of(row) if row is not None else None
+
+    def get(self, pool_id: str) -> PoolView:
+        view = self.find(pool_id)
+        if view is None:
+            raise NotFoundError(f"pool {pool_id!r} not found")
+        return view
+
+    def pools(self, *, node_id: str | None = None) -> list[PoolView]:
+        """Snapshots of all pools (of one node if given), sorted by pool id."""
+        with self._sessions() as s:
+            q = select(Pool).order_by(Pool.id)
+            if node_id is not None:
+                q = q.where(Pool.node_id == node_id)
+            return [PoolView.of(r) for r in s.scalars(q)]
+
+    def transition(self, pool_id: str, decide: Callable[[PoolView], Decision]) -> tuple[PoolView, Decision]:
+        """Decide on the fresh row and persist state + audit row in one transaction (CAS on version)."""
+        for _ in range(_MAX_CAS_RETRIES):
+            with self._tx() as s:
+                row = self._locked(s, pool_id)
+                before = PoolView.of(row)
+                decision = decide(before)
+                values = _derived(decision.to_state, before, decision.updates)
+                values.update(
+                    state=decision.to_state.value, version=row.version + 1, updated_at=self.clock.now()
+                )
+                res = s.execute(
+                    update(Pool).where(Pool.id == pool_id, Pool.version == row.version).values(**values)
+                )
+                if res.rowcount != 1:  # type: ignore[attr-defined]
+                    s.rollback()
+                    continue
+                s.expire(row)
+                s.refresh(row)
+                self._add_event(
+                    s, row, decision.event, from_state=before.state.value, to_state=decision.to_state.value,
+                    trigger=decision.trigger,
+                )  # fmt: skip
+                return PoolView.of(row), decision
+        raise RuntimeError(f"pool {pool_id!r}: gave up after {_MAX_CAS_RETRIES} compare-and-swap retries")
+
+    def update(self, pool_id: str, *, event: EventData | None = None, **fields: Any) -> PoolView:
+        """Change registry fields without a state change; optionally append an audit event with them."""
+        bad = set(fields) - _WRITABLE
+        if bad:
+            raise ValueError(f"not writable through update(): {sorted(bad)}")
+        with self._tx() as s:
+            row = self._locked(s, pool_id)
+            if "slots_free" in fields or "slots_total" in fields:
+                total = fields.get("slots_total", row.slots_total)
+                fields["slots_free"] = max(0, min(total, fields.get("slots_free", row.slots_free)))
+            for k, v in fields.items():
+                setattr(row, k, v)
+            row.version += 1
+            row.updated_at = self.clock.now()
+            s.flush()
+            if event is not None:
+                self._add_event(s, row, event, from_state=row.state, to_state=row.state)
+            return PoolView.of(row)
+
+    def record_event(self, pool_id: str, event: EventData) -> None:
+        with self._tx() as s:
+            row = self._locked(s, pool_id)
+            self._add_event(s, row, event, from_state=row.state, to_state=row.state)
+
+    def set_health(self, pool_id: str, *, live: bool, heartbeat: bool = True) -> PoolView:
+        return self.update(pool_id, live=live, heartbeat_at=self.clock.now() if heartbeat else None)
+
+    def set_last_error(self, pool_id: str, message: str | None) -> PoolView:
+        return self.update(pool_id, last_error=message)
+
+    def set_slots(self, pool_id: str, *, total: int, free: int) -> PoolView:
+        """Slots are clamped to [0, total]; total never below zero."""
+        return self.update(pool_id, slots_total=max(0, total), slots_free=free)
+
+    # -- events ---------------------------------------------------------------------------------------
+    def events(
+        self, *, pool_id: str | None = None, limit: int | None = None, after_id: int = 0
+    ) -> list[EventView]:
+        with self._sessions() as s:
+            q = select(PoolEvent).where(PoolEvent.id > after_id).order_by(PoolEvent.id)
+            if pool_id is not None:
+                q = q.where(PoolEvent.pool_id == pool_id)
+            if limit is not None:
+                q = q.order_by(None).order_by(PoolEvent.id.desc()).limit(limit)
+                return [EventView.of(r) for r in reversed(list(s.scalars(q)))]
+            return [EventView.of(r) for r in s.scalars(q)]
+
+    def count_events(self, pool_id: str, *, trigger: str, since: datetime) -> int:
+        """Audit rows of one trigger since a moment: the sliding window of restart-storm detection."""
+        with self._sessions() as s:
+            q = select(func.count(PoolEvent.id)).where(
+                PoolEvent.pool_id == pool_id, PoolEvent.trigger == trigger, PoolEvent.at >= since
+            )
+            return int(s.scalar(q) or 0)
+
+    # -- leases ---------------------------------------------------------------------------------------
+    def allocate_lease(self, pool_id: str, *, ttl_s: float, correlation_id: str | None = None) -> LeaseView:
+        """A lease on one slot: refused while draining, not ready, or with no free slot."""
+        now = self.clock.now()
+        with self._tx() as s:
+            row = self._locked(s, pool_id)
+            if row.draining:
+                raise LeaseRefused(f"pool {pool_id!r} is draining: no new leases")
+            if not row.ready:
+                raise LeaseRefused(f"pool {pool_id!r} is not ready (state {row.state})")
+            if row.slots_free <= 0:
+                raise LeaseRefused(f"pool {pool_id!r} has no free slot ({row.slots_total} in use)")
+            lease = Lease(
+                id=secrets.token_hex(8),
+                pool_id=pool_id,
+                created_at=now,
+                expires_at=now + timedelta(seconds=ttl_s),
+            )
+            s.add(lease)
+            row.active_leases += 1
+            row.slots_free = max(0, row.slots_free - 1)
+            row.version += 1
+            row.updated_at = now
+            s.flush()
+            self._add_event(
+                s, row, EventData(kind="lease_allocated", correlation_id=correlation_id, detail={"lease_id": lease.id}),
+                from_state=row.state, to_state=row.state,
+            )  # fmt: skip
+            return LeaseView.of(lease)
+
+    def release_lease(self, pool_id: str, lease_id: str, *, correlation_id: str | None = None) -> bool:
+        """Release one lease. Unknown lease → False; the count never goes below zero."""
+        with self._tx() as s:
+            row = self._locked(s, pool_id)
+            lease = s.get(Lease, lease_id)
+            if lease is None or lease.pool_id != pool_id:
+                return False
+            s.delete(lease)
+            self._recount(s, row)
+            self._add_event(
+                s, row, EventData(kind="lease_released", correlation_id=correlation_id, detail={"lease_id": lease_id}),
+                from_state=row.state, to_state=row.state,
+            )  # fmt: skip
+            return True
+
+    def leases(self, pool_id: str) -> list[LeaseView]:
+        with self._sessions() as s:
+            q = select(Lease).where(Lease.pool_id == pool_id).order_by(Lease.created_at)
+            return [LeaseView.of(r) for r in s.scalars(q)]
+
+    def active_leases(self, pool_id: str) -> int:
+        """Unknown pool → 0 (B-REG)."""
+        view = self.find(pool_id)
+        return view.active_leases if view is not None else 0
+
+    def reap_expired_leases(self) -> int:
+        now = self.clock.now()
+        reaped = 0
+        with self._tx() as s:
+            expired = list(s.scalars(select(Lease).where(Lease.expires_at <= now).with_for_update()))
+            for pool_id in sorted({lease.pool_id for lease in expired}):
+                row = self._locked(s, pool_id)
+                ids = [lease.id for lease in expired if lease.pool_id == pool_id]
+                s.execute(delete(Lease).where(Lease.id.in_(ids)))
+                self._recount(s, row)
+                self._add_event(
+                    s, row, EventData(kind="leases_expired", detail={"lease_ids": ids}),
+                    from_state=row.state, to_state=row.state,
+                )  # fmt: skip
+                reaped += len(ids)
+        return reaped
+
+    def _recount(self, s: Session, row: Pool) -> None:
+        s.flush()
+        n = int(s.scalar(select(func.count(Lease.id)).where(Lease.pool_id == row.id)) or 0)
+        row.active_leases = n
+        row.slots_free = max(0, min(row.slots_total, row.slots_total - n)) if row.ready else 0
+        row.version += 1
+        row.updated_at = self.clock.now()
+
+    # -- devices --------------------------------------------------------------------------------------
+    def upsert_devices(self, rows: list[dict[str, Any]]) -> None:
+        now = self.clock.now()
+        with self._tx() as s:
+            for data in rows:
+                dev = s.get(Device, (self.node_id, data["uuid"]))
+                if dev is None:
+                    s.add(Device(node_id=self.node_id, updated_at=now, **data))
+                else:
+                    for k, v in data.items():
+                        setattr(dev, k, v)
+                    dev.updated_at = now
+
+    def devices(self) -> list[dict[str, Any]]:
+        with self._sessions() as s:
+            q = select(Device).where(Device.node_id == self.node_id).order_by(Device.idx)
+            return [
+                {c: getattr(d, c) for c in ("uuid", "idx", "name", "pci_bus_id", "compute_capability",
+                                            "vram_total_bytes", "vram_free_bytes", "is_mig", "updated_at")}
+                for d in s.scalars(q)
+            ]  # fmt: skip
+
+
+def _derived(to_state: PoolState, before: PoolView, updates: dict[str, Any]) -> dict[str, Any]:
+    """Registry flags follow the FSM state so a reader never sees a mix (ready and draining, say)."""
+    bad = set(updates) - _WRITABLE
+    if bad:
+        raise ValueError(f"not writable through a transition: {sorted(bad)}")
+    values = dict(updates)
+    ready = to_state is PoolState.READY
+    values["ready"] = ready
+    values["draining"] = to_state is PoolState.DRAINING
+    values.setdefault("live", to_state in (PoolState.READY, PoolState.DRAINING, PoolState.PRELOADING))
+    total = values.get("slots_total", before.slots_total)
+    values["slots_free"] = max(0, min(total, total - before.active_leases)) if ready else 0
+    return values
+
+
+__all__ = ["Decision", "EventData", "Registry"]

@@ -1,0 +1,150 @@
+"""Plain snapshots of registry rows: what the rest of poolmgr reads (never live ORM objects)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Any
+
+from poolmgr.poolsfile import PoolSpec
+from poolmgr.states import DesiredState, PoolState
+from poolmgr.store._models import Lease, Pool, PoolEvent
+
+
+@dataclass(frozen=True)
+class PoolView:
+    id: str
+    node_id: str
+    spec: PoolSpec
+    state: PoolState
+    desired_state: DesiredState
+    live: bool
+    ready: bool
+    draining: bool
+    last_error: str | None
+    heartbeat_at: datetime | None
+    engine: str
+    engine_version: str | None
+    model: str
+    device_mask: str
+    slots_total: int
+    slots_free: int
+    active_leases: int
+    restart_count: int
+    endpoint_url: str | None
+    pid: int | None
+    pid_start_time: int | None
+    spawn_intent_at: datetime | None
+    ready_since: datetime | None
+    backoff_step: int
+    next_restart_at: datetime | None
+    consecutive_failures: int
+    breaker_timeout_s: float
+    breaker_until: datetime | None
+    breaker_trial: bool
+    vram_total_bytes: int | None
+    vram_free_bytes: int | None
+    compute_capability: str | None
+    split_plan: dict[str, Any] | None
+    version: int
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: Pool) -> PoolView:
+        data = {
+            k: getattr(row, k)
+            for k in cls.__dataclass_fields__
+            if k not in ("spec", "state", "desired_state")
+        }
+        return cls(
+            spec=PoolSpec.from_json(row.spec),
+            state=PoolState(row.state),
+            desired_state=DesiredState(row.desired_state),
+            **data,
+        )
+
+    def status(self) -> dict[str, Any]:
+        """The public status document (API and `poolmgr pools --json`)."""
+        return {
+            "pool_id": self.id,
+            "node_id": self.node_id,
+            "state": self.state.value,
+            "desired_state": self.desired_state.value,
+            "live": self.live,
+            "ready": self.ready,
+            "draining": self.draining,
+            "active_leases": self.active_leases,
+            "slots_total": self.slots_total,
+            "slots_free": self.slots_free,
+            "engine": self.engine,
+            "engine_version": self.engine_version,
+            "model": self.model,
+            "endpoint_url": self.endpoint_url,
+            "pid": self.pid,
+            "device_mask": self.device_mask,
+            "restart_count": self.restart_count,
+            "last_error": self.last_error,
+            "heartbeat_at": _iso(self.heartbeat_at),
+            "next_restart_at": _iso(self.next_restart_at),
+            "breaker_until": _iso(self.breaker_until),
+            "vram_total_bytes": self.vram_total_bytes,
+            "vram_free_bytes": self.vram_free_bytes,
+            "split_plan": self.split_plan,
+            "registry_version": self.version,
+        }
+
+
+@dataclass(frozen=True)
+class EventView:
+    id: int
+    pool_id: str
+    at: datetime
+    kind: str
+    from_state: str | None
+    to_state: str | None
+    trigger: str | None
+    reason: str | None
+    restart_count: int
+    backoff_ms: int | None
+    exit_code: int | None
+    signal: int | None
+    correlation_id: str | None
+    node_id: str | None
+    detail: dict[str, Any] | None
+
+    @classmethod
+    def of(cls, row: PoolEvent) -> EventView:
+        return cls(**{k: getattr(row, k) for k in cls.__dataclass_fields__})
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["at"] = _iso(self.at)
+        return data
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    id: str
+    pool_id: str
+    created_at: datetime
+    expires_at: datetime
+
+    @classmethod
+    def of(cls, row: Lease) -> LeaseView:
+        return cls(id=row.id, pool_id=row.pool_id, created_at=row.created_at, expires_at=row.expires_at)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "lease_id": self.id,
+            "pool_id": self.pool_id,
+            "created_at": _iso(self.created_at),
+            "expires_at": _iso(self.expires_at),
+        }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+__all__ = ["EventView", "LeaseView", "PoolView"]
