@@ -1,17 +1,17 @@
 """The exceptions of poolmgr. Imports nothing from poolmgr (layer 1).
 
-    PoolmgrError
-    ├── ConfigError                 bad settings or pools file (CLI exit 2)
-    ├── NotFoundError               unknown pool / lease / device (HTTP 404)
-    ├── ConflictError               refused by the pool's current state (HTTP 409)
-    │   ├── IllegalTransition       an FSM trigger not allowed from the current state
-    │   └── LeaseRefused            no lease while draining / not ready / no free slot
-    ├── DeviceError                 bad device mask, unknown device, NVML failure
-    │   └── InsufficientVram        the model cannot fit the pool's devices
-    ├── EngineError                 the engine could not be built, spawned or made ready
-    │   └── PreloadFailed           carries a machine-readable reason
-    ├── IsolationError              a requested isolation layer could not be applied
-    └── TransientError              worth retrying later (database away, …)
+PoolmgrError
+├── ConfigError                 bad settings or pools file (CLI exit 2)
+├── NotFoundError               unknown pool / lease / device (HTTP 404)
+├── ConflictError               refused by the pool's current state (HTTP 409)
+│   ├── IllegalTransition       an FSM trigger not allowed from the current state
+│   └── LeaseRefused            no lease while draining / not ready / no free slot
+├── DeviceError                 bad device mask, unknown device, NVML failure
+│   └── InsufficientVram        the model cannot fit the pool's devices
+├── EngineError                 the engine could not be built, spawned or made ready
+│   └── PreloadFailed           carries a machine-readable reason
+├── IsolationError              a requested isolation layer could not be applied
+└── TransientError              worth retrying later (database away, …)
 """
 
 from __future__ import annotations

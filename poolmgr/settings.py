@@ -19,6 +19,9 @@ PREFIX = "POOL_MANAGERD_"
 
 
 def default_state_dir() -> Path:
+    """/var/lib/poolmgr for root (engines run as another user and must reach their files), else XDG."""
+    if os.geteuid() == 0 and not os.environ.get("XDG_STATE_HOME"):
+        return Path("/var/lib/poolmgr")
     xdg = os.environ.get("XDG_STATE_HOME")
     base = Path(xdg) if xdg else Path.home() / ".local" / "state"
     return base / "poolmgr"
@@ -119,13 +122,10 @@ class PoolManagerConfig:
         if self.log_format not in ("json", "text"):
             raise ConfigError(f"{_var('log_format')}={self.log_format}: allowed values are json, text")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(
-                f"{_var('log_level')}={self.log_level}: allowed values are DEBUG, INFO, WARNING, ERROR"
-            )
+            raise ConfigError(f"{_var('log_level')}={self.log_level}: allowed values are DEBUG, INFO, WARNING, ERROR")
         if self.database_url and not self.database_url.startswith(("sqlite", "postgresql")):
             raise ConfigError(
-                f"{_var('database_url')}={_redact_url(self.database_url)}: "
-                "must be a sqlite:/// or postgresql:// URL"
+                f"{_var('database_url')}={_redact_url(self.database_url)}: must be a sqlite:/// or postgresql:// URL"
             )
 
 
@@ -191,8 +191,7 @@ def _is_hostname(host: str) -> bool:
         return False
     labels = host.split(".")
     return all(
-        0 < len(label) <= 63 and label.replace("-", "").isalnum() and not label.startswith("-")
-        for label in labels
+        0 < len(label) <= 63 and label.replace("-", "").isalnum() and not label.startswith("-") for label in labels
     )
 
 

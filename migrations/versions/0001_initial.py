@@ -92,6 +92,8 @@ def upgrade() -> None:
         sa.Column("vram_free_bytes", sa.BigInteger()),
         sa.Column("compute_capability", sa.String(16)),
         sa.Column("split_plan", sa.JSON()),
+        sa.Column("pending_op", sa.JSON()),
+        sa.Column("drain_deadline_at", UTCDateTime()),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("created_at", UTCDateTime(), nullable=False),
         sa.Column("updated_at", UTCDateTime(), nullable=False),

@@ -57,6 +57,13 @@ class FakeNvmlBackend:
         dev = self._find(uuid)
         dev["compute_processes"] = [{"pid": pid, "usedGpuMemory": used} for pid, used in processes]
 
+    def compute_processes_of(self, uuid: str) -> list[tuple[int, int]]:
+        """What NVML attributes to `uuid` now (pid, used bytes): test helpers add to it."""
+        procs = self._find(uuid).get("compute_processes", [])
+        if not isinstance(procs, list):
+            return []  # a recorded refusal
+        return [(int(p["pid"]), int(p.get("usedGpuMemory") or 0)) for p in procs]
+
     def fail_device(self, uuid: str, code: int = pynvml.NVML_ERROR_GPU_IS_LOST) -> None:
         """Every later query on this device raises NVMLError(code) (15 = GPU is lost)."""
         self._find(uuid)

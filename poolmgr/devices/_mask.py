@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from poolmgr.devices._snapshot import DeviceSnapshot
 from poolmgr.errors import DeviceError
@@ -19,6 +19,7 @@ _HEX_UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _GPU_UUID = re.compile(rf"^GPU-{_HEX_UUID}$", re.IGNORECASE)
 # MIG-<uuid> since driver R470; MIG-GPU-<uuid>/<gi>/<ci> before.
 _MIG_UUID = re.compile(rf"^MIG-(?:{_HEX_UUID}|GPU-{_HEX_UUID}/\d+/\d+)$", re.IGNORECASE)
+_UUID_PREFIX = re.compile(r"^(mig-gpu-|mig-|gpu-)")
 _INDEX = re.compile(r"^(?:GPU)?(\d+)$", re.IGNORECASE)
 _EXPECTED = "expected 'cpu', GPU indices such as '0,1' or 'GPU0,GPU1', or full GPU-/MIG- uuids"
 
@@ -27,12 +28,14 @@ Ref = int | str  # an NVML index or a full uuid
 
 def _parse_ref(part: str, text: str) -> Ref:
     if _GPU_UUID.match(part) or _MIG_UUID.match(part):
-        return part[:4].upper() + part[4:].lower()
+        return _UUID_PREFIX.sub(lambda m: m.group(1).upper(), part.lower())
     m = _INDEX.match(part)
     if m:
         return int(m.group(1))
     if part.upper().startswith(("GPU-", "MIG-")):
-        raise DeviceError(f"device mask {text!r}: {part!r} is not a full uuid (a prefix is ambiguous)")
+        raise DeviceError(
+            f"device mask {text!r}: {part!r} is not a full uuid (write all 32 hex digits as NVML prints them)"
+        )
     raise DeviceError(f"device mask {text!r}: {part!r} is not a device id; {_EXPECTED}")
 
 
@@ -52,26 +55,26 @@ def _valid_ids(devices: Sequence[DeviceSnapshot]) -> str:
 @dataclass(frozen=True)
 class DeviceMask:
     refs: tuple[Ref, ...]  # empty = cpu
-    text: str = ""  # as written, for messages
+    text: str = field(default="", compare=False)  # as written, for messages
 
     @classmethod
     def parse(cls, text: str) -> DeviceMask:
         stripped = text.strip()
         if not stripped:
-            raise DeviceError(f"device mask {text!r}: empty; {_EXPECTED}")
+            raise DeviceError(f"device mask {stripped!r}: empty; {_EXPECTED}")
         parts = [p.strip() for p in stripped.split(",")]
         if any(not p for p in parts):
-            raise DeviceError(f"device mask {text!r}: empty entry between commas")
+            raise DeviceError(f"device mask {stripped!r}: empty entry between commas")
         cpu = [p for p in parts if p.lower() == "cpu"]
         if cpu and len(parts) > 1:
-            raise DeviceError(f"device mask {text!r}: 'cpu' cannot be combined with GPUs or repeated")
+            raise DeviceError(f"device mask {stripped!r}: 'cpu' cannot be combined with GPUs or repeated")
         if cpu:
             return cls(refs=(), text=stripped)
         refs: list[Ref] = []
         for part in parts:
             ref = _parse_ref(part, stripped)
             if ref in refs:
-                raise DeviceError(f"device mask {text!r}: {part!r} repeats a device already in the mask")
+                raise DeviceError(f"device mask {stripped!r}: {part!r} repeats a device already in the mask")
             refs.append(ref)
         return cls(refs=tuple(refs), text=stripped)
 

@@ -7,7 +7,7 @@ cpu_max (CPUs as a number, or cgroup v2's "QUOTA PERIOD" / "max PERIOD"), pids_m
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +94,7 @@ def parse_memory(pool_id: str, value: Any) -> int:
         return value
     if isinstance(value, str) and (m := _SIZE_RE.match(value)):
         unit = (m.group(2) or "b")[0].lower()
-        size = int(m.group(1)) * 1024 ** "bkmgt".index(unit)
+        size: int = int(m.group(1)) * 1024 ** "bkmgt".index(unit)
         if size > 0:
             return size
     raise _bad(pool_id, "memory_max", f'must be a positive byte count or a size like "8G", got {value!r}')
@@ -143,9 +143,7 @@ def build_isolation(
     """The spec for one pool: poolmgr's defaults, then the pool file's `isolation` table on top."""
     unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
     if unknown:
-        raise ConfigError(
-            f"pool {pool_id!r}: isolation.{unknown[0]}: unknown key (known: {', '.join(OVERRIDE_KEYS)})"
-        )
+        raise ConfigError(f"pool {pool_id!r}: isolation.{unknown[0]}: unknown key (known: {', '.join(OVERRIDE_KEYS)})")
     spec = IsolationSpec(
         pool_id=pool_id,
         workdir=Path(workdir_root) / pool_id,

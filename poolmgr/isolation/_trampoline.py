@@ -15,7 +15,10 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from typing import Any, NoReturn
+
+TYPE_CHECKING = False  # `typing` costs ~20 ms at import (it pulls in re): only type checkers read these
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 EXIT_ISOLATION_FAILED = 126
 EXIT_EXEC_FAILED = 127
@@ -239,6 +242,18 @@ def load_seccomp(bpf_hex: str) -> None:
     _prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, ctypes.addressof(prog), what="PR_SET_SECCOMP")
 
 
+def find_executable(name: str, path: str) -> str:
+    """PATH lookup as the engine user. Not os.execvp: it imports `warnings` lazily, and after the user switch
+    the interpreter's own library may be unreadable (a python under /root, say)."""
+    if "/" in name:
+        return name
+    for directory in path.split(":"):
+        candidate = f"{directory or '.'}/{name}"
+        if os.access(candidate, os.X_OK):
+            return candidate
+    raise FileNotFoundError(2, "No such file or directory")
+
+
 def _parse_plan(text: str) -> dict[str, Any]:
     import _json  # the C scanner; `json` itself would import `re` and cost ~10 ms
 
@@ -250,7 +265,7 @@ def _parse_plan(text: str) -> dict[str, Any]:
         parse_int = int
         parse_constant = None
 
-    value, _end = _json.make_scanner(_Ctx())(text, 0)
+    value, _end = _json.make_scanner(_Ctx())(text, 0)  # type: ignore[arg-type]
     if not isinstance(value, dict):
         raise ValueError("plan is not a JSON object")
     return value
@@ -303,7 +318,7 @@ def main(args: list[str]) -> None:
     except Exception as exc:  # never exec unprotected, whatever went wrong
         _fail(EXIT_ISOLATION_FAILED, f"internal: {type(exc).__name__}: {exc}")
     try:
-        os.execvp(argv[0], argv)
+        os.execve(find_executable(argv[0], os.environ.get("PATH", "/usr/bin:/bin")), argv, os.environ)
     except OSError as exc:
         _fail(EXIT_EXEC_FAILED, f"exec: {argv[0]}: {exc.strerror}")
 

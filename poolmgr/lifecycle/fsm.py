@@ -11,7 +11,7 @@ from the stored state, and writes the new state and one audit row together (see 
                          crashed ─back_off→ backoff ─retry→ preloading
                             │                  └─open_breaker→ breaker-open ─trial_start / reset_breaker→ preloading
                             └─rollback→ placed (a failed reload restarts the old model)
-    stop: placed, preloading, ready, crashed, backoff, breaker-open → stopped; place: stopped → placed
+    stop: placed, preloading, ready, draining, crashed, backoff, breaker-open → stopped; place: stopped → placed
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ EDGES: tuple[tuple[Trigger, tuple[PoolState, ...], PoolState], ...] = (
     (T.DRAIN_DONE, (S.DRAINING,), S.STOPPED),
     (T.RELOAD, (S.DRAINING,), S.PLACED),
     (T.ROLLBACK, (S.CRASHED, S.BACKOFF), S.PLACED),
-    (T.STOP, (S.PLACED, S.PRELOADING, S.READY, S.CRASHED, S.BACKOFF, S.BREAKER_OPEN), S.STOPPED),
+    (T.STOP, (S.PLACED, S.PRELOADING, S.READY, S.DRAINING, S.CRASHED, S.BACKOFF, S.BREAKER_OPEN), S.STOPPED),
 )
 
 
@@ -103,6 +103,7 @@ class PoolMachine:
         event: EventData | None = None,
         updates: dict[str, Any] | None = None,
         expect_state: PoolState | None = None,
+        clear_leases: bool = False,
     ) -> PoolView:
         """Fire `trigger` on the stored pool; persist the new state + audit row atomically.
 
@@ -113,7 +114,13 @@ class PoolMachine:
             if expect_state is not None and view.state is not expect_state:
                 raise IllegalTransition(pool_id, trigger.value, view.state.value)
             dest = self.target(pool_id, view.state, trigger)
-            return Decision(to_state=dest, trigger=trigger.value, updates=dict(updates or {}), event=event or EventData())
+            return Decision(
+                to_state=dest,
+                trigger=trigger.value,
+                updates=dict(updates or {}),
+                event=event or EventData(),
+                clear_leases=clear_leases,
+            )
 
         view, _ = registry.transition(pool_id, decide)
         return view

@@ -8,11 +8,13 @@ The parts, as llama.cpp b11434 allocates them (CUDA, flash attention off, f16 KV
   padded to 256) and a row is head_dim x n_head_kv. Exact against every run in the H200 table.
 * compute buffer: the graph allocator's peak, which grows with the context PER SLOT (n_ctx_seq):
   the attention scores n_ctx_seq x n_ubatch x n_head x 4 (f32, the softmax runs in place) and the f32 KQ mask
-  n_ctx_seq x n_ubatch x 4 (src/llama-graph.cpp, `build_attn_mha` / `build_attn_inp_kq_mask`), the output
-  logits n_vocab x n_ubatch x 4, and a term of n_embd_k_gqa x 2 bytes per cell of the TOTAL context, fitted to
+  n_ctx_seq x n_ubatch x 4 (src/llama-graph.cpp, `build_attn_mha` / `build_attn_inp_kq_mask`), the per-token
+  inputs (token ids, positions and output ids as i32, K and V cache indices as i64: 28 bytes a token, plus
+  128 for alignment), the output logits n_vocab x n_ubatch x 4, and a term of n_embd_k_gqa x 2 bytes per cell of the TOTAL context, fitted to
   the table (1 M tokens in 4 slots costs 192 MiB more than 1 M in one slot). This matches the logged compute
   buffer of every ready run of the 8-layer model in fixtures/gpu/h200-llama-server-b11434-cuda/vram-table.json
-  to 0.02 MiB and of the tiny model to 0.12 MiB (over, not under); the totals are within 1 % of NVML.
+  to the printed 0.01 MiB, the failed 128 M-token allocation of its OOM probe to the byte, and the tiny model's
+  to 0.12 MiB (over, not under); the totals are within 1 % of NVML.
   With several GPUs llama.cpp turns on pipeline parallelism and keeps GGML_SCHED_MAX_COPIES (4) copies of
   every graph input, the KQ mask included, on each device.
 * CUDA context: about 0.5 GiB per device and process (528 MiB measured on an H200 and an H100).
@@ -48,6 +50,8 @@ DEFAULT_N_UBATCH = 512  # llama-server's default -ub
 SCHED_MAX_COPIES = 4  # GGML_SCHED_MAX_COPIES: input copies kept per device with pipeline parallelism
 _CTX_PAD = 256  # llama_context pads n_ctx and n_ctx_seq to multiples of 256
 _F16 = 2
+_TOKEN_INPUT_BYTES = 3 * 4 + 2 * 8  # token id, position, output id (i32); K and V cache row index (i64)
+_BUFFER_ALIGN = 128  # CUDA buffer alignment
 _F32 = 4
 
 
@@ -86,6 +90,7 @@ class VramNeed:
     kv_bytes_per_layer: int
     kq_bytes: int  # attention scores, f32
     mask_bytes: int  # KQ mask, f32, one copy
+    token_inputs_bytes: int  # positions, output ids, KV indices: one copy
     cells_bytes: int  # the per-cell compute term
     logits_bytes: int
     cuda_overhead_bytes: int
@@ -126,7 +131,8 @@ class VramNeed:
 
     def compute_bytes_for(self, *, has_layers: bool, has_output: bool, pipeline_copies: int = 1) -> int:
         """Compute buffer of one device: attention if it holds layers, logits if it holds the output."""
-        attention = self.kq_bytes + self.mask_bytes * pipeline_copies + self.cells_bytes if has_layers else 0
+        inputs = (self.mask_bytes + self.token_inputs_bytes) * pipeline_copies
+        attention = self.kq_bytes + inputs + self.cells_bytes if has_layers else 0
         return attention + (self.logits_bytes if has_output else 0)
 
     def device_extra_bytes(self, n_layers: int, *, has_output: bool, pipeline_copies: int = 1) -> int:
@@ -209,6 +215,7 @@ def estimate_vram_from_header(
         kv_bytes_per_layer=kv_per_layer,
         kq_bytes=n_ctx_seq * n_tokens * header.n_head * _F32,
         mask_bytes=n_ctx_seq * n_tokens * _F32,
+        token_inputs_bytes=n_tokens * _TOKEN_INPUT_BYTES + _BUFFER_ALIGN,
         cells_bytes=n_ctx * header.n_embd_k_gqa * _F16,
         logits_bytes=header.n_vocab * n_tokens * _F32,
         cuda_overhead_bytes=cuda_overhead_bytes,

@@ -104,6 +104,8 @@ class Pool(Base):
     vram_free_bytes: Mapped[int | None] = mapped_column(BigInteger)
     compute_capability: Mapped[str | None] = mapped_column(String(16))
     split_plan: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    pending_op: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    drain_deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

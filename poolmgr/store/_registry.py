@@ -11,7 +11,7 @@ import logging
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -37,7 +37,7 @@ _WRITABLE = frozenset(
         "engine_version", "slots_total", "slots_free", "restart_count", "endpoint_url", "pid",
         "pid_start_time", "spawn_intent_at", "ready_since", "backoff_step", "next_restart_at",
         "consecutive_failures", "breaker_timeout_s", "breaker_until", "breaker_trial", "vram_total_bytes",
-        "vram_free_bytes", "compute_capability", "split_plan", "live",
+        "vram_free_bytes", "compute_capability", "split_plan", "live", "pending_op", "drain_deadline_at",
     }
 )  # fmt: skip
 
@@ -63,6 +63,7 @@ class Decision:
     trigger: str
     updates: dict[str, Any] = field(default_factory=dict)
     event: EventData = field(default_factory=EventData)
+    clear_leases: bool = False  # the engine is gone: its leases end with it
 
 
 class Registry:
@@ -146,17 +147,13 @@ class Registry:
             )  # fmt: skip
             s.add(row)
             s.flush()
-            self._add_event(
-                s, row, EventData(kind="registered", correlation_id=correlation_id), to_state=row.state
-            )
+            self._add_event(s, row, EventData(kind="registered", correlation_id=correlation_id), to_state=row.state)
             return PoolView.of(row)
 
     def deregister(self, pool_id: str, *, correlation_id: str | None = None) -> None:
         with self._tx() as s:
             row = self._locked(s, pool_id)
-            self._add_event(
-                s, row, EventData(kind="deregistered", correlation_id=correlation_id), from_state=row.state
-            )
+            self._add_event(s, row, EventData(kind="deregistered", correlation_id=correlation_id), from_state=row.state)
             s.execute(delete(Lease).where(Lease.pool_id == pool_id))
             s.delete(row)
 
@@ -186,13 +183,14 @@ class Registry:
                 row = self._locked(s, pool_id)
                 before = PoolView.of(row)
                 decision = decide(before)
+                if decision.clear_leases:
+                    s.execute(delete(Lease).where(Lease.pool_id == pool_id))
+                    before = replace(before, active_leases=0)
                 values = _derived(decision.to_state, before, decision.updates)
-                values.update(
-                    state=decision.to_state.value, version=row.version + 1, updated_at=self.clock.now()
-                )
-                res = s.execute(
-                    update(Pool).where(Pool.id == pool_id, Pool.version == row.version).values(**values)
-                )
+                if decision.clear_leases:
+                    values["active_leases"] = 0
+                values.update(state=decision.to_state.value, version=row.version + 1, updated_at=self.clock.now())
+                res = s.execute(update(Pool).where(Pool.id == pool_id, Pool.version == row.version).values(**values))
                 if res.rowcount != 1:  # type: ignore[attr-defined]
                     s.rollback()
                     continue
@@ -240,9 +238,7 @@ class Registry:
         return self.update(pool_id, slots_total=max(0, total), slots_free=free)
 
     # -- events ---------------------------------------------------------------------------------------
-    def events(
-        self, *, pool_id: str | None = None, limit: int | None = None, after_id: int = 0
-    ) -> list[EventView]:
+    def events(self, *, pool_id: str | None = None, limit: int | None = None, after_id: int = 0) -> list[EventView]:
         with self._sessions() as s:
             q = select(PoolEvent).where(PoolEvent.id > after_id).order_by(PoolEvent.id)
             if pool_id is not None:

@@ -46,17 +46,15 @@ class PoolView:
     vram_free_bytes: int | None
     compute_capability: str | None
     split_plan: dict[str, Any] | None
+    pending_op: dict[str, Any] | None
+    drain_deadline_at: datetime | None
     version: int
     created_at: datetime
     updated_at: datetime
 
     @classmethod
     def of(cls, row: Pool) -> PoolView:
-        data = {
-            k: getattr(row, k)
-            for k in cls.__dataclass_fields__
-            if k not in ("spec", "state", "desired_state")
-        }
+        data = {k: getattr(row, k) for k in cls.__dataclass_fields__ if k not in ("spec", "state", "desired_state")}
         return cls(
             spec=PoolSpec.from_json(row.spec),
             state=PoolState(row.state),
@@ -91,6 +89,7 @@ class PoolView:
             "vram_total_bytes": self.vram_total_bytes,
             "vram_free_bytes": self.vram_free_bytes,
             "split_plan": self.split_plan,
+            "pending_op": self.pending_op,
             "registry_version": self.version,
         }
 

@@ -1,0 +1,197 @@
+"""Subcommands beyond the registry basics: serve, engines, dev, devices, plan, doctor, setup, and the
+operator actions that talk to a running `serve` over its HTTP API (drain, reload, preload, breaker-reset)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from poolmgr.errors import ConfigError, PoolmgrError
+from poolmgr.settings import PoolManagerConfig
+
+
+def cmd_serve(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
+    from poolmgr.daemon import check_bind_security, serve
+    from poolmgr.observability.logs import setup_logging
+    from poolmgr.poolsfile import load_pools
+
+    path = args.config or cfg.config
+    if not path:
+        raise ConfigError("no pools file: pass --config FILE or set POOL_MANAGERD_CONFIG")
+    specs = load_pools(Path(path))
+    check_bind_security(cfg)
+    setup_logging(args.log_format or cfg.log_format, cfg.log_level)
+    return asyncio.run(serve(cfg, specs, keep_engines=True if args.keep_engines else None))
+
+
+def cmd_engines_install(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
+    from poolmgr.engines._install import install_llamacpp
+
+    if args.engine != "llamacpp":
+        raise ConfigError(f"unknown engine {args.engine!r} (known: llamacpp)")
+    eng = install_llamacpp(fast=args.fast, force=args.force, progress=lambda line: print(line, flush=True))
+    print(f"llama-server ready: {eng.path} ({eng.version or 'version unknown'})")
+    return 0
+
+
+def cmd_engines_list(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
+    from poolmgr.engines._install import list_engines
+
+    engines = list_engines()
+    if cfg.llama_server:
+        print(f"POOL_MANAGERD_LLAMA_SERVER={cfg.llama_server} (used instead of the cache)")
+    if not engines:
+        print("no engine installed: run `poolmgr engines install llamacpp`")
+        return 0
+    for eng in engines:
+        print(f"{eng.engine}\tb{eng.build}\t{eng.version or '-'}\t{eng.path}")
+    return 0
+
+
+def cmd_tiny_model(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
+    from poolmgr.engines.tiny_model import write_tiny_model
+
+    path = write_tiny_model(Path(args.path))
+    print(f"wrote {path} ({path.stat().st_size} bytes)")
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
+    from poolmgr.devices import backend_from_env, devices_json, devices_table, discover
+
+    inv = discover(backend_from_env(cfg.fake_nvml))
+    holders: dict[str, str] = {}
+    if args.json:
+        print(json.dumps(devices_json(inv, holders), indent=2))
+    else:
+        print(devices_table(inv, holders) if inv.devices else f"no GPU: {inv.reason or 'none found'}")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
+    from poolmgr.devices import DeviceMask, backend_from_env, discover
+    from poolmgr.placement import make_plan, plan_json, plan_table
+
+    inv = discover(backend_from_env(cfg.fake_nvml))
+    devices = DeviceMask.parse(args.devices).resolve(inv.devices)
+    need, plan = make_plan(args.model, devices, args.ctx_size, args.slots)
+    print(json.dumps(plan_json(need, plan), indent=2) if args.json else plan_table(need, plan))
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
+    from poolmgr.isolation import doctor, doctor_table
+
+    print(doctor_table(doctor()))
+    return 0
+
+
+def cmd_setup(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
+    from poolmgr.isolation import ensure_engine_user
+    from poolmgr.lifecycle.sandbox import engine_user
+
+    if os.geteuid() != 0:
+        raise ConfigError("poolmgr setup creates the engine user and must run as root")
+    name = engine_user(cfg)
+    uid, gid = ensure_engine_user(name)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    print(f"engine user {name}: uid {uid} gid {gid}; state dir {cfg.state_dir}")
+    return 0
+
+
+def _api(cfg: PoolManagerConfig, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    import httpx
+
+    headers = {"Authorization": f"Bearer {cfg.api_token}"} if cfg.api_token else {}
+    url = f"http://{cfg.addr}{path}"
+    try:
+        resp = httpx.request(method, url, json=body, headers=headers, timeout=30, trust_env=False)
+    except httpx.HTTPError as exc:
+        raise PoolmgrError(f"cannot reach poolmgr at {url}: {exc}") from None
+    data = resp.json() if resp.content else {}
+    if resp.status_code >= 400:
+        message = data.get("error", {}).get("message", resp.text) if isinstance(data, dict) else resp.text
+        raise PoolmgrError(f"{method} {path}: {resp.status_code}: {message}")
+    return data
+
+
+def _op(method: str, path: Callable[[argparse.Namespace], str], body: Callable[[argparse.Namespace], Any]) -> Any:
+    def run(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
+        data = _api(cfg, method, path(args), body(args))
+        print(json.dumps(data, indent=2))
+        return 0
+
+    return run
+
+
+def _register(sub: Any) -> None:
+    p = sub.add_parser("serve", help="run the daemon: pools, supervision and the HTTP API")
+    p.add_argument("--config", help="pools file (TOML); default POOL_MANAGERD_CONFIG")
+    p.add_argument("--keep-engines", action="store_true", help="on exit leave engines serving (upgrade mode)")
+    p.add_argument("--log-format", choices=("json", "text"), default=None)
+    p.set_defaults(handler=cmd_serve)
+
+    eng = sub.add_parser("engines", help="install or list engine binaries").add_subparsers(dest="sub", required=True)
+    p = eng.add_parser("install", help="build llama-server from the llama.cpp sources (cached)")
+    p.add_argument("engine", choices=("llamacpp",))
+    p.add_argument("--fast", action="store_true", help="-O0 build: about half the compile time")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.set_defaults(handler=cmd_engines_install)
+    eng.add_parser("list", help="installed engines and versions").set_defaults(handler=cmd_engines_list)
+
+    dev = sub.add_parser("dev", help="developer helpers").add_subparsers(dest="sub", required=True)
+    p = dev.add_parser("tiny-model", help="write a tiny deterministic llama GGUF for demos and tests")
+    p.add_argument("path")
+    p.set_defaults(handler=cmd_tiny_model)
+
+    p = sub.add_parser("devices", help="discovered GPUs")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_devices)
+
+    p = sub.add_parser("plan", help="VRAM need and split plan for a model on devices (starts nothing)")
+    p.add_argument("--model", required=True)
+    p.add_argument("--devices", required=True, help='device mask, e.g. "0,1"')
+    p.add_argument("--ctx-size", type=int, default=4096)
+    p.add_argument("--slots", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_plan)
+
+    sub.add_parser("doctor", help="isolation layers this machine supports").set_defaults(handler=cmd_doctor)
+    sub.add_parser("setup", help="create the engine user and state dir (root)").set_defaults(handler=cmd_setup)
+    _register_ops(sub)
+
+
+def _register_ops(sub: Any) -> None:
+    p = sub.add_parser("drain", help="drain a pool of a running serve")
+    p.add_argument("pool_id")
+    p.add_argument("--deadline-ms", type=int, default=30_000)
+    p.set_defaults(handler=_op("POST", lambda a: f"/pools/{a.pool_id}/drain", lambda a: {"deadline_ms": a.deadline_ms}))
+    p = sub.add_parser("reload", help="drain a pool and start another model (rolls back on failure)")
+    p.add_argument("pool_id")
+    p.add_argument("--model", required=True)
+    p.add_argument("--drain-deadline-ms", type=int, default=30_000)
+    p.set_defaults(
+        handler=_op(
+            "POST",
+            lambda a: f"/pools/{a.pool_id}/reload",
+            lambda a: {"model": a.model, "drain_deadline_ms": a.drain_deadline_ms},
+        )
+    )
+    p = sub.add_parser("preload", help="start a stopped pool again")
+    p.add_argument("pool_id")
+    p.set_defaults(handler=_op("POST", lambda a: f"/pools/{a.pool_id}/preload", lambda a: None))
+    p = sub.add_parser("breaker-reset", help="close a pool's open circuit breaker")
+    p.add_argument("pool_id")
+    p.set_defaults(handler=_op("POST", lambda a: f"/pools/{a.pool_id}/breaker/reset", lambda a: None))
+
+
+COMMANDS: list[Callable[[Any], None]] = [_register]
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(2)

@@ -1,0 +1,201 @@
+"""The HTTP API (B-API): pools, status, leases, drain, reload, preload, breaker reset, devices, events, metrics.
+
+Errors are JSON bodies `{"error": {"message", "type"}}`, never a traceback. With a token configured, every
+route but /health and /metrics needs `Authorization: Bearer <token>` (compared in constant time).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from poolmgr import __version__
+from poolmgr.api._context import CORRELATION_ID, new_correlation_id, valid_correlation_id
+from poolmgr.errors import ConfigError, ConflictError, NotFoundError, PoolmgrError
+from poolmgr.lifecycle import operations
+from poolmgr.store import Registry
+
+log = logging.getLogger("poolmgr.api")
+PUBLIC_PATHS = frozenset({"/health", "/metrics"})
+MAX_LEASE_TTL_S = 24 * 3600.0
+
+
+class DrainBody(BaseModel):
+    deadline_ms: int = Field(default=30_000, ge=0, le=operations.MAX_DEADLINE_MS)
+
+
+class ReloadBody(BaseModel):
+    model: str = Field(min_length=1)
+    drain_deadline_ms: int = Field(default=30_000, ge=0, le=operations.MAX_DEADLINE_MS)
+
+
+class LeaseBody(BaseModel):
+    ttl_s: float = Field(default=300.0, gt=0, le=MAX_LEASE_TTL_S)
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+
+
+def create_app(
+    registry: Registry,
+    *,
+    kick: Callable[[str], None] = lambda _pool_id: None,
+    api_token: str = "",
+    metrics: Callable[[], tuple[bytes, str]] | None = None,
+    devices: Callable[[], list[dict[str, Any]]] | None = None,
+) -> FastAPI:
+    app = FastAPI(title="poolmgr", version=__version__, docs_url=None, redoc_url=None)
+    _install_middleware(app, api_token)
+    _install_errors(app)
+
+    async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return await run_in_threadpool(fn, *args, **kwargs)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        if metrics is None:
+            return _error(501, "metrics are not enabled", "not_implemented")
+        body, content_type = await run_in_threadpool(metrics)
+        return Response(body, media_type=content_type)
+
+    @app.get("/pools")
+    async def pools() -> list[dict[str, Any]]:
+        return [p.status() for p in await db(registry.pools)]
+
+    @app.get("/pools/{pool_id}/status")
+    async def status(pool_id: str) -> dict[str, Any]:
+        return dict((await db(registry.get, pool_id)).status())
+
+    @app.get("/pools/{pool_id}/events")
+    async def events(pool_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        await db(registry.get, pool_id)
+        return [e.to_json() for e in await db(registry.events, pool_id=pool_id, limit=max(1, min(limit, 10_000)))]
+
+    @app.post("/pools/{pool_id}/leases", status_code=201)
+    async def allocate(pool_id: str, body: LeaseBody | None = None) -> dict[str, Any]:
+        ttl = (body or LeaseBody()).ttl_s
+        lease = await db(registry.allocate_lease, pool_id, ttl_s=ttl, correlation_id=CORRELATION_ID.get())
+        return dict(lease.to_json())
+
+    @app.delete("/pools/{pool_id}/leases/{lease_id}")
+    async def release(pool_id: str, lease_id: str) -> dict[str, Any]:
+        await db(registry.get, pool_id)
+        if not await db(registry.release_lease, pool_id, lease_id, correlation_id=CORRELATION_ID.get()):
+            raise NotFoundError(f"lease {lease_id!r} not found on pool {pool_id!r}")
+        kick(pool_id)
+        return {"released": lease_id, "active_leases": (await db(registry.get, pool_id)).active_leases}
+
+    _add_operations(app, registry, kick, db)
+
+    @app.get("/devices")
+    async def devices_route() -> list[dict[str, Any]]:
+        return devices() if devices is not None else []
+
+    return app
+
+
+def _add_operations(
+    app: FastAPI, registry: Registry, kick: Callable[[str], None], db: Callable[..., Awaitable[Any]]
+) -> None:
+    async def act(pool_id: str, fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+        view = await db(fn, registry, pool_id, correlation_id=CORRELATION_ID.get(), **kwargs)
+        kick(pool_id)
+        return {"accepted": True, "correlation_id": CORRELATION_ID.get(), "status": view.status()}
+
+    @app.post("/pools/{pool_id}/drain", status_code=202)
+    async def drain(pool_id: str, body: DrainBody | None = None) -> dict[str, Any]:
+        return await act(pool_id, operations.request_drain, deadline_ms=(body or DrainBody()).deadline_ms)
+
+    @app.post("/pools/{pool_id}/reload", status_code=202)
+    async def reload(pool_id: str, body: ReloadBody) -> dict[str, Any]:
+        return await act(pool_id, operations.request_reload, model=body.model, drain_deadline_ms=body.drain_deadline_ms)
+
+    @app.post("/pools/{pool_id}/preload", status_code=202)
+    async def preload(pool_id: str) -> dict[str, Any]:
+        return await act(pool_id, operations.request_preload)
+
+    @app.post("/pools/{pool_id}/breaker/reset", status_code=202)
+    async def breaker_reset(pool_id: str) -> dict[str, Any]:
+        return await act(pool_id, operations.reset_breaker)
+
+
+def _install_middleware(app: FastAPI, api_token: str) -> None:
+    token = api_token.encode()
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        cid = request.headers.get("x-correlation-id")
+        if cid is not None and not valid_correlation_id(cid):
+            return _error(400, "X-Correlation-Id must be 1-128 characters of A-Z a-z 0-9 . _ : -", "bad_request")
+        cid = cid or new_correlation_id()
+        reset = CORRELATION_ID.set(cid)
+        try:
+            if token and request.url.path not in PUBLIC_PATHS and not _authorized(request, token):
+                response: Response = _error(401, "missing or invalid bearer token", "unauthorized")
+                response.headers["WWW-Authenticate"] = "Bearer"
+            else:
+                response = await call_next(request)
+        finally:
+            CORRELATION_ID.reset(reset)
+        response.headers["X-Correlation-Id"] = cid
+        return response
+
+
+def _authorized(request: Request, token: bytes) -> bool:
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
+
+
+def _install_errors(app: FastAPI) -> None:
+    @app.exception_handler(NotFoundError)
+    async def not_found(_r: Request, exc: NotFoundError) -> JSONResponse:
+        return _error(404, str(exc), "not_found")
+
+    @app.exception_handler(ConflictError)
+    async def conflict(_r: Request, exc: ConflictError) -> JSONResponse:
+        return _error(409, str(exc), "conflict")
+
+    @app.exception_handler(ValueError)
+    async def bad_value(_r: Request, exc: ValueError) -> JSONResponse:
+        return _error(400, str(exc), "bad_request")
+
+    @app.exception_handler(ConfigError)
+    async def bad_config(_r: Request, exc: ConfigError) -> JSONResponse:
+        return _error(400, str(exc), "bad_request")
+
+    @app.exception_handler(PoolmgrError)
+    async def failed(_r: Request, exc: PoolmgrError) -> JSONResponse:
+        return _error(500, str(exc), "error")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(422, f"{where}: {first.get('msg', 'invalid request')}".strip(": "), "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_r: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail), "http_error")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_r: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected API error: %s: %s", type(exc).__name__, exc)
+        return _error(500, "internal error (see poolmgr's log)", "internal")
+
+
+__all__ = ["PUBLIC_PATHS", "create_app"]

@@ -1,0 +1,138 @@
+"""`poolmgr serve`: migrate, register the pools of the file, run one worker per pool and the HTTP API.
+
+On SIGTERM / Ctrl-C every engine is stopped (TERM to its process group, KILL after the grace period), unless
+POOL_MANAGERD_KEEP_ENGINES=1 (`--keep-engines`): then engines keep serving and the next `serve` re-adopts them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import uvicorn
+
+from poolmgr import __version__
+from poolmgr.api.app import create_app
+from poolmgr.errors import ConfigError
+from poolmgr.lifecycle.reconciler import Reconciler
+from poolmgr.observability.logs import register_secret
+from poolmgr.poolsfile import PoolSpec
+from poolmgr.settings import PoolManagerConfig
+from poolmgr.store import Registry, migrate
+
+log = logging.getLogger("poolmgr.daemon")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: poolmgr's handlers stop the workers first."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def token_fingerprint(token: str) -> str:
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()[:8]
+
+
+def check_bind_security(cfg: PoolManagerConfig) -> None:
+    if not cfg.is_loopback and not cfg.api_token:
+        raise ConfigError(
+            f"refusing to serve on non-loopback address {cfg.addr} without POOL_MANAGERD_API_TOKEN "
+            "(anyone who reaches the port could start processes)"
+        )
+
+
+def _metrics(reconciler: Reconciler) -> Any:
+    try:
+        from poolmgr.observability.metrics import build_metrics
+    except ImportError:
+        return None
+    return build_metrics(reconciler)
+
+
+def _devices(reconciler: Reconciler) -> Any:
+    from poolmgr.devices import devices_json
+
+    def rows() -> list[dict[str, Any]]:
+        holders = {}
+        for pool in reconciler.registry.pools(node_id=reconciler.cfg.node_id):
+            for uuid in (pool.split_plan or {}).get("device_uuids", []):
+                holders[uuid] = pool.id
+        return devices_json(reconciler.inventory, holders)
+
+    return rows
+
+
+async def serve(cfg: PoolManagerConfig, specs: Sequence[PoolSpec], *, keep_engines: bool | None = None) -> int:
+    check_bind_security(cfg)
+    keep = cfg.keep_engines if keep_engines is None else keep_engines
+    register_secret(cfg.api_token)
+    _ensure_engine_user(cfg)
+    url = cfg.effective_database_url
+    await asyncio.to_thread(migrate, url)
+    registry = Registry(url, node_id=cfg.node_id)
+    reconciler = Reconciler(cfg, registry)
+    app = create_app(
+        registry, kick=reconciler.kick, api_token=cfg.api_token, metrics=_metrics(reconciler),
+        devices=_devices(reconciler),
+    )  # fmt: skip
+    server = _Server(
+        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False, lifespan="off")
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await reconciler.start(specs)
+    server_task = asyncio.create_task(server.serve(), name="api")
+    log.info(
+        "poolmgr %s serving on http://%s with %d pool(s); database %s; api token %s",
+        __version__, cfg.addr, len(specs), _safe_url(url),
+        token_fingerprint(cfg.api_token) if cfg.api_token else "off (loopback only)",
+        extra={"pid": os.getpid()},
+    )  # fmt: skip
+    stop_task = asyncio.create_task(stop.wait())
+    await asyncio.wait({server_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+    failed = server_task.done() and not stop.is_set()
+    log.info("shutting down: %s", "keeping engines for the next poolmgr" if keep else "stopping engines")
+    server.should_exit = True
+    await reconciler.shutdown(keep_engines=keep)
+    await asyncio.gather(server_task, return_exceptions=True)
+    stop_task.cancel()
+    registry.close()
+    log.info("poolmgr stopped")
+    if failed:
+        raise ConfigError(f"the API could not serve on {cfg.addr} (is the port in use?)")
+    return 0
+
+
+def _ensure_engine_user(cfg: PoolManagerConfig) -> None:
+    """As root, engines run as a dedicated system user: create it on first start (what `poolmgr setup` does)."""
+    if os.geteuid() != 0:
+        log.warning(
+            "poolmgr is not root: engines run as uid %d; every other isolation layer still applies", os.geteuid()
+        )
+        return
+    from poolmgr.isolation import ensure_engine_user
+    from poolmgr.lifecycle.sandbox import engine_user
+
+    name = engine_user(cfg)
+    uid, gid = ensure_engine_user(name)
+    log.info("engines run as %s (uid %d, gid %d)", name, uid, gid)
+
+
+def _safe_url(url: str) -> str:
+    if "@" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+__all__ = ["check_bind_security", "serve", "token_fingerprint"]

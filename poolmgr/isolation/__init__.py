@@ -1,0 +1,36 @@
+"""Engine isolation: run each engine as an unprivileged, capability-less, sandboxed process.
+
+    spec = build_isolation(pool.isolation, engine_user=..., workdir_root=..., pool_id=..., bind_port=...)
+    prepared = prepare(spec)                      # workdir, cgroup, one log line: layers in force / skipped
+    argv2, env2 = wrap_command(prepared, argv, env)
+    subprocess.Popen(argv2, env=env2, start_new_session=True, ...)
+
+`argv2` runs the trampoline (`_trampoline.py`), which applies the layers to itself and execs the engine, or
+exits 126 with `poolmgr-isolation: <layer>: <reason>` on stderr. `doctor()` lists what the host offers.
+"""
+
+from poolmgr.isolation._doctor import LayerStatus, doctor, doctor_table
+from poolmgr.isolation._podman import podman_command, write_seccomp_profile
+from poolmgr.isolation._prepare import LayerDecision, PreparedIsolation, prepare, release, wrap_command
+from poolmgr.isolation._spec import IsolationSpec, build_isolation
+from poolmgr.isolation._trampoline import EXIT_EXEC_FAILED, EXIT_ISOLATION_FAILED
+from poolmgr.isolation._users import DEFAULT_ENGINE_USER, ensure_engine_user
+
+__all__ = [
+    "DEFAULT_ENGINE_USER",
+    "EXIT_EXEC_FAILED",
+    "EXIT_ISOLATION_FAILED",
+    "IsolationSpec",
+    "LayerDecision",
+    "LayerStatus",
+    "PreparedIsolation",
+    "build_isolation",
+    "doctor",
+    "doctor_table",
+    "ensure_engine_user",
+    "podman_command",
+    "prepare",
+    "release",
+    "wrap_command",
+    "write_seccomp_profile",
+]

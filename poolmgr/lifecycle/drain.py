@@ -1,0 +1,75 @@
+"""Drain (B-DRAIN) and the drain half of reload (B-RELOAD): no new leases, wait for active leases to end or
+the deadline, stop the engine (forced past the deadline), then stop the pool or start the new model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+from poolmgr.lifecycle.watch import adopt
+from poolmgr.poolsfile import PoolSpec
+from poolmgr.states import DesiredState, PoolState, Trigger
+from poolmgr.store import EventData, PoolView
+
+if TYPE_CHECKING:
+    from poolmgr.lifecycle.worker import PoolWorker
+
+log = logging.getLogger("poolmgr.pool")
+_LEASE_POLL_S = 0.05
+
+
+async def run_drain(w: PoolWorker, view: PoolView) -> None:
+    if view.pid is not None:
+        await adopt(w, view)
+        view = await w._db(w.registry.get, view.id)
+        if view.state is not PoolState.DRAINING:
+            return  # the engine had died: the pool is crashed now
+    while view.active_leases > 0 and not w.drain_deadline_passed(view) and not w.stopping:
+        await w._sleep_or_kick(_LEASE_POLL_S)
+        view = await w._db(w.registry.get, view.id)
+        if view.state is not PoolState.DRAINING:
+            return
+    if w.stopping:
+        return
+    forced = view.active_leases > 0
+    await w._kill_recorded(view)
+    op = view.pending_op or {"op": "drain"}
+    started = _parse(op.get("started_at")) or view.updated_at
+    detail = {
+        "force_stopped": forced,
+        "duration_ms": int((w.clock.now() - started).total_seconds() * 1000),
+        "final_leases": view.active_leases,
+        "outcome": "forced" if forced else "drained",
+    }
+    common: dict[str, Any] = {"pid": None, "pid_start_time": None, "endpoint_url": None, "drain_deadline_at": None}
+    if op.get("op") == "reload":
+        new = PoolSpec.from_json({**view.spec.to_json(), "model": op["model"]})
+        await w.fire(
+            Trigger.RELOAD, view, clear_leases=True,
+            updates={**common, "spec": new.to_json(), "model": new.model},
+            event=EventData(kind="drained", reason=f"reload to {new.model}", correlation_id=op.get("correlation_id"),
+                            detail=detail),
+        )  # fmt: skip
+    else:
+        await w.fire(
+            Trigger.DRAIN_DONE, view, clear_leases=True,
+            updates={**common, "desired_state": DesiredState.STOPPED.value, "pending_op": None},
+            event=EventData(kind="drained", reason="drain finished", correlation_id=op.get("correlation_id"),
+                            detail=detail),
+        )  # fmt: skip
+    log.info(
+        "pool %s drained (forced=%s, %d ms, %d leases left)", view.id, forced, detail["duration_ms"],
+        view.active_leases, extra={**w._extra(view), "correlation_id": op.get("correlation_id"), **detail},
+    )  # fmt: skip
+    await asyncio.sleep(0)
+
+
+def _parse(value: Any) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(str(value))
+
+
+__all__ = ["run_drain"]

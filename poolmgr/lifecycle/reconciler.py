@@ -1,0 +1,191 @@
+"""The reconciler: one PoolWorker task per pool of this node, plus housekeeping (leases, heartbeat, devices).
+
+Database calls run in threads and are retried with tenacity while the database is away (a PostgreSQL
+restart): poolmgr waits, says what it is waiting for, and loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy.exc import DBAPIError, OperationalError
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
+
+from poolmgr.devices import Inventory, backend_from_env, discover
+from poolmgr.errors import IllegalTransition, NotFoundError
+from poolmgr.lifecycle.fsm import MACHINE
+from poolmgr.lifecycle.placing import Placement, place
+from poolmgr.lifecycle.policy import RestartPolicy
+from poolmgr.lifecycle.runtime import EngineRuntime
+from poolmgr.lifecycle.worker import PoolWorker
+from poolmgr.poolsfile import PoolSpec
+from poolmgr.settings import PoolManagerConfig
+from poolmgr.states import ENGINE_STATES, PoolState, Trigger
+from poolmgr.store import EventData, PoolView, Registry
+
+log = logging.getLogger("poolmgr.reconciler")
+_R = TypeVar("_R")
+_HOUSEKEEPING_S = 1.0
+
+
+def _db_unavailable(exc: BaseException) -> bool:
+    if isinstance(exc, OperationalError):
+        return True
+    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
+
+
+def _log_wait(state: RetryCallState) -> None:
+    exc = state.outcome.exception() if state.outcome else None
+    first = str(exc).strip().splitlines()[0] if exc else "unknown error"
+    log.warning("waiting for the database (attempt %d): %s", state.attempt_number, first)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        cfg: PoolManagerConfig,
+        registry: Registry,
+        *,
+        runtime: EngineRuntime | None = None,
+        policy: RestartPolicy | None = None,
+        inventory: Callable[[], Inventory] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.registry = registry
+        self.runtime = runtime or EngineRuntime(cfg)
+        self.policy = policy or RestartPolicy(cfg)
+        self._inventory_fn = inventory or (lambda: discover(backend_from_env(cfg.fake_nvml)))
+        self.inventory: Inventory = Inventory()
+        self.workers: dict[str, PoolWorker] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._housekeeping: asyncio.Task[None] | None = None
+        self.stopping = False
+
+    async def db(self, fn: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_db_unavailable),
+            wait=wait_exponential(multiplier=0.2, max=5),
+            before_sleep=_log_wait,
+            reraise=True,
+        ):
+            with attempt:
+                return await asyncio.to_thread(fn, *args, **kwargs)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- start ----------------------------------------------------------------------------------------
+    async def start(self, specs: Sequence[PoolSpec]) -> None:
+        await self.db(self.registry.heartbeat_node, socket.gethostname())
+        self.inventory = await asyncio.to_thread(self._inventory_fn)
+        await self._store_devices()
+        for spec in specs:
+            await self.db(self.registry.register, spec)
+        known = {s.id for s in specs}
+        for view in await self.db(self.registry.pools, node_id=self.cfg.node_id):
+            if view.id not in known:
+                log.warning(
+                    "pool %s is in the registry but not in the pools file: left alone",
+                    view.id,
+                    extra={"pool_id": view.id},
+                )
+        for spec in specs:
+            self._start_worker(spec.id)
+        self._housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
+
+    def _start_worker(self, pool_id: str) -> None:
+        worker = PoolWorker(
+            pool_id, registry=self.registry, runtime=self.runtime, policy=self.policy, place=self._place, db=self.db
+        )
+        self.workers[pool_id] = worker
+        self._tasks[pool_id] = asyncio.create_task(self._run_worker(worker), name=f"pool:{pool_id}")
+
+    async def _run_worker(self, worker: PoolWorker) -> None:
+        while not self.stopping:
+            try:
+                await worker.run()
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "pool %s worker failed; restarting it in 1 s", worker.pool_id, extra={"pool_id": worker.pool_id}
+                )
+                await asyncio.sleep(1.0)
+
+    def kick(self, pool_id: str) -> None:
+        worker = self.workers.get(pool_id)
+        if worker is not None:
+            worker.kick()
+
+    # -- placement ------------------------------------------------------------------------------------
+    def _place(self, view: PoolView) -> Placement:
+        others = [
+            (p.id, p.device_mask, p.spec.share_devices)
+            for p in self.registry.pools(node_id=self.cfg.node_id)
+            if p.id != view.id and (p.state in ENGINE_STATES or p.state is PoolState.PLACED)
+        ]
+        return place(view.spec, self.inventory, others=others)
+
+    async def _store_devices(self) -> None:
+        rows = [
+            {"uuid": d.uuid, "idx": d.index, "name": d.name, "pci_bus_id": d.pci_bus_id,
+             "compute_capability": f"{d.compute_capability[0]}.{d.compute_capability[1]}",
+             "vram_total_bytes": d.vram_total_bytes, "vram_free_bytes": d.vram_free_bytes, "is_mig": d.is_mig}
+            for d in self.inventory.devices
+        ]  # fmt: skip
+        if rows:
+            await self.db(self.registry.upsert_devices, rows)
+
+    # -- housekeeping ---------------------------------------------------------------------------------
+    async def _housekeep(self) -> None:
+        last_devices = asyncio.get_running_loop().time()
+        while not self.stopping:
+            await asyncio.sleep(_HOUSEKEEPING_S)
+            with contextlib.suppress(Exception):
+                if await self.db(self.registry.reap_expired_leases):
+                    for pool_id in self.workers:
+                        self.kick(pool_id)
+                await self.db(self.registry.heartbeat_node, socket.gethostname())
+                now = asyncio.get_running_loop().time()
+                if now - last_devices >= self.cfg.vram_refresh_secs and self.inventory.available:
+                    last_devices = now
+                    self.inventory = await asyncio.to_thread(self._inventory_fn)
+                    await self._store_devices()
+
+    # -- shutdown -------------------------------------------------------------------------------------
+    async def shutdown(self, *, keep_engines: bool) -> None:
+        """Stop the workers; then stop every engine (default) or leave them serving for the next poolmgr."""
+        self.stopping = True
+        for worker in self.workers.values():
+            worker.stopping = True
+            worker.kick()
+        tasks = [*self._tasks.values(), *([self._housekeeping] if self._housekeeping else [])]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if not keep_engines:
+            await asyncio.gather(*(self._stop_pool(pid) for pid in self.workers), return_exceptions=True)
+        await self.runtime.aclose()
+
+    async def _stop_pool(self, pool_id: str) -> None:
+        worker = self.workers[pool_id]
+        try:
+            view = await self.db(self.registry.get, pool_id)
+        except NotFoundError:
+            return
+        await worker._kill_recorded(view)
+        event = EventData(reason="poolmgr shutdown")
+        updates = {"pid": None, "pid_start_time": None, "endpoint_url": None}
+        try:
+            await self.db(
+                MACHINE.fire, self.registry, pool_id, Trigger.STOP, updates=updates, event=event, clear_leases=True
+            )
+        except IllegalTransition:
+            await self.db(self.registry.update, pool_id, **updates)
+
+
+__all__ = ["Reconciler"]

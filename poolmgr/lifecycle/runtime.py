@@ -1,0 +1,186 @@
+"""Starting, watching and stopping one pool's engine: the slow work the reconciler awaits between FSM triggers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from poolmgr.engines._adapter import HealthStatus, StderrReason
+from poolmgr.engines._install import resolve_llama_server
+from poolmgr.engines._process import ExitInfo, LaunchRequest, ProcessLauncher, SpawnedEngine
+from poolmgr.engines.llamacpp import LlamaCppAdapter
+from poolmgr.errors import EngineError, IsolationError, PreloadFailed
+from poolmgr.lifecycle.placing import Placement
+from poolmgr.poolsfile import PoolSpec
+from poolmgr.settings import PoolManagerConfig
+
+log = logging.getLogger("poolmgr.engine")
+
+SPAWN_MARKER = "POOLMGR_POOL"  # in each engine's environment: finds an engine whose pid was never recorded
+# Health polling while preloading: fast at first so readiness is seen within ms of the engine's own.
+_FAST_POLL_S = 0.002
+_FAST_PHASE_S = 2.0
+_SLOW_POLL_S = 0.05
+
+
+@dataclass(frozen=True)
+class ReadyInfo:
+    endpoint_url: str
+    engine_version: str | None
+    slots_total: int
+
+
+class EngineRuntime:
+    def __init__(
+        self,
+        cfg: PoolManagerConfig,
+        *,
+        launcher: ProcessLauncher | None = None,
+        adapter: LlamaCppAdapter | None = None,
+        isolate: bool = True,
+    ) -> None:
+        self.cfg = cfg
+        self.launcher = launcher or ProcessLauncher()
+        self.adapter = adapter or LlamaCppAdapter()
+        self.isolate = isolate
+        self.client = httpx.AsyncClient(trust_env=False)
+        self.log_dir = cfg.state_dir / "logs"
+        self.work_dir = cfg.state_dir / "work"
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        self.launcher.close()
+
+    def log_path(self, pool_id: str) -> Path:
+        return self.log_dir / f"{pool_id}.log"
+
+    # -- spawn ----------------------------------------------------------------------------------------
+    def spawn(self, spec: PoolSpec, placement: Placement) -> SpawnedEngine:
+        try:
+            binary = resolve_llama_server(self.cfg.llama_server)
+        except EngineError as exc:
+            raise PreloadFailed("binary_missing", str(exc)) from None
+        argv = self.adapter.command(spec, binary=binary, model_path=spec.model, port=0, gpu_flags=placement.gpu_flags)
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), SPAWN_MARKER: spec.id, **placement.env}
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        wrap = None
+        cwd = self.work_dir / spec.id
+        if self.isolate:
+            from poolmgr.lifecycle.sandbox import sandbox_wrapper
+
+            try:
+                wrap, cwd = sandbox_wrapper(self.cfg, spec, binary=binary, workdir_root=self.work_dir)
+            except (IsolationError, OSError) as exc:
+                raise PreloadFailed("isolation", f"cannot isolate the engine: {exc}") from None
+        else:
+            cwd.mkdir(parents=True, exist_ok=True)
+        req = LaunchRequest(argv=argv, env=env, log_path=self.log_path(spec.id), cwd=cwd, wrap=wrap, pool_id=spec.id)
+        try:
+            return self.launcher.spawn(req)
+        except OSError as exc:
+            raise PreloadFailed("spawn_failed", f"cannot start {binary}: {exc.strerror or exc}") from None
+
+    # -- preload --------------------------------------------------------------------------------------
+    async def wait_ready(self, spec: PoolSpec, eng: SpawnedEngine, *, expect_gpu: bool) -> ReadyInfo:
+        """Until the engine answers /health 200: then its endpoint, version and slots. Raises PreloadFailed
+        (the engine is left to the caller to stop) with the engine's own stderr line where it has one."""
+        exit_task = asyncio.ensure_future(self.launcher.wait_exit(eng.pid, eng.start_time))
+        ready_task = asyncio.ensure_future(self._poll_ready(eng))
+        timeout = self.cfg.preload_timeout_ms / 1000.0
+        try:
+            done, _ = await asyncio.wait({exit_task, ready_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (exit_task, ready_task):
+                if not task.done():
+                    task.cancel()
+        if ready_task in done and ready_task.exception() is None:
+            info = ready_task.result()
+            verdict = self.adapter.classify_stderr(self.read_log(eng), expect_gpu=expect_gpu)
+            if expect_gpu and verdict is not None and verdict.reason is StderrReason.CPU_SPILLOVER:
+                raise PreloadFailed("cpu_spillover", f"engine fell back to the CPU: {verdict.message}")
+            return info
+        if exit_task in done:
+            raise self.exit_failure(eng, exit_task.result(), expect_gpu=expect_gpu, when="preload")
+        if ready_task in done and ready_task.exception() is not None:
+            exc = ready_task.exception()
+            raise PreloadFailed("health_failure", f"health check failed: {exc}")
+        raise PreloadFailed("timeout", f"health check failed: engine not ready within {timeout:g}s")
+
+    async def _poll_ready(self, eng: SpawnedEngine) -> ReadyInfo:
+        deadline = time.monotonic() + self.cfg.preload_timeout_ms / 1000.0
+        port = await self.launcher.wait_listen_port(
+            eng.log_path, eng.log_offset, deadline, pid=eng.pid, start_time=eng.start_time
+        )
+        if port is None:
+            raise PreloadFailed("timeout", "health check failed: the engine never reported its listening port")
+        base = f"http://127.0.0.1:{port}"
+        started = time.monotonic()
+        probe_timeout = self.cfg.health_check_timeout_ms / 1000.0
+        while True:
+            res = await self.adapter.probe_health(self.client, base, probe_timeout)
+            if res.status is HealthStatus.OK:
+                break
+            fast = time.monotonic() - started < _FAST_PHASE_S
+            await asyncio.sleep(_FAST_POLL_S if fast else _SLOW_POLL_S)
+        slots = await self.adapter.fetch_slots(self.client, base, probe_timeout)
+        try:
+            version: str | None = await self.adapter.fetch_version(self.client, base, probe_timeout)
+        except EngineError:
+            version = None
+        return ReadyInfo(endpoint_url=base, engine_version=version, slots_total=slots.total)
+
+    def read_log(self, eng: SpawnedEngine, limit: int = 64_000) -> str:
+        try:
+            with open(eng.log_path, "rb") as fh:
+                fh.seek(eng.log_offset)
+                data = fh.read()
+        except OSError:
+            return ""
+        return data[-limit:].decode("utf-8", "replace")
+
+    def exit_failure(self, eng: SpawnedEngine, info: ExitInfo, *, expect_gpu: bool, when: str) -> PreloadFailed:
+        """Classify an engine's exit: the engine's own stderr line first, then host OOM, signal, code."""
+        verdict = self.adapter.classify_stderr(self.read_log(eng), expect_gpu=expect_gpu)
+        if info.host_oom:
+            return PreloadFailed("host_oom", f"engine killed by the kernel OOM killer during {when}")
+        if verdict is not None and verdict.reason in (StderrReason.VRAM_OOM, StderrReason.DRIVER_ERROR):
+            return PreloadFailed(verdict.reason.value, verdict.message)
+        if verdict is not None and when == "preload":
+            return PreloadFailed(verdict.reason.value, verdict.message)
+        if info.signal is not None:
+            return PreloadFailed("signal", f"engine killed by signal {info.signal} during {when}")
+        if info.code is not None:
+            return PreloadFailed("exit", f"engine exited with code {info.code} during {when}")
+        return PreloadFailed("exit", f"engine exited during {when}")
+
+    # -- running --------------------------------------------------------------------------------------
+    async def health_ok(self, endpoint_url: str) -> tuple[bool, str]:
+        res = await self.adapter.probe_health(self.client, endpoint_url, self.cfg.health_check_timeout_ms / 1000.0)
+        return res.ok, res.text or res.status.value
+
+    async def stop(self, pid: int, start_time: int) -> ExitInfo:
+        return await self.launcher.stop(pid, start_time, self.cfg.stop_grace_ms / 1000.0)
+
+    def find_unrecorded(self, pool_id: str) -> list[tuple[int, int]]:
+        """Engines of this pool that run but were never recorded (poolmgr died between spawn and write)."""
+        found: list[tuple[int, int]] = []
+        marker = f"{SPAWN_MARKER}={pool_id}".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    start = self.launcher.read_start_time(int(entry.name))
+                    if start is not None:
+                        found.append((int(entry.name), start))
+        return found
+
+
+__all__ = ["SPAWN_MARKER", "EngineRuntime", "ReadyInfo"]

@@ -1,0 +1,302 @@
+"""One sequential, level-triggered task per pool: read the stored state, act on the gap, fire one trigger.
+
+Slow work (spawn, health, kill) happens here, between triggers, never inside FSM callbacks. Every decision is
+re-made from the database after each step, so a restarted poolmgr resumes where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Any, TypeVar
+
+from poolmgr.engines._process import SpawnedEngine
+from poolmgr.errors import IllegalTransition, PreloadFailed
+from poolmgr.lifecycle.fsm import MACHINE
+from poolmgr.lifecycle.placing import Placement
+from poolmgr.lifecycle.policy import RestartPolicy
+from poolmgr.lifecycle.runtime import EngineRuntime, ReadyInfo
+from poolmgr.states import DesiredState, PoolState, Trigger
+from poolmgr.store import EventData, PoolView, Registry
+
+log = logging.getLogger("poolmgr.pool")
+S, T = PoolState, Trigger
+_R = TypeVar("_R")
+
+
+class PoolWorker:
+    def __init__(
+        self,
+        pool_id: str,
+        *,
+        registry: Registry,
+        runtime: EngineRuntime,
+        policy: RestartPolicy,
+        place: Callable[[PoolView], Placement],
+        db: Callable[..., Awaitable[Any]],
+    ) -> None:
+        self.pool_id = pool_id
+        self.registry = registry
+        self.runtime = runtime
+        self.policy = policy
+        self._place = place
+        self._db = db
+        self.kick_event = asyncio.Event()
+        self.engine: SpawnedEngine | None = None  # the engine this worker spawned or adopted
+        self.stopping = False
+        self._placement: Placement | None = None
+        self._handlers: dict[PoolState, Callable[[PoolView], Awaitable[None]]] = {
+            S.DISCOVERED: self._on_idle, S.STOPPED: self._on_idle, S.PLACED: self._on_placed,
+            S.PRELOADING: self._on_preloading, S.READY: self._on_ready, S.DRAINING: self._on_draining,
+            S.CRASHED: self._on_crashed, S.BACKOFF: self._on_backoff, S.BREAKER_OPEN: self._on_breaker_open,
+        }  # fmt: skip
+
+    @property
+    def clock(self) -> Any:
+        return self.registry.clock
+
+    def kick(self) -> None:
+        self.kick_event.set()
+
+    def _extra(self, view: PoolView, **more: Any) -> dict[str, Any]:
+        return {
+            "pool_id": view.id, "engine": view.engine, "engine_version": view.engine_version,
+            "device_mask": view.device_mask, **more,
+        }  # fmt: skip
+
+    async def run(self) -> None:
+        while not self.stopping:
+            view = await self._db(self.registry.find, self.pool_id)
+            if view is None:
+                return
+            try:
+                await self._handlers[view.state](view)
+            except IllegalTransition as exc:
+                log.debug("pool %s: %s; re-reading", self.pool_id, exc)
+
+    async def fire(self, trigger: Trigger, view: PoolView, **kw: Any) -> PoolView:
+        fired: PoolView = await self._db(
+            MACHINE.fire, self.registry, self.pool_id, trigger, expect_state=view.state, **kw
+        )
+        return view
+
+    async def _wait_kick(self, timeout: float | None) -> None:
+        """Sleep until kicked (API, lease release, shutdown) or the timeout."""
+        self.kick_event.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.kick_event.wait(), timeout)
+
+    # -- states ---------------------------------------------------------------------------------------
+    async def _on_idle(self, view: PoolView) -> None:
+        if view.desired_state is DesiredState.RUNNING:
+            await self.fire(T.PLACE, view)
+        else:
+            await self._wait_kick(None)
+
+    async def _on_placed(self, view: PoolView) -> None:
+        if view.desired_state is DesiredState.STOPPED:
+            await self.fire(T.STOP, view, event=EventData(reason="stopped by operator"))
+            return
+        try:
+            placement = await asyncio.to_thread(self._place, view)
+        except PreloadFailed as exc:
+            await self._preload_failed(view, exc)
+            return
+        await self.fire(
+            T.START_PRELOAD, view, updates={"spawn_intent_at": self.clock.now(), **placement.registry_fields()}
+        )
+        self._placement = placement
+
+    async def _on_preloading(self, view: PoolView) -> None:
+        if view.pid is not None or self.engine is not None:
+            # Caught mid-preload by a poolmgr restart (or an adopted engine): stop it and start clean,
+            # so the pool never ends with two engines.
+            await self._kill_recorded(view)
+            view = await self._db(self.registry.update, self.pool_id, pid=None, pid_start_time=None)
+        for pid, start in await asyncio.to_thread(self.runtime.find_unrecorded, self.pool_id):
+            log.warning("pool %s: stopping unrecorded engine pid %s", self.pool_id, pid, extra=self._extra(view))
+            await self.runtime.stop(pid, start)
+        placement = self._placement
+        self._placement = None
+        if placement is None:
+            try:
+                placement = await asyncio.to_thread(self._place, view)
+            except PreloadFailed as exc:
+                await self._preload_failed(view, exc)
+                return
+        expect_gpu = not view.spec.is_cpu
+        try:
+            eng = await asyncio.to_thread(self.runtime.spawn, view.spec, placement)
+        except PreloadFailed as exc:
+            await self._preload_failed(view, exc)
+            return
+        self.engine = eng
+        view = await self._db(self.registry.update, self.pool_id, pid=eng.pid, pid_start_time=eng.start_time)
+        log.info("pool %s: engine spawned pid %s", self.pool_id, eng.pid, extra=self._extra(view, pid=eng.pid))
+        try:
+            ready = await self.runtime.wait_ready(view.spec, eng, expect_gpu=expect_gpu)
+        except PreloadFailed as exc:
+            await self._stop_engine()
+            await self._preload_failed(view, exc)
+            return
+        await self._preload_ok(view, ready)
+
+    async def _preload_ok(self, view: PoolView, ready: ReadyInfo) -> None:
+        op = view.pending_op or {}
+        detail: dict[str, Any] = {"endpoint_url": ready.endpoint_url}
+        if op.get("op") in ("reload", "rollback"):
+            detail["reload_outcome"] = "success" if op["op"] == "reload" else "rolled_back"
+        updates = {
+            "endpoint_url": ready.endpoint_url, "engine_version": ready.engine_version,
+            "slots_total": ready.slots_total, "ready_since": self.clock.now(), "consecutive_failures": 0,
+            "breaker_trial": False, "breaker_timeout_s": 0.0, "breaker_until": None, "last_error": None,
+            "heartbeat_at": self.clock.now(), "pending_op": None, "next_restart_at": None,
+        }  # fmt: skip
+        view = await self.fire(
+            T.PRELOAD_OK, view, updates=updates,
+            event=EventData(reason="ready", correlation_id=op.get("correlation_id"), detail=detail),
+        )  # fmt: skip
+        log.info("pool %s ready at %s", self.pool_id, ready.endpoint_url, extra=self._extra(view))
+
+    async def _preload_failed(self, view: PoolView, exc: PreloadFailed) -> None:
+        self.engine = None
+        op = view.pending_op or {}
+        await self.fire(
+            T.PRELOAD_FAILED, view,
+            updates={"pid": None, "pid_start_time": None, "endpoint_url": None, "last_error": exc.message,
+                     "consecutive_failures": view.consecutive_failures + 1},
+            event=EventData(kind="preload_failed", reason=exc.reason, correlation_id=op.get("correlation_id"),
+                            detail={"message": exc.message}),
+        )  # fmt: skip
+        log.warning(
+            "pool %s preload failed (%s): %s", self.pool_id, exc.reason, exc.message,
+            extra=self._extra(view, last_error=exc.message, reason=exc.reason),
+        )  # fmt: skip
+
+    async def _on_ready(self, view: PoolView) -> None:
+        from poolmgr.lifecycle.watch import watch_ready
+
+        await watch_ready(self, view)
+
+    async def _on_draining(self, view: PoolView) -> None:
+        from poolmgr.lifecycle.drain import run_drain
+
+        await run_drain(self, view)
+
+    async def _on_crashed(self, view: PoolView) -> None:
+        op = view.pending_op or {}
+        if view.desired_state is DesiredState.STOPPED:
+            await self.fire(T.STOP, view, event=EventData(reason="stopped by operator"))
+            return
+        if op.get("op") == "reload" and op.get("old_spec"):
+            await self._rollback(view, op)
+            return
+        now = self.clock.now()
+        window = self.policy.storm_window_start(now)
+        restarts = await self._db(self.registry.count_events, self.pool_id, trigger=T.RETRY.value, since=window)
+        decision = self.policy.on_crash(view, now, restarts_in_window=restarts)
+        if decision.action == "back_off":
+            await self.fire(
+                T.BACK_OFF, view,
+                updates={"backoff_step": view.backoff_step + 1, "next_restart_at": decision.next_restart_at},
+                event=EventData(reason=decision.reason, backoff_ms=decision.delay_ms),
+            )  # fmt: skip
+            log.info(
+                "pool %s backing off %d ms", self.pool_id, decision.delay_ms,
+                extra=self._extra(view, backoff_ms=decision.delay_ms, restart_count=view.restart_count),
+            )  # fmt: skip
+            return
+        if decision.storm:
+            await self._db(
+                self.registry.record_event, self.pool_id,
+                EventData(kind="restart_storm", reason=decision.reason, detail={"restarts_in_window": restarts}),
+            )  # fmt: skip
+            log.error("pool %s: %s", self.pool_id, decision.reason, extra=self._extra(view))
+        await self.fire(
+            T.OPEN_BREAKER, view,
+            updates={"breaker_until": decision.breaker_until, "breaker_timeout_s": decision.breaker_timeout_s,
+                     "breaker_trial": False, "next_restart_at": None},
+            event=EventData(reason=decision.reason, detail={"timeout_s": decision.breaker_timeout_s}),
+        )  # fmt: skip
+        log.error("pool %s circuit breaker open: %s", self.pool_id, decision.reason, extra=self._extra(view))
+
+    async def _rollback(self, view: PoolView, op: dict[str, Any]) -> None:
+        old = op["old_spec"]
+        await self.fire(
+            T.ROLLBACK, view,
+            updates={"spec": old, "model": old["model"], "pending_op": {**op, "op": "rollback"}},
+            event=EventData(reason=f"reload to {op.get('model')} failed: restarting {old['model']}",
+                            correlation_id=op.get("correlation_id"), detail={"reload_outcome": "rolled_back"}),
+        )  # fmt: skip
+        log.warning("pool %s reload failed; rolling back to %s", self.pool_id, old["model"], extra=self._extra(view))
+
+    async def _on_backoff(self, view: PoolView) -> None:
+        if view.desired_state is DesiredState.STOPPED:
+            await self.fire(T.STOP, view, event=EventData(reason="stopped by operator"))
+            return
+        due = view.next_restart_at or self.clock.now()
+        wait_s = (due - self.clock.now()).total_seconds()
+        if wait_s > 0:
+            await self._sleep_or_kick(wait_s)
+            return
+        await self.fire(
+            T.RETRY, view,
+            updates={"restart_count": view.restart_count + 1, "spawn_intent_at": self.clock.now()},
+            event=EventData(reason="restart after backoff"),
+        )  # fmt: skip
+        log.info("pool %s restarting", self.pool_id, extra=self._extra(view, restart_count=view.restart_count + 1))
+
+    async def _on_breaker_open(self, view: PoolView) -> None:
+        if view.desired_state is DesiredState.STOPPED:
+            await self.fire(T.STOP, view, event=EventData(reason="stopped by operator"))
+            return
+        due = view.breaker_until or self.clock.now()
+        wait_s = (due - self.clock.now()).total_seconds()
+        if wait_s > 0:
+            await self._sleep_or_kick(wait_s)
+            return
+        await self.fire(
+            T.TRIAL_START, view,
+            updates={"breaker_trial": True, "restart_count": view.restart_count + 1,
+                     "spawn_intent_at": self.clock.now()},
+            event=EventData(reason="breaker half-open: one trial start"),
+        )  # fmt: skip
+
+    async def _sleep_or_kick(self, seconds: float) -> None:
+        """Wait on the injected clock, cut short by a kick (a fake clock advances at once)."""
+        self.kick_event.clear()
+        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
+        kicked = asyncio.ensure_future(self.kick_event.wait())
+        try:
+            await asyncio.wait({sleeper, kicked}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            sleeper.cancel()
+            kicked.cancel()
+
+    # -- engine ---------------------------------------------------------------------------------------
+    async def _stop_engine(self) -> None:
+        eng, self.engine = self.engine, None
+        if eng is not None:
+            await self.runtime.stop(eng.pid, eng.start_time)
+
+    async def _kill_recorded(self, view: PoolView) -> None:
+        if self.engine is not None:
+            await self._stop_engine()
+        elif view.pid is not None and view.pid_start_time is not None:
+            # stop() checks the start time: a pid now owned by another program is never signalled.
+            await self.runtime.stop(view.pid, view.pid_start_time)
+
+    def stable_reset_due(self, view: PoolView) -> bool:
+        return view.backoff_step > 0 and self.policy.stable(view, self.clock.now())
+
+    def drain_deadline_passed(self, view: PoolView) -> bool:
+        return view.drain_deadline_at is not None and self.clock.now() >= view.drain_deadline_at
+
+    def since(self, moment: Any) -> timedelta:
+        return self.clock.now() - moment  # type: ignore[no-any-return]
+
+
+__all__ = ["PoolWorker"]
