@@ -12,6 +12,7 @@ import hashlib
 import logging
 import os
 import signal
+import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -86,12 +87,13 @@ async def serve(cfg: PoolManagerConfig, specs: Sequence[PoolSpec], *, keep_engin
     server = _Server(
         uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False, lifespan="off")
     )
+    sock = _listen(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await reconciler.start(specs)
-    server_task = asyncio.create_task(server.serve(), name="api")
+    server_task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
     log.info(
         "poolmgr %s serving on http://%s with %d pool(s); database %s; api token %s",
         __version__, cfg.addr, len(specs), _safe_url(url),
@@ -111,6 +113,15 @@ async def serve(cfg: PoolManagerConfig, specs: Sequence[PoolSpec], *, keep_engin
     if failed:
         raise ConfigError(f"the API could not serve on {cfg.addr} (is the port in use?)")
     return 0
+
+
+def _listen(cfg: PoolManagerConfig) -> socket.socket:
+    """Bind the API port before any engine starts: a port in use is one clear line and exit 2."""
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    try:
+        return socket.create_server((cfg.host, cfg.port), family=family, reuse_port=False)
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {cfg.addr}: {exc.strerror or exc}") from None
 
 
 def _ensure_engine_user(cfg: PoolManagerConfig) -> None:

@@ -16,7 +16,7 @@ from poolmgr.engines._adapter import HealthStatus, StderrReason
 from poolmgr.engines._install import resolve_llama_server
 from poolmgr.engines._process import ExitInfo, LaunchRequest, ProcessLauncher, SpawnedEngine
 from poolmgr.engines.llamacpp import LlamaCppAdapter
-from poolmgr.errors import EngineError, IsolationError, PreloadFailed
+from poolmgr.errors import ConfigError, EngineError, IsolationError, PreloadFailed
 from poolmgr.lifecycle.placing import Placement
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
@@ -65,7 +65,7 @@ class EngineRuntime:
     def spawn(self, spec: PoolSpec, placement: Placement) -> SpawnedEngine:
         try:
             binary = resolve_llama_server(self.cfg.llama_server)
-        except EngineError as exc:
+        except (EngineError, ConfigError) as exc:
             raise PreloadFailed("binary_missing", str(exc)) from None
         argv = self.adapter.command(spec, binary=binary, model_path=spec.model, port=0, gpu_flags=placement.gpu_flags)
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), SPAWN_MARKER: spec.id, **placement.env}

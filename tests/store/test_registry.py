@@ -1,0 +1,190 @@
+"""Registry operations (B-REG) on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import text
+
+from poolmgr.clock import FakeClock
+from poolmgr.errors import IllegalTransition, LeaseRefused, NotFoundError
+from poolmgr.lifecycle.fsm import MACHINE
+from poolmgr.poolsfile import PoolSpec
+from poolmgr.states import PoolState, Trigger
+from poolmgr.store import Registry
+
+
+def _ready_pool(registry: Registry, pool_id: str = "p1", slots: int = 2) -> None:
+    registry.register(PoolSpec(id=pool_id, model="/m.gguf", slots=slots))
+    for trig in (Trigger.PLACE, Trigger.START_PRELOAD):
+        MACHINE.fire(registry, pool_id, trig)
+    MACHINE.fire(registry, pool_id, Trigger.PRELOAD_OK, updates={"slots_total": slots})
+
+
+def test_register_creates_discovered_pool_with_audit_row(registry: Registry) -> None:
+    view = registry.register(PoolSpec(id="p1", model="/m.gguf", slots=3, device_mask="cpu"))
+    assert view.state is PoolState.DISCOVERED
+    assert (view.slots_total, view.slots_free, view.active_leases, view.restart_count) == (3, 0, 0, 0)
+    assert view.device_mask == "cpu"
+    assert [e.kind for e in registry.events(pool_id="p1")] == ["registered"]
+
+
+def test_register_twice_keeps_state_and_updates_spec(registry: Registry) -> None:
+    registry.register(PoolSpec(id="p1", model="/a.gguf"))
+    MACHINE.fire(registry, "p1", Trigger.PLACE)
+    view = registry.register(PoolSpec(id="p1", model="/b.gguf"))
+    assert view.state is PoolState.PLACED
+    assert view.model == "/b.gguf"
+    assert registry.register(PoolSpec(id="p1", model="/b.gguf")).version == view.version
+
+
+def test_deregister_removes_pool_and_keeps_its_audit(registry: Registry) -> None:
+    registry.register(PoolSpec(id="p1", model="/m.gguf"))
+    registry.deregister("p1")
+    assert registry.find("p1") is None
+    assert [e.kind for e in registry.events(pool_id="p1")] == ["registered", "deregistered"]
+
+
+def test_unknown_pool_is_not_found_never_a_crash(registry: Registry) -> None:
+    with pytest.raises(NotFoundError, match="pool 'nope' not found"):
+        registry.get("nope")
+    with pytest.raises(NotFoundError):
+        MACHINE.fire(registry, "nope", Trigger.PLACE)
+    with pytest.raises(NotFoundError):
+        registry.deregister("nope")
+    assert registry.active_leases("nope") == 0
+
+
+def test_snapshots_are_sorted_by_pool_id(registry: Registry) -> None:
+    for pid in ("zeta", "alpha", "mid"):
+        registry.register(PoolSpec(id=pid, model="/m.gguf"))
+    assert [p.id for p in registry.pools()] == ["alpha", "mid", "zeta"]
+
+
+def test_slots_are_clamped_to_zero_and_total(registry: Registry) -> None:
+    registry.register(PoolSpec(id="p1", model="/m.gguf", slots=4))
+    assert registry.set_slots("p1", total=4, free=9).slots_free == 4
+    assert registry.set_slots("p1", total=4, free=-3).slots_free == 0
+    assert registry.set_slots("p1", total=2, free=2).slots_free == 2
+
+
+def test_health_and_last_error_are_recorded(registry: Registry, clock: FakeClock) -> None:
+    registry.register(PoolSpec(id="p1", model="/m.gguf"))
+    view = registry.set_health("p1", live=True)
+    assert view.live is True and view.heartbeat_at == clock.now()
+    assert registry.set_last_error("p1", "health check failed: boom").last_error == "health check failed: boom"
+
+
+def test_lease_allocate_and_release_follow_slots(registry: Registry) -> None:
+    _ready_pool(registry, slots=2)
+    lease = registry.allocate_lease("p1", ttl_s=30)
+    view = registry.get("p1")
+    assert (view.active_leases, view.slots_free) == (1, 1)
+    assert registry.release_lease("p1", lease.id) is True
+    assert registry.release_lease("p1", lease.id) is False  # never below zero
+    view = registry.get("p1")
+    assert (view.active_leases, view.slots_free) == (0, 2)
+
+
+def test_lease_refused_while_draining_and_count_unchanged(registry: Registry) -> None:
+    _ready_pool(registry)
+    registry.allocate_lease("p1", ttl_s=30)
+    MACHINE.fire(registry, "p1", Trigger.DRAIN)
+    with pytest.raises(LeaseRefused, match="draining"):
+        registry.allocate_lease("p1", ttl_s=30)
+    assert registry.get("p1").active_leases == 1
+
+
+def test_lease_refused_when_not_ready_or_full(registry: Registry) -> None:
+    registry.register(PoolSpec(id="p1", model="/m.gguf"))
+    with pytest.raises(LeaseRefused, match="not ready"):
+        registry.allocate_lease("p1", ttl_s=30)
+    _ready_pool(registry, "p2", slots=1)
+    registry.allocate_lease("p2", ttl_s=30)
+    with pytest.raises(LeaseRefused, match="no free slot"):
+        registry.allocate_lease("p2", ttl_s=30)
+
+
+def test_expired_leases_are_reaped(registry: Registry, clock: FakeClock) -> None:
+    _ready_pool(registry, slots=2)
+    registry.allocate_lease("p1", ttl_s=10)
+    registry.allocate_lease("p1", ttl_s=100)
+    clock.advance(11)
+    assert registry.reap_expired_leases() == 1
+    view = registry.get("p1")
+    assert (view.active_leases, view.slots_free) == (1, 1)
+    assert registry.events(pool_id="p1")[-1].kind == "leases_expired"
+
+
+def test_two_writers_racing_on_one_pool_one_wins_no_lost_or_doubled_event(db_url: str) -> None:
+    setup = Registry(db_url, node_id="node-a")
+    _ready_pool(setup)
+    n_before = len(setup.events(pool_id="p1"))
+    outcomes: list[str] = []
+    barrier = threading.Barrier(8)
+
+    def writer() -> None:
+        reg = Registry(db_url, node_id="node-a")
+        barrier.wait()
+        try:
+            MACHINE.fire(reg, "p1", Trigger.DRAIN)
+            outcomes.append("won")
+        except IllegalTransition:
+            outcomes.append("lost")
+        finally:
+            reg.close()
+
+    threads = [threading.Thread(target=writer) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["lost"] * 7 + ["won"]
+    events = setup.events(pool_id="p1")
+    assert len(events) == n_before + 1
+    assert events[-1].trigger == "drain"
+    assert setup.get("p1").state is PoolState.DRAINING
+    setup.close()
+
+
+def test_concurrent_leases_never_exceed_slots(db_url: str) -> None:
+    setup = Registry(db_url, node_id="node-a")
+    _ready_pool(setup, slots=3)
+    got: list[str] = []
+    barrier = threading.Barrier(6)
+
+    def taker() -> None:
+        reg = Registry(db_url, node_id="node-a")
+        barrier.wait()
+        try:
+            got.append(reg.allocate_lease("p1", ttl_s=30).id)
+        except LeaseRefused:
+            pass
+        finally:
+            reg.close()
+
+    threads = [threading.Thread(target=taker) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    view = setup.get("p1")
+    assert len(got) == 3 and (view.active_leases, view.slots_free) == (3, 0)
+    setup.close()
+
+
+def test_state_check_constraint_rejects_unknown_state(registry: Registry) -> None:
+    registry.register(PoolSpec(id="p1", model="/m.gguf"))
+    with pytest.raises(Exception, match=r"(?i)check"), registry.engine.begin() as conn:
+        conn.execute(text("UPDATE pools SET state = 'bogus' WHERE id = 'p1'"))
+    assert registry.get("p1").state is PoolState.DISCOVERED
+
+
+def test_pool_registry_view_is_the_read_contract(registry: Registry) -> None:
+    _ready_pool(registry, slots=2)
+    with registry.engine.connect() as conn:
+        row = conn.execute(
+            text("SELECT pool_id, state, ready, draining, slots_total, slots_free, device_mask FROM pool_registry")
+        ).one()
+    assert tuple(row) == ("p1", "ready", True, False, 2, 2, "cpu")
