@@ -78,7 +78,7 @@ def test_a_missing_binary_fails_preload_clearly(serve_factory: Any, sqlite_url: 
     srv.start()
     status = srv.wait_for("nobin", lambda s: s["last_error"] is not None, what="last_error")
     assert "/nonexistent/llama-server" in status["last_error"]
-    assert [e["reason"] for e in srv.events("nobin") if e["kind"] == "preload_failed"][0] == "binary_missing"
+    assert next(e["reason"] for e in srv.events("nobin") if e["kind"] == "preload_failed") == "binary_missing"
     assert engine_pids("nobin") == []
 
 
