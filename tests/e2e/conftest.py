@@ -124,6 +124,7 @@ class Serve:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "serve.log"
         self.pool_ids: list[str] = []
+        self.headers: dict[str, str] = {}
 
     def write_pools(self, *pools: dict[str, Any]) -> None:
         self.pool_ids = [p["id"] for p in pools]
@@ -156,6 +157,7 @@ class Serve:
             return self.proc.wait(10)
 
     def request(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        kw.setdefault("headers", self.headers)
         return httpx.request(method, self.base + path, timeout=30, **kw)
 
     def status(self, pool_id: str) -> dict[str, Any]:
