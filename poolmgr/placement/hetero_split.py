@@ -263,6 +263,9 @@ class SplitPlan:
         if counts is None:
             raise InsufficientVram(_too_small_message(devs, need, costs))
         plan = cls._build(devs, need, costs, counts, ratios_for_counts(counts), explicit=False)
+        for uuid, count in zip(plan.device_uuids, counts, strict=True):
+            if count == 0:
+                log.info("device %s gets no layers in this plan (it still holds a CUDA context)", uuid)
         log.debug(
             "split plan: devices=%s ratios=%s layers=%s bytes=%s",
             plan.device_uuids,

@@ -39,6 +39,7 @@ def make_plan(
     cuda_overhead_bytes: int = DEFAULT_CUDA_OVERHEAD_BYTES,
     headroom_bytes: int = DEFAULT_HEADROOM_BYTES,
     n_ubatch: int = DEFAULT_N_UBATCH,
+    kv_unified: bool = False,
 ) -> tuple[VramNeed, SplitPlan]:
     """Estimate the need from the GGUF header and plan it over `devices` (in CUDA order).
 
@@ -52,6 +53,7 @@ def make_plan(
         cuda_overhead_bytes=cuda_overhead_bytes,
         headroom_bytes=headroom_bytes,
         n_ubatch=n_ubatch,
+        kv_unified=kv_unified,
     )
     if tensor_split is not None:
         return need, SplitPlan.validate_explicit(devices, need, tensor_split)

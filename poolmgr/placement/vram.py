@@ -7,17 +7,18 @@ The parts, as llama.cpp b11434 allocates them (CUDA, flash attention off, f16 KV
 * KV cache: cells x offloaded layers x (K row + V row) x 2 bytes, where cells is the total context (`-c`,
   padded to 256) and a row is head_dim x n_head_kv. Exact against every run in the H200 table.
 * compute buffer: the graph allocator's peak, which grows with the context PER SLOT (n_ctx_seq):
-  the attention scores n_ctx_seq x n_ubatch x n_head x 4 (f32, the softmax runs in place) and the f32 KQ mask
-  n_ctx_seq x n_ubatch x 4 (src/llama-graph.cpp, `build_attn_mha` / `build_attn_inp_kq_mask`), the per-token
-  inputs (token ids, positions and output ids as i32, K and V cache indices as i64: 28 bytes a token, plus
-  128 for alignment), the output logits n_vocab x n_ubatch x 4, and a term of n_embd_k_gqa x 2 bytes per cell of the TOTAL context, fitted to
-  the table (1 M tokens in 4 slots costs 192 MiB more than 1 M in one slot). This matches the logged compute
-  buffer of every ready run of the 8-layer model in fixtures/gpu/h200-llama-server-b11434-cuda/vram-table.json
-  to the printed 0.01 MiB, the failed 128 M-token allocation of its OOM probe to the byte, and the tiny model's
-  to 0.12 MiB (over, not under); the totals are within 1 % of NVML.
-  With several GPUs llama.cpp turns on pipeline parallelism and keeps GGML_SCHED_MAX_COPIES (4) copies of
-  every graph input, the KQ mask included, on each device.
-* CUDA context: about 0.5 GiB per device and process (528 MiB measured on an H200 and an H100).
+  the attention scores n_ctx_seq x n_ubatch x n_head x 4 (f32, the softmax runs in place) and the f32 KQ
+  mask n_ctx_seq x n_ubatch x 4 (src/llama-graph.cpp, `build_attn_mha` / `build_attn_inp_kq_mask`), the
+  per-token inputs (token ids, positions and output ids as i32, K and V cache indices as i64: 28 bytes a
+  token, plus 128 for alignment), the output logits n_vocab x n_ubatch x 4, and a term of n_embd_k_gqa x 2
+  bytes per cell of the TOTAL context, fitted to the table (1 M tokens in 4 slots costs 192 MiB more than
+  1 M in one slot). This matches the logged compute buffer of every ready run of the 8-layer model in
+  fixtures/gpu/h200-llama-server-b11434-cuda/vram-table.json to the printed 0.01 MiB, the failed 128 M-token
+  allocation of its OOM probe to the byte, and the tiny model's to 0.12 MiB (over, not under); the totals
+  are within 1 % of NVML. With several GPUs llama.cpp turns on pipeline parallelism and keeps
+  GGML_SCHED_MAX_COPIES (4) copies of every graph input, the KQ mask included, on each device.
+* CUDA context: about 0.5 GiB per device and process (528 MiB for llama-server on an H200, 518 MiB for
+  torch on an H100).
 * headroom: a safety margin per device that poolmgr leaves free.
 """
 
@@ -44,7 +45,7 @@ __all__ = [
 
 MIB = 1 << 20
 GIB = 1 << 30
-DEFAULT_CUDA_OVERHEAD_BYTES = 528 * MIB  # NVML: 528 MiB for llama-server's CUDA context (H200), 518 torch (H100)
+DEFAULT_CUDA_OVERHEAD_BYTES = 528 * MIB  # NVML: llama-server's CUDA context on an H200 (torch: 518 MiB, H100)
 DEFAULT_HEADROOM_BYTES = 256 * MIB
 DEFAULT_N_UBATCH = 512  # llama-server's default -ub
 SCHED_MAX_COPIES = 4  # GGML_SCHED_MAX_COPIES: input copies kept per device with pipeline parallelism
@@ -59,10 +60,11 @@ def _pad(value: int, to: int) -> int:
     return (value + to - 1) // to * to
 
 
-def effective_context(ctx_size: int, slots: int, n_ctx_train: int = 0) -> tuple[int, int]:
-    """(total cells, cells per slot) as llama.cpp sets them for `-c ctx_size --parallel slots`.
+def effective_context(ctx_size: int, slots: int, n_ctx_train: int = 0, *, kv_unified: bool = False) -> tuple[int, int]:
+    """(total cells, cells one sequence can see) as llama.cpp sets them for `-c ctx_size --parallel slots`.
 
-    `ctx_size` 0 means the model's training context, as with llama-server's `-c 0`."""
+    `ctx_size` 0 means the model's training context, as with llama-server's `-c 0`. With a unified KV cache
+    (`--kv-unified`, or llama-server's default when `--parallel` is not given) every slot sees all cells."""
     if slots < 1:
         raise ConfigError(f"slots={slots}: must be at least 1")
     if ctx_size < 0:
@@ -70,6 +72,8 @@ def effective_context(ctx_size: int, slots: int, n_ctx_train: int = 0) -> tuple[
     n_ctx = ctx_size or n_ctx_train
     if n_ctx <= 0:
         raise ConfigError("ctx_size=0 asks for the model's training context, but the header has none")
+    if kv_unified:
+        return _pad(n_ctx, _CTX_PAD), _pad(n_ctx, _CTX_PAD)
     n_ctx_seq = _pad(_pad(n_ctx, _CTX_PAD) // slots, _CTX_PAD)
     return n_ctx_seq * slots, n_ctx_seq
 
@@ -82,7 +86,7 @@ class VramNeed:
     n_gpu_layers: int  # offloaded units as llama.cpp counts them: repeating layers + the output layer
     ctx_size: int  # total KV cells (after llama.cpp's padding)
     slots: int
-    n_ctx_seq: int  # cells per slot
+    n_ctx_seq: int  # cells one sequence sees: per slot, or all of them with a unified KV cache
     n_ubatch: int
     per_layer_bytes: list[int]  # weights of blk.N.*, every layer (offloaded or not)
     output_bytes: int  # weights of the output layer
@@ -190,13 +194,18 @@ def estimate_vram_from_header(
     cuda_overhead_bytes: int = DEFAULT_CUDA_OVERHEAD_BYTES,
     headroom_bytes: int = DEFAULT_HEADROOM_BYTES,
     n_ubatch: int = DEFAULT_N_UBATCH,
+    kv_unified: bool = False,
     model_path: str = "",
 ) -> VramNeed:
-    """The VRAM need of a model described by `header` (pure: no file, no device)."""
+    """The VRAM need of a model described by `header` (pure: no file, no device).
+
+    Assumes llama-server gets `--parallel slots` explicitly (non-unified KV cache); pass `kv_unified=True`
+    for `--kv-unified` or for llama-server's auto default (4 slots, unified), which costs far more compute
+    buffer at long contexts because every slot's attention spans the whole context."""
     _check_margins(cuda_overhead_bytes, headroom_bytes)
     if n_ubatch < 1:
         raise ConfigError(f"n_ubatch={n_ubatch}: must be at least 1")
-    n_ctx, n_ctx_seq = effective_context(ctx_size, slots, header.n_ctx_train)
+    n_ctx, n_ctx_seq = effective_context(ctx_size, slots, header.n_ctx_train, kv_unified=kv_unified)
     units = _offloaded_units(n_gpu_layers, header.n_layer)
     first_gpu = max(header.n_layer + 1 - units, 0)
     kv_per_layer = n_ctx * (header.n_embd_k_gqa + header.n_embd_v_gqa) * _F16
@@ -233,6 +242,7 @@ def estimate_vram(
     cuda_overhead_bytes: int = DEFAULT_CUDA_OVERHEAD_BYTES,
     headroom_bytes: int = DEFAULT_HEADROOM_BYTES,
     n_ubatch: int = DEFAULT_N_UBATCH,
+    kv_unified: bool = False,
 ) -> VramNeed:
     """Read the GGUF header at `model_path` and estimate the VRAM need (see the module docstring)."""
     return estimate_vram_from_header(
@@ -243,5 +253,6 @@ def estimate_vram(
         cuda_overhead_bytes=cuda_overhead_bytes,
         headroom_bytes=headroom_bytes,
         n_ubatch=n_ubatch,
+        kv_unified=kv_unified,
         model_path=os.fspath(model_path),
     )
