@@ -11,11 +11,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from poolmgr.errors import IsolationError
+from poolmgr.isolation import _cgroup
 from poolmgr.isolation._env import DEFAULT_PATH
 from poolmgr.isolation._seccomp import ARG_RULES, DENIED_SYSCALLS, ENOSYS_SYSCALLS
 from poolmgr.isolation._spec import IsolationSpec
@@ -98,9 +100,19 @@ def _userns(spec: IsolationSpec) -> list[str]:
     return ["--userns=keep-id"] if uid is not None and _has_subids(name, uid) else []
 
 
+def _runtime() -> list[str]:
+    """crun refuses cgroup v1/hybrid hosts ("cgroups in hybrid mode not supported"); runc runs there."""
+    if _cgroup.detect().version != 2 and shutil.which("runc"):
+        return ["--runtime=runc"]
+    return []
+
+
 def _clean_env(workdir: Path) -> list[str]:
-    """podman gets no secret either: a fresh env whose HOME (podman's config and state) is the workdir."""
-    return ["env", "-i", f"PATH={DEFAULT_PATH}", f"HOME={workdir}", f"XDG_RUNTIME_DIR={workdir / '.run'}"]
+    """podman gets no secret either: a fresh env whose HOME (podman's config and storage) is the workdir.
+
+    No XDG_RUNTIME_DIR: podman then keeps its run state in /tmp/podman-run-UID (a runroot under the workdir
+    would pass podman's 50-character limit)."""
+    return ["env", "-i", f"PATH={DEFAULT_PATH}", f"HOME={workdir}"]
 
 
 def _limits(spec: IsolationSpec) -> list[str]:
@@ -134,8 +146,8 @@ def podman_command(
         *_clean_env(workdir),
         "podman",
         f"--root={workdir / '.containers' / 'storage'}",
-        f"--runroot={workdir / '.containers' / 'run'}",
         "run",
+        *_runtime(),
         "--rm",
         f"--name=poolmgr-{spec.pool_id}",
         *_userns(spec),

@@ -179,7 +179,9 @@ def _landlock_plan(spec: IsolationSpec, workdir: Path) -> tuple[dict[str, Any] |
         dev |= tr.LL_FS_IOCTL_DEV
     plan: dict[str, Any] = {"abi": abi, "fs": fs, "net": 0, "scoped": 0, "paths": [], "ports": []}
     plan["paths"] = [[str(workdir), fs], ["/dev", dev]]
-    parts = [f"ABI {abi}", f"writes only in {workdir} (and /dev nodes)"]
+    if os.path.isdir("/dev/shm"):  # POSIX shared memory (CUDA IPC, NCCL) lives there
+        plan["paths"].append(["/dev/shm", fs])
+    parts = [f"ABI {abi}", f"writes only in {workdir} (and /dev nodes, /dev/shm)"]
     if abi >= 4:
         port = spec.bind_port or 0
         plan["net"] = tr.LL_NET_BIND_TCP | tr.LL_NET_CONNECT_TCP

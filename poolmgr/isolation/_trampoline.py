@@ -308,8 +308,8 @@ def main(args: list[str]) -> None:
         _fail(EXIT_ISOLATION_FAILED, "usage: _trampoline.py PLAN_JSON -- ARGV...")
     try:
         plan = _parse_plan(args[0])
-    except (ValueError, StopIteration) as exc:
-        _fail(EXIT_ISOLATION_FAILED, f"plan: not valid JSON: {exc}")
+    except Exception as exc:  # the C scanner can raise ValueError, StopIteration or SystemError
+        _fail(EXIT_ISOLATION_FAILED, f"plan: not valid JSON: {type(exc).__name__}")
     argv = args[2:]
     try:
         apply(plan)

@@ -1,0 +1,45 @@
+Feature: Engine isolation
+  Engines never run as root when poolmgr does: each runs as the engine user, in its own workdir,
+  with no capabilities, no_new_privs, Landlock and a seccomp deny-list. Containers run rootless under
+  podman with the same deny-list as their seccomp profile.
+
+  Background:
+    Given poolmgr runs as root and the engine user exists
+
+  Scenario: B-SEC-001 engine processes run as a non-root user
+    When a pool's engine is started through the isolation layer
+    Then every uid and gid of the engine is the engine user's, none is 0
+    And the engine has no supplementary groups
+
+  Scenario: B-SEC-002 engine processes have an isolated workdir
+    When a pool's engine is started through the isolation layer
+    Then the engine's working directory is the pool's workdir, mode 0700, owned by the engine user
+    And the engine cannot write outside its workdir (skipped where the kernel has no Landlock)
+
+  Scenario: B-SEC-003 engine processes have minimal capabilities
+    When a pool's engine is started through the isolation layer
+    Then all five capability sets of the engine are empty
+    And the engine runs with no_new_privs and a seccomp filter
+    And ptrace and UDP sockets are refused to the engine
+
+  Scenario: B-SEC-010 containers run rootless (run step skipped where podman is missing)
+    Given a pool that runs its engine in a podman container
+    When poolmgr builds the container command
+    Then podman is started as the engine user with a clean environment
+    And the container drops every capability and sets no-new-privileges
+    And in the running container the host sees only the engine user (skipped where podman is missing)
+
+  Scenario: B-SEC-011 containers have a seccomp profile (run step skipped where podman is missing)
+    Given a pool that runs its engine in a podman container
+    When poolmgr builds the container command
+    Then the command loads poolmgr's profile, which denies the process sandbox's syscalls
+    And in the running container a UDP socket is refused (skipped where podman is missing)
+
+  Scenario: B-SEC-012 containers have constrained network access
+    Given a pool that runs its engine in a podman container
+    When poolmgr builds the container command without a port
+    Then the container has no network at all
+    And in the running container loopback is the only interface (skipped where podman is missing)
+    When poolmgr builds the container command for port 8123
+    Then only TCP port 8123 is published, on loopback only
+    And the published port reaches the engine (skipped where podman or a usable /dev/net/tun is missing)

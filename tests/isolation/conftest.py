@@ -1,0 +1,159 @@
+"""Fixtures for the isolation tests: a real engine user, a traversable workdir root, sandboxed spawns."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from poolmgr.isolation import (
+    IsolationSpec,
+    PreparedIsolation,
+    build_isolation,
+    ensure_engine_user,
+    prepare,
+    release,
+    wrap_command,
+)
+
+TEST_ENGINE_USER = "poolmgr-itest"
+PROBE_PYTHON = "/usr/bin/python3"
+
+
+def status_fields(pid: int) -> dict[str, str]:
+    """/proc/PID/status as a dict of field -> value (tabs stripped)."""
+    text = Path(f"/proc/{pid}/status").read_text()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+def wait_for_exec(pid: int, comm: str, timeout: float = 5.0) -> None:
+    """Wait until the trampoline has exec'd the engine (its comm changes from python)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/comm").read_text().strip() == comm:
+                return
+        except OSError:
+            break
+        time.sleep(0.005)
+    raise AssertionError(f"pid {pid} never became {comm!r}")
+
+
+@pytest.fixture(scope="session")
+def engine_ids() -> tuple[int, int]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the sandbox switches to a dedicated engine user")
+    return ensure_engine_user(TEST_ENGINE_USER)
+
+
+@pytest.fixture
+def workdir_root() -> Iterator[Path]:
+    """A workdir root the engine user can traverse (pytest's tmp_path is 0700 root-only)."""
+    root = Path(tempfile.mkdtemp(prefix="poolmgr-iso-", dir="/tmp"))
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def pool_id() -> str:
+    return f"itest-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Sandbox:
+    """Spawn commands through prepare + wrap_command, the way the engine launcher does."""
+
+    root: Path
+    pool_id: str
+    procs: list[subprocess.Popen[bytes]]
+    prepared: list[PreparedIsolation]
+
+    def spec(self, overrides: dict[str, Any] | None = None, **fields: Any) -> IsolationSpec:
+        spec = build_isolation(
+            overrides or {},
+            engine_user=TEST_ENGINE_USER,
+            workdir_root=self.root,
+            pool_id=self.pool_id,
+            bind_port=fields.pop("bind_port", None),
+            readable_paths=fields.pop("readable_paths", ()),
+        )
+        return replace(spec, **fields)
+
+    def prepare(self, spec: IsolationSpec) -> PreparedIsolation:
+        prepared = prepare(spec)
+        self.prepared.append(prepared)
+        return prepared
+
+    def spawn(
+        self, prepared: PreparedIsolation, argv: Sequence[str], env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        argv2, env2 = wrap_command(prepared, argv, env or {})
+        proc = subprocess.Popen(
+            argv2,
+            env=env2,
+            start_new_session=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            close_fds=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def run(self, prepared: PreparedIsolation, argv: Sequence[str], timeout: float = 20) -> tuple[int, str, str]:
+        proc = self.spawn(prepared, argv)
+        out, err = proc.communicate(timeout=timeout)
+        return proc.returncode, out.decode(), err.decode()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()
+        for prepared in self.prepared:
+            release(prepared)
+
+
+@pytest.fixture
+def sandbox(engine_ids: tuple[int, int], workdir_root: Path, pool_id: str) -> Iterator[Sandbox]:
+    box = Sandbox(workdir_root, pool_id, [], [])
+    yield box
+    box.close()
+
+
+@pytest.fixture
+def probe_python() -> str:
+    if not os.access(PROBE_PYTHON, os.X_OK):
+        pytest.skip(f"{PROBE_PYTHON} is missing: the probes need a python the engine user can run")
+    return PROBE_PYTHON
+
+
+def make_rootfs(parent: Path, uid: int, gid: int) -> Path:
+    """A minimal container root: empty mount points and usr-merge links; /usr itself is mounted read-only."""
+    rootfs = parent / "rootfs"
+    rootfs.mkdir()
+    for name in ("usr", "proc", "dev", "sys", "etc", "tmp", "run"):
+        (rootfs / name).mkdir()
+    for name in ("bin", "lib", "lib64", "sbin"):
+        (rootfs / name).symlink_to(f"usr/{name}")
+    (rootfs / "etc" / "mtab").symlink_to("/proc/mounts")
+    os.chmod(rootfs, 0o755)
+    for dirpath, _dirs, _files in os.walk(rootfs):  # rootless podman writes into it as the engine user
+        os.lchown(dirpath, uid, gid)
+    return rootfs
+
+
+def podman_missing() -> str | None:
+    if shutil.which("podman") is None:
+        return "podman is not installed on this host"
+    return None

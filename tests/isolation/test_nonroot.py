@@ -1,0 +1,110 @@
+"""A poolmgr that is NOT root cannot switch user, yet every other layer still applies (and it says so)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import poolmgr
+from poolmgr.isolation._seccomp import seccomp_unavailable_reason
+from poolmgr.isolation._trampoline import landlock_abi
+
+from .conftest import PROBE_PYTHON, TEST_ENGINE_USER
+
+HERE = Path(__file__).parent
+NOBODY = 65534
+
+
+def _copy_code(dest: Path) -> None:
+    """poolmgr (the parts isolation needs) and pyseccomp, where an unprivileged user can read them."""
+    src = Path(poolmgr.__file__).parent
+    (dest / "poolmgr").mkdir()
+    for name in ("__init__.py", "errors.py", "py.typed"):
+        shutil.copy(src / name, dest / "poolmgr" / name)
+    shutil.copytree(src / "isolation", dest / "poolmgr" / "isolation", ignore=shutil.ignore_patterns("__pycache__"))
+    import pyseccomp
+
+    shutil.copy(pyseccomp.__file__, dest / "pyseccomp.py")
+    for name in ("nonroot_driver.py", "sandbox_probe.py"):
+        shutil.copy(HERE / name, dest / name)
+
+
+@pytest.fixture(scope="module")
+def nonroot_run(engine_ids: tuple[int, int]) -> Iterator[dict[str, Any]]:
+    if not shutil.which("setpriv") or not os.access(PROBE_PYTHON, os.X_OK):
+        pytest.skip(f"needs setpriv and {PROBE_PYTHON} to play an unprivileged poolmgr")
+    tmp = Path(tempfile.mkdtemp(prefix="poolmgr-nonroot-", dir="/tmp"))
+    try:
+        os.chmod(tmp, 0o755)
+        _copy_code(tmp)
+        root = tmp / "engines"
+        root.mkdir()
+        os.chown(root, NOBODY, NOBODY)
+        ports = []
+        for _ in range(2):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                ports.append(s.getsockname()[1])
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            target = listener.getsockname()[1]
+            args = [str(root), "nonroot", TEST_ENGINE_USER, str(tmp / "sandbox_probe.py"), str(target)]
+            cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all"]
+            cmd += [PROBE_PYTHON, str(tmp / "nonroot_driver.py"), *args, *map(str, ports)]
+            env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp), "POOL_MANAGERD_API_TOKEN": "s3cret"}
+            out = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        yield json.loads(out.stdout)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_nonroot_poolmgr_says_it_cannot_switch_user(nonroot_run: dict[str, Any]) -> None:
+    in_force, detail = nonroot_run["layers"]["user"]
+    assert not in_force
+    assert "not root" in detail and f"uid {NOBODY}" in detail
+    assert nonroot_run["status"]["Uid"].split() == [str(NOBODY)] * 4
+
+
+def test_nonroot_engine_still_has_no_capabilities_and_no_new_privs(nonroot_run: dict[str, Any]) -> None:
+    status = nonroot_run["status"]
+    for field in ("CapInh", "CapPrm", "CapEff", "CapAmb"):
+        assert int(status[field], 16) == 0
+    assert status["NoNewPrivs"] == "1"
+    in_force, detail = nonroot_run["layers"]["capabilities"]
+    assert in_force and "bounding set kept" in detail  # dropping it needs CAP_SETPCAP
+
+
+def test_nonroot_engine_still_gets_seccomp(nonroot_run: dict[str, Any]) -> None:
+    if why := seccomp_unavailable_reason():
+        pytest.skip(f"seccomp unavailable: {why}")
+    assert nonroot_run["status"]["Seccomp"] == "2"
+    assert nonroot_run["probe"]["udp_socket"] == "EPERM"
+    assert nonroot_run["probe"]["ptrace"] == "EPERM"
+
+
+def test_nonroot_engine_still_gets_landlock_and_its_workdir(nonroot_run: dict[str, Any]) -> None:
+    abi = landlock_abi()
+    if abi < 4:
+        pytest.skip(f"Landlock ABI {abi} < 4")
+    probe = nonroot_run["probe"]
+    assert probe["write_outside"] == "EACCES"
+    assert probe["tcp_connect"] == "EACCES"
+    assert probe["bind_allowed"] == "ok" and probe["bind_other"] == "EACCES"
+    assert nonroot_run["cwd"].endswith("/engines/nonroot")
+
+
+def test_nonroot_cgroup_is_skipped_with_a_reason(nonroot_run: dict[str, Any]) -> None:
+    in_force, detail = nonroot_run["layers"]["cgroup"]
+    assert not in_force
+    assert "cannot create" in detail or "no " in detail  # "cannot create: Permission denied" on v1

@@ -1,0 +1,90 @@
+"""Containers: the rootless podman command poolmgr builds, its seccomp profile, and (where podman exists) a run."""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from poolmgr.isolation import podman_command, write_seccomp_profile
+from poolmgr.isolation._podman import default_profile_path, seccomp_profile
+from poolmgr.isolation._seccomp import ARG_RULES, DENIED_SYSCALLS
+
+from .conftest import Sandbox, make_rootfs, podman_missing
+
+
+def test_profile_denies_the_same_syscalls_as_the_process_sandbox() -> None:
+    profile = seccomp_profile()
+    assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
+    eperm = next(s for s in profile["syscalls"] if s["names"] == list(DENIED_SYSCALLS))
+    assert eperm["action"] == "SCMP_ACT_ERRNO" and eperm["errnoRet"] == 1
+    for name in ("ptrace", "mount", "unshare", "setns", "bpf", "keyctl", "perf_event_open", "userfaultfd"):
+        assert name in eperm["names"]
+    assert any(s["names"] == ["clone3"] and s["errnoRet"] == 38 for s in profile["syscalls"])
+    socket_rules = [s for s in profile["syscalls"] if s["names"] == ["socket"]]
+    assert len(socket_rules) == sum(r.syscall == "socket" for r in ARG_RULES)
+    udp = next(r for r in socket_rules if r["comment"] == "AF_INET SOCK_DGRAM")
+    assert udp["args"] == [
+        {"index": 0, "value": 2, "valueTwo": 0, "op": "SCMP_CMP_EQ"},
+        {"index": 1, "value": 0xF, "valueTwo": 2, "op": "SCMP_CMP_MASKED_EQ"},
+    ]
+    assert any(r["args"] == [{"index": 0, "value": 17, "valueTwo": 0, "op": "SCMP_CMP_EQ"}] for r in socket_rules)
+
+
+def test_profile_file_is_the_profile_as_json(tmp_path: Path) -> None:
+    path = write_seccomp_profile(tmp_path / "sub" / "p.json")
+    assert json.loads(path.read_text()) == seccomp_profile()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_command_is_rootless_capless_and_offline_without_a_port(sandbox: Sandbox, engine_ids: tuple[int, int]) -> None:
+    spec = sandbox.spec(readable_paths=(Path("/models/m.gguf"),), pids_max=64)
+    cmd = podman_command(spec, "localhost/llama:cpu", ["llama-server", "--port", "8080"], None)
+    podman = cmd.index("podman")
+    assert cmd[0] == "setpriv" and f"--reuid={engine_ids[0]}" in cmd[:podman]  # podman never runs as root
+    assert cmd[cmd.index("env") + 1] == "-i"  # nor with poolmgr's environment
+    run = cmd[podman:]
+    for flag in ("--cap-drop=all", "--security-opt=no-new-privileges", "--read-only", "--network=none"):
+        assert flag in run
+    assert f"--security-opt=seccomp={default_profile_path(spec)}" in run
+    assert default_profile_path(spec).parent != spec.workdir  # the engine cannot edit its next profile
+    assert "--volume=/models/m.gguf:/models/m.gguf:ro" in run
+    assert [v for v in run if v.startswith("--volume=") and v.endswith(":rw")] == [
+        f"--volume={spec.workdir}:{spec.workdir}:rw"
+    ]
+    assert "--pids-limit=64" in run and "--ulimit=core=0:0" in run
+    assert not any("privileged" in a or a.startswith("--publish") for a in run)
+    assert run[-4:] == ["localhost/llama:cpu", "llama-server", "--port", "8080"]
+
+
+def test_command_publishes_only_the_pools_port_on_loopback(sandbox: Sandbox) -> None:
+    cmd = podman_command(sandbox.spec(), str(sandbox.root), ["x"], 8123)
+    assert [a for a in cmd if a.startswith("--publish")] == ["--publish=127.0.0.1:8123:8123/tcp"]
+    assert "--network=none" not in cmd
+    assert cmd[-3:] == ["--rootfs", str(sandbox.root), "x"]  # a directory is used as the rootfs
+
+
+def test_rootless_container_runs_without_caps_and_with_the_profile(
+    sandbox: Sandbox, engine_ids: tuple[int, int]
+) -> None:
+    if why := podman_missing():
+        pytest.skip(why)
+    rootfs = make_rootfs(sandbox.root, *engine_ids)
+    spec = sandbox.spec(readable_paths=(Path("/usr"),))
+    sandbox.prepare(spec)
+    write_seccomp_profile(default_profile_path(spec))
+    script = (
+        "grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status; echo \"uid_map:\t$(cat /proc/self/uid_map)\"; "
+        "python3 -c 'import socket; socket.socket(2, 2)'"
+    )
+    cmd = podman_command(spec, str(rootfs), ["sh", "-c", script], None)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
+    status = dict(line.split(":\t", 1) for line in out.stdout.splitlines())
+    assert all(int(status[k], 16) == 0 for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb")), out.stderr
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    assert "PermissionError" in out.stderr  # UDP refused by poolmgr's profile
+    _inside, outside, _count = (int(x) for x in status["uid_map"].split())
+    assert outside == engine_ids[0]  # whatever uid it has inside, on the host it is the engine user
