@@ -16,3 +16,14 @@ Feature: Supervision of crashed engines (B-SUPER, OC-POOL-3010, OC-POOL-3011)
     And "broken" made exactly 3 failed starts
     And "broken" makes no start attempt for 2 seconds
     And its last_error says "failed to open GGUF file"
+
+  Scenario: After its timeout an open breaker allows exactly one trial start, then reopens with a doubled timeout
+    Given a running poolmgr with breaker threshold 2, breaker timeout 1 s and a pool "broken" whose model is missing
+    Then "broken" reaches state "breaker-open"
+    And after the timeout "broken" made exactly 1 trial start and reopened with a 2 s timeout
+
+  Scenario: An operator resets an open breaker by hand
+    Given a running poolmgr with breaker threshold 3 and a pool "broken" whose model is missing
+    Then "broken" reaches state "breaker-open"
+    When the breaker of "broken" is reset
+    Then the audit of "broken" shows a manual breaker reset followed by a new start

@@ -131,7 +131,7 @@ def ready_again(world: World, pool: str, n: int) -> None:
 @then(parsers.parse('completions to "{pool}" work'))
 def completions_work(world: World, pool: str) -> None:
     url = world.serve.status(pool)["endpoint_url"]
-    resp = httpx.post(url + "/completion", json={"prompt": "hi", "n_predict": 4}, timeout=30)
+    resp = httpx.post(url + "/completion", json={"prompt": "hi", "n_predict": 4, "ignore_eos": True}, timeout=30)
     assert resp.status_code == 200 and resp.json()["tokens_predicted"] == 4
 
 
@@ -230,3 +230,62 @@ def audit_rollback(world: World, pool: str) -> None:
     assert failed["reason"] == "model_corrupt"
     ok = [e for e in events if e["trigger"] == "preload_ok"][-1]
     assert ok["detail"]["reload_outcome"] == "rolled_back"
+
+
+@given(
+    parsers.parse(
+        'a running poolmgr with breaker threshold {n:d}, breaker timeout {secs:d} s and a pool "{pool}" '
+        "whose model is missing"
+    )
+)
+def broken_pool_short_breaker(
+    world: World, serve_factory: Any, sqlite_url: str, shared_dir: Path, n: int, secs: int, pool: str
+) -> None:
+    world.srv = serve_factory(
+        sqlite_url,
+        POOL_MANAGERD_CIRCUIT_BREAKER_THRESHOLD=str(n),
+        POOL_MANAGERD_CIRCUIT_BREAKER_TIMEOUT_SECS=str(secs),
+    )
+    world.serve.write_pools({"id": pool, "model": str(shared_dir / "no-such-model.gguf")})
+    world.serve.start()
+
+
+@then(parsers.parse('after the timeout "{pool}" made exactly 1 trial start and reopened with a {secs:d} s timeout'))
+def one_trial(world: World, pool: str, secs: int) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        opens = [e for e in world.serve.events(pool) if e["trigger"] == "open_breaker"]
+        if len(opens) >= 2:
+            break
+        time.sleep(0.05)
+    events = world.serve.events(pool)
+    first_open = next(i for i, e in enumerate(events) if e["trigger"] == "open_breaker")
+    second_open = [i for i, e in enumerate(events) if e["trigger"] == "open_breaker"][1]
+    between = events[first_open + 1 : second_open]
+    assert [e["trigger"] for e in between if e["trigger"]] == ["trial_start", "preload_failed"]
+    assert "half-open trial failed" in events[second_open]["reason"]
+    assert events[second_open]["detail"]["timeout_s"] == secs
+    status = world.serve.status(pool)
+    assert status["state"] in ("breaker-open", "preloading", "crashed")
+
+
+@when(parsers.parse('the breaker of "{pool}" is reset'))
+def reset_breaker(world: World, pool: str) -> None:
+    resp = world.serve.request("POST", f"/pools/{pool}/breaker/reset")
+    assert resp.status_code == 202, resp.text
+    again = world.serve.request("POST", f"/pools/{pool}/breaker/reset")
+    assert again.status_code in (202, 409)
+
+
+@then(parsers.parse('the audit of "{pool}" shows a manual breaker reset followed by a new start'))
+def manual_reset(world: World, pool: str) -> None:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        events = world.serve.events(pool)
+        resets = [i for i, e in enumerate(events) if e["trigger"] == "reset_breaker"]
+        if resets and any(e["kind"] == "preload_failed" for e in events[resets[0] :]):
+            assert events[resets[0]]["reason"] == "breaker reset by operator"
+            assert events[resets[0]]["correlation_id"]
+            return
+        time.sleep(0.05)
+    raise AssertionError("no start after the manual reset")

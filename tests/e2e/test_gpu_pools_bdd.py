@@ -1,0 +1,112 @@
+"""Steps for features/placement/gpu_pools.feature: GPU placement under a real serve on a recorded H100."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pytest_bdd import given, parsers, scenarios, then
+
+from tests.e2e.conftest import Serve, engine_pids
+from tests.placement._helpers import LLAMA_70B, write_sparse_llama_gguf
+
+pytestmark = pytest.mark.e2e
+
+scenarios("placement/gpu_pools.feature")
+
+H100 = Path(__file__).resolve().parents[1] / "fixtures" / "gpu" / "h100-80gb-hbm3" / "nvml-snapshot.json"
+H100_UUID = "GPU-ce457ed6-3363-954f-622b-78199190f4f2"
+
+
+@pytest.fixture(scope="module")
+def model_70b(shared_dir: Path) -> Path:
+    path = write_sparse_llama_gguf(shared_dir / "llama-70b.gguf", **LLAMA_70B)
+    path.chmod(0o644)
+    return path
+
+
+@pytest.fixture
+def box() -> dict[str, Any]:
+    return {}
+
+
+def _start(box: dict[str, Any], serve_factory: Any, db: str, pool: dict[str, Any]) -> None:
+    srv: Serve = serve_factory(
+        db,
+        POOL_MANAGERD_FAKE_NVML=str(H100),
+        POOL_MANAGERD_BACKOFF_INITIAL_MS="60000",
+        POOL_MANAGERD_BACKOFF_MAX_MS="60000",
+    )
+    srv.write_pools(pool)
+    srv.start()
+    box["srv"], box["pool"] = srv, pool["id"]
+
+
+@given(
+    parsers.parse(
+        'a running poolmgr on the recorded H100 with a GPU pool "{pool}" on device "{mask}" for a 70B model '
+        "with a {ctx:d} context"
+    )
+)
+def big_pool(
+    box: dict[str, Any], serve_factory: Any, sqlite_url: str, model_70b: Path, pool: str, mask: str, ctx: int
+) -> None:
+    _start(box, serve_factory, sqlite_url, {"id": pool, "model": str(model_70b), "device_mask": mask, "ctx_size": ctx})
+
+
+@given(
+    parsers.parse(
+        'a running poolmgr on the recorded H100 with a GPU pool "{pool}" on device "{mask}" for the tiny model'
+    )
+)
+def tiny_gpu_pool(
+    box: dict[str, Any], serve_factory: Any, sqlite_url: str, tiny_model: Path, pool: str, mask: str
+) -> None:
+    _start(box, serve_factory, sqlite_url, {"id": pool, "model": str(tiny_model), "device_mask": mask})
+
+
+@then(parsers.parse('"{pool}" fails its preload with reason "{reason}"'))
+def fails_with(box: dict[str, Any], pool: str, reason: str) -> None:
+    srv: Serve = box["srv"]
+    srv.wait_for(pool, lambda s: s["last_error"] is not None, what="a preload failure")
+    failed = [e for e in srv.events(pool) if e["kind"] == "preload_failed"]
+    assert failed and failed[0]["reason"] == reason, failed
+    box["status"] = srv.status(pool)
+
+
+@then("its last_error says how much is needed and how much the H100 has")
+def says_need(box: dict[str, Any]) -> None:
+    err = box["status"]["last_error"]
+    assert "does not fit" in err and H100_UUID in err, err
+    assert "needs 93.14 GiB" in err and "has 79.18 GiB free" in err, err
+
+
+@then(parsers.parse('no engine of "{pool}" was ever spawned'))
+def never_spawned(box: dict[str, Any], pool: str) -> None:
+    srv: Serve = box["srv"]
+    triggers = [e["trigger"] for e in srv.events(pool) if e["trigger"]]
+    assert triggers[:2] == ["place", "preload_failed"], triggers
+    assert "start_preload" not in triggers
+    assert engine_pids(pool) == []
+    assert not (srv.workdir / "state" / "logs" / f"{pool}.log").exists()
+
+
+@then(parsers.parse('the split plan of "{pool}" names the H100\'s uuid'))
+def split_plan(box: dict[str, Any], pool: str) -> None:
+    plan = box["status"]["split_plan"]
+    assert plan is not None and plan["device_uuids"] == [H100_UUID]
+
+
+@then(parsers.parse('no engine of "{pool}" is left running'))
+def none_left(box: dict[str, Any], pool: str) -> None:
+    time.sleep(0.2)
+    assert engine_pids(pool) == []
+    assert box["status"]["pid"] is None
+
+
+@then("its last_error lists the valid devices")
+def lists_valid(box: dict[str, Any]) -> None:
+    err = box["status"]["last_error"]
+    assert "3" in err and H100_UUID in err, err
