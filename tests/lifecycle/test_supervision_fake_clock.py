@@ -1,0 +1,113 @@
+"""The real reconciler and worker on a fake clock: backoff sleeps, breaker timeouts and the storm window
+advance instantly, while the engine is a real process (the fake llama-server) that crashes soon after it
+becomes ready."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from poolmgr.clock import FakeClock
+from poolmgr.lifecycle.reconciler import Reconciler
+from poolmgr.poolsfile import PoolSpec
+from poolmgr.settings import PoolManagerConfig
+from poolmgr.store import EventView, Registry
+from tests.e2e.conftest import kill_engines
+
+FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fake_engine.py"
+
+
+@pytest.fixture
+def engine_dir() -> Iterator[Path]:
+    """A 0755 directory with the fake engine, a wrapper and a model telling it to crash after ready."""
+    path = Path(tempfile.mkdtemp(prefix="poolmgr-fc-"))
+    path.chmod(0o755)
+    shutil.copy(FAKE_ENGINE, path / "fake_engine.py")
+    (path / "fake_engine.py").chmod(0o644)
+    wrapper = path / "llama-server"
+    wrapper.write_text(
+        f'#!/bin/sh\nFAKE_ENGINE_CRASH_AFTER_MS=600 exec /usr/bin/python3 {path / "fake_engine.py"} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    (path / "crashy.gguf").write_bytes(
+        b"GGUF" + b"\x03\x00\x00\x00" + b"\0" * 56 + b"\nfake-engine-mode: crash_after\n"
+    )
+    (path / "crashy.gguf").chmod(0o644)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _run(
+    cfg: PoolManagerConfig, url: str, clock: FakeClock, spec: PoolSpec, until: str, times: int = 1
+) -> list[EventView]:
+    """Run the reconciler until `times` audit rows with trigger `until` appear; the events up to the last one.
+    (On a fake clock the pool races on at once: the breaker's timeout, say, passes instantly.)"""
+    registry = Registry(url, node_id=cfg.node_id, clock=clock)
+
+    async def scenario() -> None:
+        rec = Reconciler(cfg, registry)
+        await rec.start([spec])
+        try:
+            for _ in range(600):
+                if sum(e.trigger == until for e in registry.events(pool_id=spec.id)) >= times:
+                    return
+                await asyncio.sleep(0.05)
+            raise AssertionError(f"{spec.id} never fired {until}: {registry.get(spec.id)}")
+        finally:
+            await rec.shutdown(keep_engines=False)
+
+    try:
+        asyncio.run(scenario())
+        events = registry.events(pool_id=spec.id)
+        last = [i for i, e in enumerate(events) if e.trigger == until][times - 1]
+        return events[: last + 1]
+    finally:
+        registry.close()
+        kill_engines([spec.id])
+
+
+def _cfg(tmp: Path, engine_dir: Path, **kw: int) -> PoolManagerConfig:
+    return PoolManagerConfig(
+        state_dir=engine_dir / "state", llama_server=str(engine_dir / "llama-server"), health_check_interval_ms=50,
+        stop_grace_ms=1000, **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_crashing_pool_backs_off_doubling_then_a_restart_storm_opens_the_breaker(
+    sqlite_url: str, engine_dir: Path, tmp_path: Path
+) -> None:
+    cfg = _cfg(
+        tmp_path, engine_dir, backoff_initial_ms=1000, backoff_max_ms=60_000, restart_rate_limit=3,
+        restart_window_secs=60, circuit_breaker_threshold=100, circuit_breaker_timeout_secs=300,
+    )  # fmt: skip
+    clock = FakeClock()
+    events = _run(cfg, sqlite_url, clock, PoolSpec(id="crashy", model=str(engine_dir / "crashy.gguf")),
+                  until="open_breaker")  # fmt: skip
+    backoffs = [e.backoff_ms for e in events if e.trigger == "back_off"]
+    assert len(backoffs) == 3
+    for got, base in zip(backoffs, (1000, 2000, 4000), strict=True):
+        assert got is not None and base * 0.9 <= got <= base * 1.1
+    crashes = [e for e in events if e.kind == "crashed"]
+    assert len(crashes) == 4 and all(e.reason == "signal" and e.signal == 11 for e in crashes)
+    assert [e.restart_count for e in events if e.trigger == "retry"] == [1, 2, 3]
+    storm = [e for e in events if e.kind == "restart_storm"]
+    assert len(storm) == 1 and storm[0].detail == {"restarts_in_window": 3}
+    opened = [e for e in events if e.trigger == "open_breaker"]
+    assert len(opened) == 1 and "restart storm: 3 restarts in 60s" in (opened[0].reason or "")
+
+
+def test_restarts_spread_beyond_the_window_are_not_a_storm(sqlite_url: str, engine_dir: Path, tmp_path: Path) -> None:
+    # At least 18 s apart (backoff 20 s ± 10 %, capped) with a 15 s window: one restart per window at most.
+    cfg = _cfg(
+        tmp_path, engine_dir, backoff_initial_ms=20_000, backoff_max_ms=20_000, restart_rate_limit=2,
+        restart_window_secs=15, circuit_breaker_threshold=100, circuit_breaker_timeout_secs=300,
+    )  # fmt: skip
+    events = _run(cfg, sqlite_url, FakeClock(), PoolSpec(id="spread", model=str(engine_dir / "crashy.gguf")),
+                  until="retry", times=4)  # fmt: skip
+    assert not [e for e in events if e.kind == "restart_storm" or e.trigger == "open_breaker"]
+    assert [e.restart_count for e in events if e.trigger == "retry"] == [1, 2, 3, 4]
