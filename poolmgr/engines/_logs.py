@@ -77,11 +77,12 @@ async def tail_for_listen_port(
         chunk = _read_from(log_path, pos)
         pos += len(chunk)
         buf += chunk
-        match = _LISTEN_RE.search(buf)
+        # Only whole lines: a read may end inside `...:4` of `...:42424`.
+        complete = buf.rfind(b"\n") + 1
+        match = _LISTEN_RE.search(buf, 0, complete)
         if match:
             return int(match.group(1))
-        # Keep only a tail long enough to hold a line cut in half by a read.
-        buf = buf[-4096:]
+        buf = buf[complete:][-4096:]
         if not running or time.monotonic() >= deadline:
             return None
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))

@@ -248,16 +248,21 @@ class ProcessLauncher:
             return
 
         def check() -> ExitInfo:
-            by_kmsg = _procfs.kmsg_reports_oom_kill(watch.pid, watch.start_time)
-            after = _procfs.read_oom_kill_count(watch.oom_file)
-            by_counter = watch.oom_base is not None and after is not None and after > watch.oom_base
-            if sig == signal.SIGKILL:
-                return ExitInfo(code, sig, bool(by_kmsg) or by_counter)
-            oom = by_kmsg if by_kmsg is not None else by_counter
-            return ExitInfo(None, signal.SIGKILL if oom else None, oom)
+            # The kernel log names the victim exactly; the cgroup counter is the fallback where it is unreadable.
+            oom = _procfs.kmsg_reports_oom_kill(watch.pid, watch.start_time)
+            if oom is None:
+                after = _procfs.read_oom_kill_count(watch.oom_file)
+                oom = watch.oom_base is not None and after is not None and after > watch.oom_base
+            if sig is None and not oom:
+                return ExitInfo(code, None, False)
+            return ExitInfo(code, signal.SIGKILL, oom)
 
-        task = watch.loop.run_in_executor(None, check)
-        task.add_done_callback(lambda t: self._finish(watch, t.result() if not t.exception() else ExitInfo()))
+        def done(fut: asyncio.Future[ExitInfo]) -> None:
+            if fut.cancelled():
+                return
+            self._finish(watch, fut.result() if fut.exception() is None else ExitInfo(code, sig, False))
+
+        watch.loop.run_in_executor(None, check).add_done_callback(done)
 
     def _reap(self, watch: _Watch) -> tuple[int | None, int | None]:
         popen = self._children.pop(watch.pid, None)

@@ -145,13 +145,12 @@ def kmsg_reports_oom_kill(pid: int, start_time: int, *, kmsg: Path = KMSG) -> bo
     return found
 
 
-def _kmsg_match(record: str, victim: re.Pattern[str], since_us: int) -> bool:
-    # A record is `PRIORITY,SEQ,TIMESTAMP_US,FLAGS;message`.
-    header, _, message = record.partition(";")
-    fields = header.split(",")
-    if len(fields) >= 3 and fields[2].isdigit() and int(fields[2]) < since_us:
-        return False
-    return victim.search(message) is not None
+_KMSG_RECORD_RE = re.compile(r"^\d+,\d+,(\d+),[^;]*;(.*)$", re.MULTILINE)
+
+
+def _kmsg_match(chunk: str, victim: re.Pattern[str], since_us: int) -> bool:
+    # /dev/kmsg yields one record per read: `PRIORITY,SEQ,TIMESTAMP_US,FLAGS;message`.
+    return any(int(stamp) >= since_us and victim.search(message) for stamp, message in _KMSG_RECORD_RE.findall(chunk))
 
 
 __all__ = [

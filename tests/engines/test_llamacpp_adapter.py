@@ -1,0 +1,141 @@
+"""The llama.cpp adapter: command lines, the port in the log, verdicts on the real recorded stderr."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from poolmgr.engines import LlamaCppAdapter, StderrReason, classify_stderr, get_adapter, parse_listen_port
+from poolmgr.errors import EngineError
+from poolmgr.poolsfile import PoolSpec
+
+from ._support import CPU_FIXTURES, CUDA_FIXTURES
+
+ADAPTER = LlamaCppAdapter()
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_cpu_pool_command_line_carries_every_flag_poolmgr_owns() -> None:
+    spec = PoolSpec(id="tiny", model="/m/tiny.gguf", slots=3, ctx_size=1536, extra_args=("--temp", "0"))
+    argv = ADAPTER.command(spec, binary="/opt/llama-server", model_path="/m/tiny.gguf")
+    assert argv[0] == "/opt/llama-server"
+    assert _flag(argv, "--model") == "/m/tiny.gguf"
+    assert _flag(argv, "--host") == "127.0.0.1"
+    assert _flag(argv, "--port") == "0"  # race-free ephemeral port
+    assert _flag(argv, "--parallel") == "3"
+    assert _flag(argv, "--ctx-size") == "1536"
+    assert _flag(argv, "--n-gpu-layers") == "0"
+    assert "--metrics" in argv and "--no-webui" in argv
+    assert argv[-2:] == ["--temp", "0"]  # the pool's extra args come last
+
+
+def test_gpu_pool_command_line_uses_the_placement_flags_verbatim() -> None:
+    spec = PoolSpec(id="big", model="/m/big.gguf", device_mask="0,1", slots=2)
+    gpu = ["--n-gpu-layers", "99", "--fit", "off", "--split-mode", "layer", "--tensor-split", "0.6,0.4"]
+    argv = ADAPTER.command(spec, binary="llama-server", model_path=Path("/m/big.gguf"), port=8123, gpu_flags=gpu)
+    assert _flag(argv, "--port") == "8123"
+    assert argv[-len(gpu) :] == gpu
+    assert argv.count("--n-gpu-layers") == 1
+
+
+def test_gpu_pool_without_placement_flags_is_refused() -> None:
+    spec = PoolSpec(id="big", model="/m/big.gguf", device_mask="0")
+    with pytest.raises(EngineError, match="needs the placement's GPU flags"):
+        ADAPTER.command(spec, binary="llama-server", model_path="/m/big.gguf")
+
+
+def test_cpu_pool_with_gpu_flags_is_refused() -> None:
+    spec = PoolSpec(id="tiny", model="/m/t.gguf")
+    with pytest.raises(EngineError, match="takes no GPU flags"):
+        ADAPTER.command(spec, binary="x", model_path="/m/t.gguf", gpu_flags=["--n-gpu-layers", "99"])
+
+
+def test_port_out_of_range_is_refused() -> None:
+    with pytest.raises(EngineError, match="out of range"):
+        ADAPTER.command(PoolSpec(id="t", model="m"), binary="x", model_path="m", port=70000)
+
+
+def test_engine_name_selects_the_llamacpp_adapter_and_unknown_names_fail() -> None:
+    assert isinstance(get_adapter("llamacpp"), LlamaCppAdapter)
+    with pytest.raises(EngineError, match="unknown engine 'vllm'"):
+        get_adapter("vllm")
+
+
+@pytest.mark.parametrize(
+    ("fixture", "port"),
+    [
+        (CPU_FIXTURES / "ok-sigterm-stderr.txt", 36883),
+        (CUDA_FIXTURES / "cuda-ok-stderr.txt", 35291),
+        (CUDA_FIXTURES / "no-gpu-visible-stderr.txt", 60257),
+    ],
+)
+def test_listen_port_is_read_from_the_real_log(fixture: Path, port: int) -> None:
+    assert parse_listen_port(fixture.read_text()) == port
+    assert ADAPTER.parse_listen_port(fixture.read_text()) == port
+
+
+def test_listen_port_handles_ipv6_and_is_none_before_the_model_is_loaded() -> None:
+    assert parse_listen_port("0.00.1 I srv  llama_server: listening on http://[::1]:8080\n") == 8080
+    loading = (CPU_FIXTURES / "ok-sigterm-stderr.txt").read_text().split("model loaded")[0]
+    assert parse_listen_port(loading) is None
+    assert parse_listen_port((CPU_FIXTURES / "missing-stderr.txt").read_text()) is None
+
+
+@pytest.mark.parametrize(
+    ("fixture", "reason", "needle"),
+    [
+        (CPU_FIXTURES / "missing-stderr.txt", StderrReason.MODEL_MISSING, "failed to open GGUF file 'missing.gguf'"),
+        (CPU_FIXTURES / "empty-stderr.txt", StderrReason.MODEL_CORRUPT, "failed to read magic"),
+        (CPU_FIXTURES / "bad-magic-stderr.txt", StderrReason.MODEL_CORRUPT, "invalid magic characters: 'XXXX'"),
+        (CPU_FIXTURES / "truncated-header-stderr.txt", StderrReason.MODEL_CORRUPT, "failed to read key-value pairs"),
+        (CPU_FIXTURES / "truncated-data-stderr.txt", StderrReason.MODEL_CORRUPT, "data is not within the file bounds"),
+        (CPU_FIXTURES / "port-clash-stderr.txt", StderrReason.PORT_IN_USE, "couldn't bind HTTP server socket"),
+        (CPU_FIXTURES / "bad-flag-stderr.txt", StderrReason.BAD_ARGUMENT, "error: invalid argument: --bogus"),
+        (CUDA_FIXTURES / "oom-stderr.txt", StderrReason.VRAM_OOM, "cudaMalloc failed: out of memory"),
+        (CUDA_FIXTURES / "no-gpu-visible-stderr.txt", StderrReason.CPU_SPILLOVER, "no usable GPU found"),
+    ],
+)
+def test_real_stderr_is_classified_by_its_decisive_line(fixture: Path, reason: StderrReason, needle: str) -> None:
+    verdict = classify_stderr(fixture.read_text())
+    assert verdict is not None
+    assert verdict.reason is reason
+    assert needle in verdict.line
+    assert verdict.line in fixture.read_text()
+    assert not verdict.message[:1].isdigit()  # the time/level prefix is gone from the message
+
+
+def test_vram_oom_beats_the_generic_model_loading_error_that_follows_it() -> None:
+    text = (CUDA_FIXTURES / "oom-stderr.txt").read_text()
+    assert "exiting due to model loading error" in text
+    verdict = classify_stderr(text)
+    assert verdict is not None and verdict.reason is StderrReason.VRAM_OOM
+    assert verdict.message.startswith("ggml_backend_cuda_buffer_type_alloc_buffer: allocating 1318912.64 MiB")
+
+
+def test_a_healthy_engine_log_has_no_verdict() -> None:
+    assert classify_stderr((CUDA_FIXTURES / "cuda-ok-stderr.txt").read_text()) is None
+
+
+def test_cpu_pool_ignores_the_no_gpu_warning_a_cpu_build_prints_for_n_gpu_layers() -> None:
+    # Recorded with the CPU build and `--n-gpu-layers 0`: the warning is there, the engine served.
+    text = (CPU_FIXTURES / "ok-sigterm-stderr.txt").read_text()
+    assert "no usable GPU found" in text
+    assert classify_stderr(text, expect_gpu=False) is None
+    spill = classify_stderr(text, expect_gpu=True)
+    assert spill is not None and spill.reason is StderrReason.CPU_SPILLOVER
+
+
+def test_cuda_driver_failure_is_a_driver_error_not_a_spillover() -> None:
+    text = (
+        "0.00.012.891 E ggml_cuda_init: failed to initialize CUDA: CUDA driver version is insufficient "
+        "for CUDA runtime version\nwarning: no usable GPU found, --gpu-layers option will be ignored\n"
+    )
+    verdict = classify_stderr(text)
+    assert verdict is not None and verdict.reason is StderrReason.DRIVER_ERROR
+    assert "driver version is insufficient" in verdict.message
+    crash = classify_stderr("CUDA error: an illegal memory access was encountered\n  current device: 0\n")
+    assert crash is not None and crash.reason is StderrReason.DRIVER_ERROR
