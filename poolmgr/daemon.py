@@ -2,6 +2,7 @@
 
 On SIGTERM / Ctrl-C every engine is stopped (TERM to its process group, KILL after the grace period), unless
 POOL_MANAGERD_KEEP_ENGINES=1 (`--keep-engines`): then engines keep serving and the next `serve` re-adopts them.
+A signal during start-up (waiting for the database, say) is a clean stop too. See docs/operations.md.
 """
 
 from __future__ import annotations
@@ -13,21 +14,25 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Awaitable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import uvicorn
+from sqlalchemy.exc import DBAPIError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 
 from poolmgr import __version__
 from poolmgr.api.app import create_app
 from poolmgr.errors import ConfigError
-from poolmgr.lifecycle.reconciler import Reconciler
-from poolmgr.observability.logs import register_secret
+from poolmgr.lifecycle.reconciler import Reconciler, database_unavailable
+from poolmgr.observability.logs import register_pool_secrets, register_settings_secrets
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
 from poolmgr.store import Registry, migrate
 
 log = logging.getLogger("poolmgr.daemon")
+_T = TypeVar("_T")
 
 
 class _Server(uvicorn.Server):
@@ -73,46 +78,79 @@ def _devices(reconciler: Reconciler) -> Any:
 
 async def serve(cfg: PoolManagerConfig, specs: Sequence[PoolSpec], *, keep_engines: bool | None = None) -> int:
     check_bind_security(cfg)
+    stop = _stop_on_signals()  # first: from here on SIGTERM / Ctrl-C is a clean stop, during start-up too
     keep = cfg.keep_engines if keep_engines is None else keep_engines
-    register_secret(cfg.api_token)
+    register_settings_secrets(cfg)
+    register_pool_secrets(specs)
     _ensure_engine_user(cfg)
     url = cfg.effective_database_url
-    await asyncio.to_thread(migrate, url)
     registry = Registry(url, node_id=cfg.node_id)
     reconciler = Reconciler(cfg, registry)
-    app = create_app(
-        registry, kick=reconciler.kick, api_token=cfg.api_token, metrics=_metrics(reconciler),
-        devices=_devices(reconciler),
-    )  # fmt: skip
-    server = _Server(
-        uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False, lifespan="off")
-    )
-    sock = _listen(cfg)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await reconciler.start(specs)
-    server_task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
-    log.info(
-        "poolmgr %s serving on http://%s with %d pool(s); database %s; api token %s",
-        __version__, cfg.addr, len(specs), _safe_url(url),
-        token_fingerprint(cfg.api_token) if cfg.api_token else "off (loopback only)",
-        extra={"pid": os.getpid()},
-    )  # fmt: skip
-    stop_task = asyncio.create_task(stop.wait())
-    await asyncio.wait({server_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
-    failed = server_task.done() and not stop.is_set()
+    metrics: Any = None
+    server_task: asyncio.Task[None] | None = None
+    try:
+        await _unless(stop, reconciler.db(migrate, url))  # waits (and says so) while the database is away
+        metrics = _metrics(reconciler)
+        app = create_app(
+            registry, kick=reconciler.kick, api_token=cfg.api_token, metrics=metrics, devices=_devices(reconciler),
+        )  # fmt: skip
+        app.add_exception_handler(DBAPIError, _database_error)
+        server = _Server(
+            uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False, lifespan="off")
+        )
+        sock = _listen(cfg)
+        await _unless(stop, reconciler.start(specs))
+        server_task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
+        log.info(
+            "poolmgr %s serving on http://%s with %d pool(s); database %s; api token %s",
+            __version__, cfg.addr, len(specs), _safe_url(url),
+            token_fingerprint(cfg.api_token) if cfg.api_token else "off (loopback only)",
+            extra={"pid": os.getpid()},
+        )  # fmt: skip
+        await _unless(stop, asyncio.shield(server_task))
+    except _Stopped:
+        pass
+    failed = server_task is not None and server_task.done() and not stop.is_set()
     log.info("shutting down: %s", "keeping engines for the next poolmgr" if keep else "stopping engines")
-    server.should_exit = True
+    if server_task is not None:
+        server.should_exit = True
     await reconciler.shutdown(keep_engines=keep)
-    await asyncio.gather(server_task, return_exceptions=True)
-    stop_task.cancel()
+    if server_task is not None:
+        await asyncio.gather(server_task, return_exceptions=True)
+    if metrics is not None:
+        metrics.close()
     registry.close()
     log.info("poolmgr stopped")
     if failed:
         raise ConfigError(f"the API could not serve on {cfg.addr} (is the port in use?)")
     return 0
+
+
+class _Stopped(Exception):
+    """SIGTERM or Ctrl-C arrived while poolmgr was waiting for something (the database, the start)."""
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _unless(stop: asyncio.Event, aw: Awaitable[_T]) -> _T:
+    """Await `aw` unless a stop signal comes first: then `aw` is cancelled and _Stopped raised."""
+    task = asyncio.ensure_future(aw)
+    waiter = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise _Stopped
 
 
 def _listen(cfg: PoolManagerConfig) -> socket.socket:
@@ -122,6 +160,18 @@ def _listen(cfg: PoolManagerConfig) -> socket.socket:
         return socket.create_server((cfg.host, cfg.port), family=family, reuse_port=False)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {cfg.addr}: {exc.strerror or exc}") from None
+
+
+async def _database_error(_request: Request, exc: Exception) -> Response:
+    """The database is away (a PostgreSQL restart): 503 and try again, not a 500. A write whose answer was lost
+    may have happened; the workers' own writes wait and retry instead."""
+    if database_unavailable(exc):
+        body = {"error": {"message": "the database is not answering; try again shortly", "type": "unavailable"}}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
+    log.error("unexpected database error: %s: %s", type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+    return JSONResponse(
+        {"error": {"message": "internal error (see poolmgr's log)", "type": "internal"}}, status_code=500
+    )
 
 
 def _ensure_engine_user(cfg: PoolManagerConfig) -> None:

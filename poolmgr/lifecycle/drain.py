@@ -8,7 +8,7 @@ import logging
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from poolmgr.lifecycle.watch import adopt
+from poolmgr.lifecycle.watch import adopt_if_alive
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.states import DesiredState, PoolState, Trigger
 from poolmgr.store import EventData, PoolView
@@ -21,12 +21,13 @@ _LEASE_POLL_S = 0.05
 
 
 async def run_drain(w: PoolWorker, view: PoolView) -> None:
-    if view.pid is not None:
-        await adopt(w, view)
-        view = await w._db(w.registry.get, view.id)
-        if view.state is not PoolState.DRAINING:
-            return  # the engine had died: the pool is crashed now
-    while view.active_leases > 0 and not w.drain_deadline_passed(view) and not w.stopping:
+    # After a poolmgr restart: go on draining the engine that outlived it. One that ended meanwhile (the
+    # previous poolmgr stopped it, most likely) leaves nothing to wait for: the drain finishes at once.
+    gone = view.pid is not None and await adopt_if_alive(w, view) is None
+    if gone:
+        log.warning("pool %s: its engine ended while poolmgr was not running; finishing the drain", view.id,
+                    extra=w._extra(view))  # fmt: skip
+    while not gone and view.active_leases > 0 and not w.drain_deadline_passed(view) and not w.stopping:
         await w._sleep_or_kick(_LEASE_POLL_S)
         view = await w._db(w.registry.get, view.id)
         if view.state is not PoolState.DRAINING:

@@ -8,7 +8,7 @@ from typing import Any
 
 from poolmgr.errors import ConflictError, IllegalTransition
 from poolmgr.lifecycle.fsm import MACHINE
-from poolmgr.states import DesiredState, PoolState, Trigger
+from poolmgr.states import ENGINE_STATES, DesiredState, PoolState, Trigger
 from poolmgr.store import EventData, PoolView, Registry
 
 MAX_DEADLINE_MS = 24 * 3600 * 1000
@@ -75,8 +75,11 @@ def request_preload(registry: Registry, pool_id: str, *, correlation_id: str | N
     view = registry.get(pool_id)
     if view.state is PoolState.DRAINING:
         raise ConflictError(f"pool {pool_id!r} is draining: preload it once the drain has finished")
+    # The preload this starts carries the request's correlation id (pending_op) into its audit rows and log lines.
+    starts = correlation_id and view.pending_op is None and view.state not in ENGINE_STATES
+    op: dict[str, Any] = {"pending_op": {"op": "preload", "correlation_id": correlation_id}} if starts else {}
     return registry.update(
-        pool_id, desired_state=DesiredState.RUNNING.value,
+        pool_id, desired_state=DesiredState.RUNNING.value, **op,
         event=EventData(kind="preload_requested", reason=f"preload requested in state {view.state.value}",
                         correlation_id=correlation_id),
     )  # fmt: skip

@@ -31,18 +31,27 @@ from poolmgr.store import EventData, PoolView, Registry
 log = logging.getLogger("poolmgr.reconciler")
 _R = TypeVar("_R")
 _HOUSEKEEPING_S = 1.0
+_SHUTDOWN_DB_WAIT_S = 10.0  # at shutdown, how long a database call may wait before poolmgr exits without it
 
 
-def _db_unavailable(exc: BaseException) -> bool:
+def database_unavailable(exc: BaseException) -> bool:
+    """The database is away (restarting, unreachable, connection dropped): worth waiting for, not a bug."""
     if isinstance(exc, OperationalError):
         return True
     return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
 
 
-def _log_wait(state: RetryCallState) -> None:
-    exc = state.outcome.exception() if state.outcome else None
-    first = str(exc).strip().splitlines()[0] if exc else "unknown error"
-    log.warning("waiting for the database (attempt %d): %s", state.attempt_number, first)
+def _log_wait(what: str) -> Callable[[RetryCallState], None]:
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        first = str(exc).strip().splitlines()[0] if exc and str(exc).strip() else type(exc).__name__
+        delay = state.next_action.sleep if state.next_action else 0.0
+        log.warning(
+            "waiting for the database to answer %s (attempt %d, next try in %.1f s): %s",
+            what, state.attempt_number, delay, first,
+        )  # fmt: skip
+
+    return before_sleep
 
 
 class Reconciler:
@@ -67,14 +76,18 @@ class Reconciler:
         self.stopping = False
 
     async def db(self, fn: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
+        what = getattr(fn, "__qualname__", None) or repr(fn)
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(_db_unavailable),
+            retry=retry_if_exception(database_unavailable),
             wait=wait_exponential(multiplier=0.2, max=5),
-            before_sleep=_log_wait,
+            before_sleep=_log_wait(what),
             reraise=True,
         ):
             with attempt:
-                return await asyncio.to_thread(fn, *args, **kwargs)
+                result = await asyncio.to_thread(fn, *args, **kwargs)
+                if attempt.retry_state.attempt_number > 1:
+                    log.warning("the database answers again (%s, attempt %d)", what, attempt.retry_state.attempt_number)
+                return result
         raise AssertionError("unreachable")  # pragma: no cover
 
     # -- start ----------------------------------------------------------------------------------------
@@ -167,17 +180,38 @@ class Reconciler:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if not keep_engines:
+        await asyncio.gather(*(w.settle(_SHUTDOWN_DB_WAIT_S) for w in self.workers.values()))
+        if keep_engines:
+            for worker in self.workers.values():
+                if worker.engine is not None:
+                    log.info(
+                        "pool %s: engine pid %s keeps running for the next poolmgr", worker.pool_id,
+                        worker.engine.pid, extra={"pool_id": worker.pool_id, "pid": worker.engine.pid},
+                    )  # fmt: skip
+        else:
             await asyncio.gather(*(self._stop_pool(pid) for pid in self.workers), return_exceptions=True)
         await self.runtime.aclose()
 
     async def _stop_pool(self, pool_id: str) -> None:
         worker = self.workers[pool_id]
         try:
-            view = await self.db(self.registry.get, pool_id)
+            view = await asyncio.wait_for(self.db(self.registry.get, pool_id), _SHUTDOWN_DB_WAIT_S)
         except NotFoundError:
             return
+        except TimeoutError:
+            log.error(
+                "pool %s: the database is away: stopping its engine unrecorded", pool_id, extra={"pool_id": pool_id}
+            )
+            await worker._stop_engine()
+            return
         await worker._kill_recorded(view)
+        await worker.stop_strays(view)
+        try:
+            await asyncio.wait_for(self._record_stop(pool_id), _SHUTDOWN_DB_WAIT_S)
+        except TimeoutError:
+            log.error("pool %s: the database is away: its stop is not recorded", pool_id, extra={"pool_id": pool_id})
+
+    async def _record_stop(self, pool_id: str) -> None:
         event = EventData(reason="poolmgr shutdown")
         updates = {"pid": None, "pid_start_time": None, "endpoint_url": None}
         try:
@@ -188,4 +222,4 @@ class Reconciler:
             await self.db(self.registry.update, pool_id, **updates)
 
 
-__all__ = ["Reconciler"]
+__all__ = ["Reconciler", "database_unavailable"]

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx
 
+from poolmgr.engines import _procfs
 from poolmgr.engines._adapter import HealthStatus, StderrReason
 from poolmgr.engines._install import resolve_llama_server
 from poolmgr.engines._process import ExitInfo, LaunchRequest, ProcessLauncher, SpawnedEngine
@@ -24,6 +25,8 @@ from poolmgr.settings import PoolManagerConfig
 log = logging.getLogger("poolmgr.engine")
 
 SPAWN_MARKER = "POOLMGR_POOL"  # in each engine's environment: finds an engine whose pid was never recorded
+# ... together with this one (the state directory): another poolmgr's engine of a same-named pool is not ours.
+INSTANCE_MARKER = "POOLMGR_INSTANCE"
 # Health polling while preloading: fast at first so readiness is seen within ms of the engine's own.
 _FAST_POLL_S = 0.002
 _FAST_PHASE_S = 2.0
@@ -53,6 +56,7 @@ class EngineRuntime:
         self.client = httpx.AsyncClient(trust_env=False)
         self.log_dir = cfg.state_dir / "logs"
         self.work_dir = cfg.state_dir / "work"
+        self.instance = str(cfg.state_dir.absolute())
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -61,6 +65,19 @@ class EngineRuntime:
     def log_path(self, pool_id: str) -> Path:
         return self.log_dir / f"{pool_id}.log"
 
+    def run_log_offset(self, pool_id: str) -> int:
+        """Where the newest engine run's output starts in the pool's log: just past the launcher's last
+        `--- poolmgr ...: spawn` header (an adopted engine's whole run, `listening on` line included)."""
+        try:
+            data = self.log_path(pool_id).read_bytes()
+        except OSError:
+            return 0
+        header = data.rfind(b"\n--- poolmgr ") + 1
+        if header == 0 and not data.startswith(b"--- poolmgr "):
+            return 0
+        end = data.find(b"\n", header)
+        return len(data) if end < 0 else end + 1
+
     # -- spawn ----------------------------------------------------------------------------------------
     def spawn(self, spec: PoolSpec, placement: Placement) -> SpawnedEngine:
         try:
@@ -68,7 +85,10 @@ class EngineRuntime:
         except (EngineError, ConfigError) as exc:
             raise PreloadFailed("binary_missing", str(exc)) from None
         argv = self.adapter.command(spec, binary=binary, model_path=spec.model, port=0, gpu_flags=placement.gpu_flags)
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), SPAWN_MARKER: spec.id, **placement.env}
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"), SPAWN_MARKER: spec.id, INSTANCE_MARKER: self.instance,
+            **placement.env,
+        }  # fmt: skip
         self.log_dir.mkdir(parents=True, exist_ok=True)
         wrap = None
         cwd = self.work_dir / spec.id
@@ -169,18 +189,19 @@ class EngineRuntime:
         return await self.launcher.stop(pid, start_time, self.cfg.stop_grace_ms / 1000.0)
 
     def find_unrecorded(self, pool_id: str) -> list[tuple[int, int]]:
-        """Engines of this pool that run but were never recorded (poolmgr died between spawn and write)."""
+        """Engines of this pool that run but were never recorded (poolmgr died between spawn and write): the
+        session leaders carrying this pool's and this poolmgr's markers (an engine's own children die with it)."""
         found: list[tuple[int, int]] = []
-        marker = f"{SPAWN_MARKER}={pool_id}".encode()
+        markers = {f"{SPAWN_MARKER}={pool_id}".encode(), f"{INSTANCE_MARKER}={self.instance}".encode()}
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
             with contextlib.suppress(OSError):
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
-                    start = self.launcher.read_start_time(int(entry.name))
-                    if start is not None:
-                        found.append((int(entry.name), start))
+                if markers <= set((entry / "environ").read_bytes().split(b"\0")):
+                    stat = _procfs.read_stat(int(entry.name))
+                    if stat is not None and stat.session == stat.pid and not stat.is_zombie:
+                        found.append((stat.pid, stat.start_time))
         return found
 
 
-__all__ = ["SPAWN_MARKER", "EngineRuntime", "ReadyInfo"]
+__all__ = ["INSTANCE_MARKER", "SPAWN_MARKER", "EngineRuntime", "ReadyInfo"]

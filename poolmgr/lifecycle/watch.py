@@ -6,37 +6,70 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from poolmgr.engines._process import ExitInfo, SpawnedEngine
 from poolmgr.errors import PreloadFailed
 from poolmgr.states import PoolState, Trigger
-from poolmgr.store import EventData, PoolView
+from poolmgr.store import EventData, PoolView, Registry
 
 if TYPE_CHECKING:
     from poolmgr.lifecycle.worker import PoolWorker
 
 log = logging.getLogger("poolmgr.pool")
+_RECENT_EVENTS = 50
 
 
 async def adopt(w: PoolWorker, view: PoolView) -> SpawnedEngine | None:
     """The engine recorded for `view`, if it still runs; else the pool is marked crashed and None returned."""
+    eng = await adopt_if_alive(w, view)
+    if eng is None:
+        await crash(w, view, PreloadFailed("exit", "engine exited while poolmgr was not running"), ExitInfo())
+    return eng
+
+
+async def adopt_if_alive(w: PoolWorker, view: PoolView, *, whole_run: bool = False) -> SpawnedEngine | None:
+    """The pool's engine: the one this worker holds, or the recorded one re-adopted after a poolmgr restart
+    (same pid AND start time; watched by pidfd; one `adopted` audit row). None when it no longer runs.
+
+    `whole_run`: read the adopted engine's log from the start of its run (a preload still waiting for its
+    `listening on` line), not from now."""
     if w.engine is not None:
-        return w.engine
+        if (w.engine.pid, w.engine.start_time) == (view.pid, view.pid_start_time):
+            return w.engine
+        await w._stop_engine()  # not the recorded engine: never two for one pool
     launcher = w.runtime.launcher
-    if view.pid is not None and view.pid_start_time is not None and launcher.is_alive(view.pid, view.pid_start_time):
-        path = w.runtime.log_path(view.id)
+    if view.pid is None or view.pid_start_time is None or not launcher.is_alive(view.pid, view.pid_start_time):
+        return None
+    path = w.runtime.log_path(view.id)
+    if whole_run:
+        offset = await asyncio.to_thread(w.runtime.run_log_offset, view.id)
+    else:
         offset = path.stat().st_size if path.exists() else 0
-        w.engine = SpawnedEngine(pid=view.pid, start_time=view.pid_start_time, log_path=path, log_offset=offset)
-        await w._db(
-            w.registry.record_event, view.id,
-            EventData(kind="adopted", reason="engine outlived the previous poolmgr",
-                      detail={"pid": view.pid, "start_time": view.pid_start_time}),
-        )  # fmt: skip
-        log.info("pool %s: adopted running engine pid %s", view.id, view.pid, extra=w._extra(view, pid=view.pid))
-        return w.engine
-    await crash(w, view, PreloadFailed("exit", "engine exited while poolmgr was not running"), ExitInfo())
-    return None
+    w.engine = SpawnedEngine(pid=view.pid, start_time=view.pid_start_time, log_path=path, log_offset=offset)
+    event = EventData(
+        kind="adopted", reason="engine outlived the previous poolmgr",
+        detail={"pid": view.pid, "start_time": view.pid_start_time, "adoption_id": uuid.uuid4().hex},
+    )  # fmt: skip
+    await w._db(record_once, w.registry, view.id, event)
+    log.info(
+        "pool %s: adopted running engine pid %s (%s)", view.id, view.pid, view.state.value,
+        extra=w._extra(view, pid=view.pid),
+    )  # fmt: skip
+    await w.stop_strays(view)
+    return w.engine
+
+
+def record_once(registry: Registry, pool_id: str, event: EventData) -> None:
+    """Append `event` unless the same one (kind and detail) is already there since the pool's last state
+    change: a retry after a COMMIT whose answer was lost (the database went away) does not write it twice."""
+    for seen in reversed(registry.events(pool_id=pool_id, limit=_RECENT_EVENTS)):
+        if seen.kind == event.kind and seen.detail == event.detail:
+            return
+        if seen.trigger is not None:
+            break
+    registry.record_event(pool_id, event)
 
 
 async def crash(w: PoolWorker, view: PoolView, why: PreloadFailed, info: ExitInfo) -> None:
@@ -119,4 +152,4 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-__all__ = ["adopt", "crash", "watch_ready"]
+__all__ = ["adopt", "adopt_if_alive", "crash", "record_once", "watch_ready"]

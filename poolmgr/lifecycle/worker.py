@@ -19,7 +19,7 @@ from poolmgr.lifecycle.fsm import MACHINE
 from poolmgr.lifecycle.placing import Placement
 from poolmgr.lifecycle.policy import RestartPolicy
 from poolmgr.lifecycle.runtime import EngineRuntime, ReadyInfo
-from poolmgr.states import DesiredState, PoolState, Trigger
+from poolmgr.states import ENGINE_STATES, DesiredState, PoolState, Trigger
 from poolmgr.store import EventData, PoolView, Registry
 
 log = logging.getLogger("poolmgr.pool")
@@ -48,6 +48,8 @@ class PoolWorker:
         self.engine: SpawnedEngine | None = None  # the engine this worker spawned or adopted
         self.stopping = False
         self._placement: Placement | None = None
+        self._spawning: asyncio.Future[SpawnedEngine] | None = None  # spawn + pid record, shielded
+        self._swept = False  # the first look at the pool after (re)start: no engine where none belongs
         self._handlers: dict[PoolState, Callable[[PoolView], Awaitable[None]]] = {
             S.DISCOVERED: self._on_idle, S.STOPPED: self._on_idle, S.PLACED: self._on_placed,
             S.PRELOADING: self._on_preloading, S.READY: self._on_ready, S.DRAINING: self._on_draining,
@@ -62,9 +64,10 @@ class PoolWorker:
         self.kick_event.set()
 
     def _extra(self, view: PoolView, **more: Any) -> dict[str, Any]:
+        cid = (view.pending_op or {}).get("correlation_id")  # the request that started this work, if any
         return {
             "pool_id": view.id, "engine": view.engine, "engine_version": view.engine_version,
-            "device_mask": view.device_mask, **more,
+            "device_mask": view.device_mask, **({"correlation_id": cid} if cid else {}), **more,
         }  # fmt: skip
 
     async def run(self) -> None:
@@ -73,6 +76,10 @@ class PoolWorker:
             if view is None:
                 return
             try:
+                if not self._swept:
+                    self._swept = True
+                    await self._sweep(view)
+                    continue
                 await self._handlers[view.state](view)
             except IllegalTransition as exc:
                 log.debug("pool %s: %s; re-reading", self.pool_id, exc)
@@ -81,7 +88,7 @@ class PoolWorker:
         fired: PoolView = await self._db(
             MACHINE.fire, self.registry, self.pool_id, trigger, expect_state=view.state, **kw
         )
-        return view
+        return fired
 
     async def _wait_kick(self, timeout: float | None) -> None:
         """Sleep until kicked (API, lease release, shutdown) or the timeout."""
@@ -101,7 +108,7 @@ class PoolWorker:
             await self.fire(T.STOP, view, event=EventData(reason="stopped by operator"))
             return
         try:
-            placement = await asyncio.to_thread(self._place, view)
+            placement = await self._db(self._place, view)  # reads the registry: waits out an outage
         except PreloadFailed as exc:
             await self._preload_failed(view, exc)
             return
@@ -111,31 +118,22 @@ class PoolWorker:
         self._placement = placement
 
     async def _on_preloading(self, view: PoolView) -> None:
+        from poolmgr.lifecycle.watch import adopt_if_alive
+
+        eng = None
         if view.pid is not None or self.engine is not None:
-            # Caught mid-preload by a poolmgr restart (or an adopted engine): stop it and start clean,
-            # so the pool never ends with two engines.
-            await self._kill_recorded(view)
-            view = await self._db(self.registry.update, self.pool_id, pid=None, pid_start_time=None)
-        for pid, start in await asyncio.to_thread(self.runtime.find_unrecorded, self.pool_id):
-            log.warning("pool %s: stopping unrecorded engine pid %s", self.pool_id, pid, extra=self._extra(view))
-            await self.runtime.stop(pid, start)
-        placement = self._placement
-        self._placement = None
-        if placement is None:
-            try:
-                placement = await asyncio.to_thread(self._place, view)
-            except PreloadFailed as exc:
-                await self._preload_failed(view, exc)
+            # Caught mid-preload by a poolmgr restart: go on with the engine that outlived it (adopted: never a
+            # second one). One that has ended meanwhile failed its preload.
+            eng = await adopt_if_alive(self, view, whole_run=True)
+            if eng is None and view.pid is not None:
+                await self._preload_failed(view, PreloadFailed("exit", "engine exited while poolmgr was not running"))
+                return
+        if eng is None:
+            await self.stop_strays(view)
+            eng = await self._start(view)
+            if eng is None:
                 return
         expect_gpu = not view.spec.is_cpu
-        try:
-            eng = await asyncio.to_thread(self.runtime.spawn, view.spec, placement)
-        except PreloadFailed as exc:
-            await self._preload_failed(view, exc)
-            return
-        self.engine = eng
-        view = await self._db(self.registry.update, self.pool_id, pid=eng.pid, pid_start_time=eng.start_time)
-        log.info("pool %s: engine spawned pid %s", self.pool_id, eng.pid, extra=self._extra(view, pid=eng.pid))
         try:
             ready = await self.runtime.wait_ready(view.spec, eng, expect_gpu=expect_gpu)
         except PreloadFailed as exc:
@@ -143,6 +141,33 @@ class PoolWorker:
             await self._preload_failed(view, exc)
             return
         await self._preload_ok(view, ready)
+
+    async def _start(self, view: PoolView) -> SpawnedEngine | None:
+        """Place (unless just placed), spawn, record the pid; None when that failed (preload_failed fired).
+        Spawn and record are shielded: a shutdown that cancels this task still learns the engine (settle)."""
+        placement, self._placement = self._placement, None
+        try:
+            if placement is None:
+                placement = await self._db(self._place, view)
+            self._spawning = asyncio.ensure_future(self._spawn_and_record(view, placement))
+            eng = await asyncio.shield(self._spawning)
+        except PreloadFailed as exc:
+            await self._preload_failed(view, exc)
+            return None
+        log.info("pool %s: engine spawned pid %s", self.pool_id, eng.pid, extra=self._extra(view, pid=eng.pid))
+        return eng
+
+    async def _spawn_and_record(self, view: PoolView, placement: Placement) -> SpawnedEngine:
+        eng = await asyncio.to_thread(self.runtime.spawn, view.spec, placement)
+        self.engine = eng  # known before the record: a shutdown meanwhile still stops (or keeps) it
+        await self._db(self.registry.update, self.pool_id, pid=eng.pid, pid_start_time=eng.start_time)
+        return eng
+
+    async def settle(self, timeout: float) -> None:
+        """Once the worker task is cancelled (shutdown): let a spawn in flight finish recording its engine."""
+        if self._spawning is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._spawning), timeout)
 
     async def _preload_ok(self, view: PoolView, ready: ReadyInfo) -> None:
         op = view.pending_op or {}
@@ -159,7 +184,8 @@ class PoolWorker:
             T.PRELOAD_OK, view, updates=updates,
             event=EventData(reason="ready", correlation_id=op.get("correlation_id"), detail=detail),
         )  # fmt: skip
-        log.info("pool %s ready at %s", self.pool_id, ready.endpoint_url, extra=self._extra(view))
+        cid = {"correlation_id": op["correlation_id"]} if op.get("correlation_id") else {}  # pending_op is cleared now
+        log.info("pool %s ready at %s", self.pool_id, ready.endpoint_url, extra=self._extra(view, **cid))
 
     async def _preload_failed(self, view: PoolView, exc: PreloadFailed) -> None:
         self.engine = None
@@ -210,8 +236,10 @@ class PoolWorker:
             )  # fmt: skip
             return
         if decision.storm:
+            from poolmgr.lifecycle.watch import record_once
+
             await self._db(
-                self.registry.record_event, self.pool_id,
+                record_once, self.registry, self.pool_id,
                 EventData(kind="restart_storm", reason=decision.reason, detail={"restarts_in_window": restarts}),
             )  # fmt: skip
             log.error("pool %s: %s", self.pool_id, decision.reason, extra=self._extra(view))
@@ -221,7 +249,10 @@ class PoolWorker:
                      "breaker_trial": False, "next_restart_at": None},
             event=EventData(reason=decision.reason, detail={"timeout_s": decision.breaker_timeout_s}),
         )  # fmt: skip
-        log.error("pool %s circuit breaker open: %s", self.pool_id, decision.reason, extra=self._extra(view))
+        log.error(
+            "pool %s circuit breaker open: %s", self.pool_id, decision.reason,
+            extra=self._extra(view, last_error=view.last_error, restart_count=view.restart_count),
+        )  # fmt: skip
 
     async def _rollback(self, view: PoolView, op: dict[str, Any]) -> None:
         old = op["old_spec"]
@@ -264,6 +295,10 @@ class PoolWorker:
                      "spawn_intent_at": self.clock.now()},
             event=EventData(reason="breaker half-open: one trial start"),
         )  # fmt: skip
+        log.info(
+            "pool %s breaker half-open: trial start", self.pool_id,
+            extra=self._extra(view, restart_count=view.restart_count + 1),
+        )  # fmt: skip
 
     async def _sleep_or_kick(self, seconds: float) -> None:
         """Wait on the injected clock, cut short by a kick (a fake clock advances at once)."""
@@ -281,6 +316,27 @@ class PoolWorker:
         eng, self.engine = self.engine, None
         if eng is not None:
             await self.runtime.stop(eng.pid, eng.start_time)
+
+    async def _sweep(self, view: PoolView) -> None:
+        """When this worker starts: a pool in a state that has no engine runs none (invariant 3)."""
+        if view.state in ENGINE_STATES:
+            return
+        if view.pid is not None:
+            log.warning(
+                "pool %s is %s but records engine pid %s: stopping it", self.pool_id, view.state.value, view.pid,
+                extra=self._extra(view, pid=view.pid),
+            )  # fmt: skip
+            await self._kill_recorded(view)
+            await self._db(self.registry.update, self.pool_id, pid=None, pid_start_time=None, endpoint_url=None)
+        await self.stop_strays(view)
+
+    async def stop_strays(self, view: PoolView) -> None:
+        """Stop this pool's engines other than the one it holds: spawned, never recorded (poolmgr died)."""
+        keep = self.engine.pid if self.engine is not None else None
+        for pid, start in await asyncio.to_thread(self.runtime.find_unrecorded, self.pool_id):
+            if pid != keep:
+                log.warning("pool %s: stopping unrecorded engine pid %s", self.pool_id, pid, extra=self._extra(view))
+                await self.runtime.stop(pid, start)
 
     async def _kill_recorded(self, view: PoolView) -> None:
         if self.engine is not None:

@@ -26,7 +26,9 @@ def test_pool_goes_discovered_placed_preloading_ready_and_serves_completions(
     assert (status["slots_total"], status["slots_free"]) == (2, 2)
     assert status["engine_version"].startswith("b11434")
     assert status["pid"] in engine_pids("tiny")
-    resp = httpx.post(status["endpoint_url"] + "/completion", json={"prompt": "hello", "n_predict": 8}, timeout=30)
+    resp = httpx.post(
+        status["endpoint_url"] + "/completion", json={"prompt": "hello", "n_predict": 8, "ignore_eos": True}, timeout=30
+    )
     assert resp.status_code == 200
     assert resp.json()["tokens_predicted"] == 8
     transitions = [(e["from_state"], e["to_state"], e["trigger"]) for e in srv.events("tiny") if e["trigger"]]

@@ -51,9 +51,7 @@ def test_transition_edge_persists_state_and_one_audit_row(
     pid = _pool_in(registry, src)
     before = registry.get(pid)
     n_events = len(registry.events(pool_id=pid))
-    after = MACHINE.fire(
-        registry, pid, trig, event=EventData(reason="because", correlation_id="corr-1", backoff_ms=5)
-    )
+    after = MACHINE.fire(registry, pid, trig, event=EventData(reason="because", correlation_id="corr-1", backoff_ms=5))
     assert after.state is dest
     assert after.version == before.version + 1
     assert registry.get(pid).state is dest
