@@ -3,19 +3,22 @@
 Every state change is one transaction: read the row (locked), decide, update it where its version still
 matches, insert the audit event, commit. A writer that loses a race re-reads and re-decides; nothing is lost
 and nothing is written twice.
+
+State changes (`transition`) are the hot path and run on SQLAlchemy Core with prebuilt statements: the ORM's
+identity map, unit of work and read-back of the row cost about four times the SQL itself (bench/store.py).
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import bindparam, delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from poolmgr import __version__
@@ -40,6 +43,11 @@ _WRITABLE = frozenset(
         "vram_free_bytes", "compute_capability", "split_plan", "live", "pending_op", "drain_deadline_at",
     }
 )  # fmt: skip
+_POOLS = Pool.metadata.tables["pools"]
+_LOCK_POOL = select(_POOLS).where(_POOLS.c.id == bindparam("pool_id")).with_for_update()
+# The SET clause follows the keys of the parameters; `_id` and `_version` are the compare-and-swap.
+_CAS_POOL = _POOLS.update().where(_POOLS.c.id == bindparam("_id"), _POOLS.c.version == bindparam("_version"))
+_INSERT_EVENT = insert(PoolEvent.metadata.tables["pool_events"])
 
 
 @dataclass(frozen=True)
@@ -89,22 +97,15 @@ class Registry:
         return row
 
     def _add_event(self, session: Session, row: Pool, ev: EventData, **kw: Any) -> None:
-        session.add(
-            PoolEvent(
-                pool_id=row.id,
-                at=self.clock.now(),
-                kind=ev.kind or kw.get("trigger") or "event",
-                reason=ev.reason,
-                restart_count=row.restart_count,
-                backoff_ms=ev.backoff_ms,
-                exit_code=ev.exit_code,
-                signal=ev.signal,
-                correlation_id=ev.correlation_id,
-                node_id=self.node_id,
-                detail=ev.detail,
-                **kw,
-            )
-        )
+        session.add(PoolEvent(**self._event_values(row.id, row.restart_count, ev, **kw)))
+
+    def _event_values(self, pool_id: str, restart_count: int, ev: EventData, **kw: Any) -> dict[str, Any]:
+        return {
+            "pool_id": pool_id, "at": self.clock.now(), "kind": ev.kind or kw.get("trigger") or "event",
+            "reason": ev.reason, "restart_count": restart_count, "backoff_ms": ev.backoff_ms,
+            "exit_code": ev.exit_code, "signal": ev.signal, "correlation_id": ev.correlation_id,
+            "node_id": self.node_id, "detail": ev.detail, **kw,
+        }  # fmt: skip
 
     # -- nodes ----------------------------------------------------------------------------------------
     def heartbeat_node(self, hostname: str) -> None:
@@ -179,28 +180,31 @@ class Registry:
     def transition(self, pool_id: str, decide: Callable[[PoolView], Decision]) -> tuple[PoolView, Decision]:
         """Decide on the fresh row and persist state + audit row in one transaction (CAS on version)."""
         for _ in range(_MAX_CAS_RETRIES):
-            with self._tx() as s:
-                row = self._locked(s, pool_id)
-                before = PoolView.of(row)
+            with self.engine.begin() as conn:
+                row = conn.execute(_LOCK_POOL, {"pool_id": pool_id}).one_or_none()
+                if row is None:
+                    raise NotFoundError(f"pool {pool_id!r} not found")
+                before = PoolView.of(cast(Pool, row))  # a Core row has the mapped attribute names
                 decision = decide(before)
                 if decision.clear_leases:
-                    s.execute(delete(Lease).where(Lease.pool_id == pool_id))
+                    conn.execute(delete(Lease).where(Lease.pool_id == pool_id))
                     before = replace(before, active_leases=0)
                 values = _derived(decision.to_state, before, decision.updates)
                 if decision.clear_leases:
                     values["active_leases"] = 0
                 values.update(state=decision.to_state.value, version=row.version + 1, updated_at=self.clock.now())
-                res = s.execute(update(Pool).where(Pool.id == pool_id, Pool.version == row.version).values(**values))
-                if res.rowcount != 1:  # type: ignore[attr-defined]
-                    s.rollback()
+                if conn.execute(_CAS_POOL, {**values, "_id": pool_id, "_version": row.version}).rowcount != 1:
+                    conn.rollback()
                     continue
-                s.expire(row)
-                s.refresh(row)
-                self._add_event(
-                    s, row, decision.event, from_state=before.state.value, to_state=decision.to_state.value,
-                    trigger=decision.trigger,
+                after = _applied(before, values)
+                conn.execute(
+                    _INSERT_EVENT,
+                    self._event_values(
+                        pool_id, after.restart_count, decision.event, from_state=before.state.value,
+                        to_state=decision.to_state.value, trigger=decision.trigger,
+                    ),
                 )  # fmt: skip
-                return PoolView.of(row), decision
+                return after, decision
         raise RuntimeError(f"pool {pool_id!r}: gave up after {_MAX_CAS_RETRIES} compare-and-swap retries")
 
     def update(self, pool_id: str, *, event: EventData | None = None, **fields: Any) -> PoolView:
@@ -255,6 +259,16 @@ class Registry:
                 PoolEvent.pool_id == pool_id, PoolEvent.trigger == trigger, PoolEvent.at >= since
             )
             return int(s.scalar(q) or 0)
+
+    def event_rows(
+        self, *, kinds: Collection[str], after_id: int = 0, node_id: str | None = None, limit: int = 10_000
+    ) -> list[EventView]:
+        """Audit rows of some kinds after an id, oldest first (by primary key): for incremental readers."""
+        with self._sessions() as s:
+            q = select(PoolEvent).where(PoolEvent.id > after_id, PoolEvent.kind.in_(sorted(kinds)))
+            if node_id is not None:
+                q = q.where(PoolEvent.node_id == node_id)
+            return [EventView.of(r) for r in s.scalars(q.order_by(PoolEvent.id).limit(limit))]
 
     # -- leases ---------------------------------------------------------------------------------------
     def allocate_lease(self, pool_id: str, *, ttl_s: float, correlation_id: str | None = None) -> LeaseView:
@@ -372,6 +386,18 @@ def _derived(to_state: PoolState, before: PoolView, updates: dict[str, Any]) -> 
     total = values.get("slots_total", before.slots_total)
     values["slots_free"] = max(0, min(total, total - before.active_leases)) if ready else 0
     return values
+
+
+def _applied(view: PoolView, values: dict[str, Any]) -> PoolView:
+    """`view` with the values just written: the row as it now is, without reading it back."""
+    changes = dict(values)
+    if "state" in changes:
+        changes["state"] = PoolState(changes["state"])
+    if "desired_state" in changes:
+        changes["desired_state"] = DesiredState(changes["desired_state"])
+    if "spec" in changes:
+        changes["spec"] = PoolSpec.from_json(changes["spec"])
+    return replace(view, **changes)
 
 
 __all__ = ["Decision", "EventData", "Registry"]

@@ -1,0 +1,49 @@
+Feature: Structured logs
+  `poolmgr serve` writes one JSON object per line on stderr (POOL_MANAGERD_LOG_FORMAT=json, the default; text
+  for a terminal). The lines of a pool's lifecycle carry its pool_id, engine, engine_version and device_mask;
+  restart lines the restart_count, backoff lines the backoff_ms, failure lines the last_error.
+
+  Background:
+    Given `poolmgr serve` ran a pool "obs-l-good" and a pool "obs-l-bad" whose model is missing
+    And the engine of "obs-l-good" was killed once and came back
+    And the circuit breaker of "obs-l-bad" opened before poolmgr was stopped
+
+  Scenario: B-LOG-001 pool lines carry the pool_id
+    When its log is read
+    Then every line that names a pool carries that pool's pool_id
+    And both pools have lines
+
+  Scenario: B-LOG-002 pool lines carry the engine
+    When its log is read
+    Then every lifecycle line of a pool carries engine "llamacpp"
+
+  Scenario: B-LOG-003 pool lines carry the engine version
+    When its log is read
+    Then the lines saying "obs-l-good" is ready carry the engine_version its status reports
+
+  Scenario: B-LOG-004 pool lines carry the device mask
+    When its log is read
+    Then every lifecycle line of a pool carries device_mask "cpu"
+
+  Scenario: B-LOG-005 restart lines carry the restart count
+    When its log is read
+    Then the restart lines of "obs-l-bad" and "obs-l-good" carry the restart_count of their retry audit rows
+
+  Scenario: B-LOG-006 backoff lines carry the backoff delay
+    When its log is read
+    Then the backoff lines of both pools carry the backoff_ms of their back_off audit rows
+
+  Scenario: B-LOG-007 failure lines carry the last error
+    When its log is read
+    Then the preload failure lines of "obs-l-bad" carry the last_error of its audit rows
+    And the crash line of "obs-l-good" carries the last_error of its crash
+    And the circuit breaker line of "obs-l-bad" carries its last_error
+
+  Scenario: B-LOG-008 the log is one JSON object per line
+    When its log is read
+    Then every line is one JSON object with an ISO-8601 timestamp, a level and a message
+
+  Scenario: B-LOG-008 POOL_MANAGERD_LOG_FORMAT=text writes plain lines instead
+    Given `poolmgr serve` ran with POOL_MANAGERD_LOG_FORMAT=text and a pool "obs-l-text" whose model is missing
+    When its log is read
+    Then no line is JSON and the backoff line of "obs-l-text" says "pool_id=obs-l-text" and "backoff_ms="

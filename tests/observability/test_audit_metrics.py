@@ -1,0 +1,231 @@
+"""Counters and histograms derived from the audit table, on SQLite and PostgreSQL: the rows the lifecycle
+writes (through the real FSM and registry, on a fake clock) become the right series, read incrementally or
+all at once, after a restart, and while the database is away."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from poolmgr.clock import FakeClock
+from poolmgr.devices import Inventory
+from poolmgr.lifecycle.fsm import MACHINE
+from poolmgr.observability._audit import AuditTally, Tally
+from poolmgr.observability.metrics import MetricsEndpoint, PoolMetricsCollector
+from poolmgr.poolsfile import PoolSpec
+from poolmgr.states import PoolState, Trigger
+from poolmgr.store import EventData, PoolView, Registry
+from poolmgr.store._models import PoolEvent
+
+from ._stack import Scrape
+
+T = Trigger
+
+
+def _endpoint(registry: Registry, **kw: float) -> MetricsEndpoint:
+    return MetricsEndpoint(PoolMetricsCollector(registry, node_id="node-a", inventory=Inventory, **kw))
+
+
+@pytest.fixture
+def metrics(registry: Registry) -> Iterator[MetricsEndpoint]:
+    endpoint = _endpoint(registry)
+    yield endpoint
+    endpoint.close()
+
+
+def _scrape(endpoint: MetricsEndpoint) -> Scrape:
+    body, content_type = endpoint()
+    assert content_type.startswith("text/plain; version=0.0.4")
+    return Scrape(body.decode())
+
+
+def _ready(registry: Registry, pool_id: str) -> PoolView:
+    registry.register(PoolSpec(id=pool_id, model="/m.gguf", slots=2))
+    for trig in (T.PLACE, T.START_PRELOAD):
+        MACHINE.fire(registry, pool_id, trig)
+    return MACHINE.fire(registry, pool_id, T.PRELOAD_OK, updates={"slots_total": 2}, event=EventData(reason="ready"))
+
+
+def _crash(registry: Registry, clock: FakeClock, pool_id: str, reason: str, backoff_ms: int) -> None:
+    """What the worker writes for a crash of a serving engine, its backoff and the restart after it."""
+    MACHINE.fire(registry, pool_id, T.CRASH, event=EventData(kind="crashed", reason=reason, exit_code=1))
+    MACHINE.fire(registry, pool_id, T.BACK_OFF, event=EventData(reason="backoff step 1", backoff_ms=backoff_ms))
+    clock.advance(backoff_ms / 1000)
+    view = registry.get(pool_id)
+    MACHINE.fire(registry, pool_id, T.RETRY, updates={"restart_count": view.restart_count + 1})
+    MACHINE.fire(registry, pool_id, T.PRELOAD_OK, event=EventData(reason="ready"))
+
+
+def test_driver_errors_count_as_crashes_and_driver_resets(
+    registry: Registry, clock: FakeClock, metrics: MetricsEndpoint
+) -> None:
+    _ready(registry, "gpu")
+    _crash(registry, clock, "gpu", "driver_error", 40)
+    clock.advance(5)
+    _crash(registry, clock, "gpu", "vram_oom", 90)
+    # a failed preload whose engine died of a driver error is a crash too; a missing model is not
+    MACHINE.fire(registry, "gpu", T.CRASH, event=EventData(kind="crashed", reason="exit"))
+    MACHINE.fire(registry, "gpu", T.BACK_OFF, event=EventData(backoff_ms=150))
+    MACHINE.fire(registry, "gpu", T.RETRY)
+    MACHINE.fire(registry, "gpu", T.PRELOAD_FAILED, event=EventData(kind="preload_failed", reason="driver_error"))
+    MACHINE.fire(registry, "gpu", T.BACK_OFF, event=EventData(backoff_ms=300))
+    MACHINE.fire(registry, "gpu", T.RETRY)
+    MACHINE.fire(registry, "gpu", T.PRELOAD_FAILED, event=EventData(kind="preload_failed", reason="model_missing"))
+    s = _scrape(metrics)
+    assert s.value("driver_reset_total", pool_id="gpu") == 2
+    crashes = {x.labels["reason"]: x.value for x in s.series("engine_crash_total", pool_id="gpu")}
+    assert crashes == {"driver_error": 2, "vram_oom": 1, "exit": 1}
+    failures = {x.labels["reason"]: x.value for x in s.series("pool_preload_failure_total", pool_id="gpu")}
+    assert failures == {"driver_error": 1, "model_missing": 1}
+    restarts = {x.labels["reason"]: x.value for x in s.series("pool_restart_total", pool_id="gpu")}
+    assert restarts == {"driver_error": 2, "vram_oom": 1, "exit": 1}  # each labelled by the failure before it
+    assert s.value("backoff_delay_ms_count", pool_id="gpu") == 4
+    assert s.value("backoff_delay_ms_sum", pool_id="gpu") == 40 + 90 + 150 + 300
+    assert [s.value("backoff_delay_ms_bucket", pool_id="gpu", le=le) for le in ("50.0", "100.0", "250.0", "500.0")] == [
+        1, 2, 3, 4
+    ]  # fmt: skip
+    # restarts 0.04 s, then 5.09 s later, then twice more at once: 1, 2, 3, 4 in the 60 s window
+    assert s.value("restart_rate_sum", pool_id="gpu") == 1 + 2 + 3 + 4
+
+
+def test_the_breaker_gauge_is_open_then_half_open_during_the_trial_then_closed(
+    registry: Registry, clock: FakeClock, metrics: MetricsEndpoint
+) -> None:
+    _ready(registry, "p")
+    MACHINE.fire(registry, "p", T.CRASH, event=EventData(kind="crashed", reason="signal"))
+    MACHINE.fire(registry, "p", T.OPEN_BREAKER, event=EventData(reason="5 consecutive failed starts"))
+    assert _scrape(metrics).value("circuit_breaker_state", pool_id="p") == 1
+    MACHINE.fire(registry, "p", T.TRIAL_START, updates={"breaker_trial": True, "restart_count": 1})
+    half_open = _scrape(metrics)
+    assert half_open.value("circuit_breaker_state", pool_id="p") == 2
+    assert half_open.value("pool_restart_total", pool_id="p", reason="signal") == 1
+    MACHINE.fire(registry, "p", T.PRELOAD_OK, updates={"breaker_trial": False})
+    closed = _scrape(metrics)
+    assert closed.value("circuit_breaker_state", pool_id="p") == 0
+    assert closed.value("circuit_breaker_open_total", pool_id="p") == 1
+    assert closed.value("pool_preload_success_total", pool_id="p", engine="llamacpp") == 2
+
+
+def test_an_operator_reset_is_a_restart_labelled_operator_reset(registry: Registry, metrics: MetricsEndpoint) -> None:
+    registry.register(PoolSpec(id="p", model="/m.gguf"))
+    for trig in (T.PLACE, T.START_PRELOAD):
+        MACHINE.fire(registry, "p", trig)
+    MACHINE.fire(registry, "p", T.PRELOAD_FAILED, event=EventData(kind="preload_failed", reason="timeout"))
+    MACHINE.fire(registry, "p", T.OPEN_BREAKER)
+    MACHINE.fire(registry, "p", T.RESET_BREAKER)
+    s = _scrape(metrics)
+    assert s.value("pool_restart_total", pool_id="p", reason="operator_reset") == 1
+    assert s.series("engine_crash_total", pool_id="p") == []  # a timeout is a failed preload, not a crash
+    assert s.value("pool_preload_failure_total", pool_id="p", engine="llamacpp", reason="timeout") == 1
+
+
+def test_a_drain_aborted_by_a_crash_and_a_reload_are_counted_with_their_durations(
+    registry: Registry, clock: FakeClock, metrics: MetricsEndpoint
+) -> None:
+    _ready(registry, "p")
+    MACHINE.fire(registry, "p", T.DRAIN, event=EventData(kind="reload_requested"))
+    clock.advance(0.4)
+    MACHINE.fire(
+        registry, "p", T.RELOAD, event=EventData(kind="drained", detail={"duration_ms": 400, "outcome": "drained"})
+    )
+    MACHINE.fire(registry, "p", T.START_PRELOAD)
+    clock.advance(1.1)
+    MACHINE.fire(registry, "p", T.PRELOAD_OK, event=EventData(detail={"reload_outcome": "success"}))
+    MACHINE.fire(registry, "p", T.DRAIN)
+    MACHINE.fire(registry, "p", T.CRASH, event=EventData(kind="crashed", reason="signal"))
+    s = _scrape(metrics)
+    assert s.value("pool_reload_total", pool_id="p", outcome="success") == 1
+    assert s.value("pool_reload_duration_ms_sum", pool_id="p") == pytest.approx(1500)
+    assert s.value("pool_reload_duration_ms_bucket", pool_id="p", le="1000.0") == 0
+    assert s.value("pool_reload_duration_ms_bucket", pool_id="p", le="2500.0") == 1
+    assert s.value("pool_drain_total", pool_id="p", outcome="drained") == 1
+    assert s.value("pool_drain_total", pool_id="p", outcome="aborted") == 1
+    assert s.value("pool_drain_duration_ms_sum", pool_id="p") == 400
+
+
+def _history(registry: Registry, clock: FakeClock) -> None:
+    for pool_id in ("a", "b"):
+        _ready(registry, pool_id)
+    for n in range(6):
+        clock.advance(7)
+        _crash(registry, clock, "a" if n % 2 else "b", ("signal", "exit", "host_oom")[n % 3], 100 * (n + 1))
+        if n == 4:
+            registry.record_event("a", EventData(kind="restart_storm"))
+
+
+def _totals(tally: Tally) -> tuple[object, ...]:
+    hist = {name: {p: (h.counts, h.total) for p, h in per.items()} for name, per in tally.histograms.items()}
+    return tally.counters, hist
+
+
+def test_incremental_reads_batched_reads_and_one_full_read_give_the_same_totals(
+    registry: Registry, clock: FakeClock
+) -> None:
+    step = AuditTally(registry, node_id="node-a", lag_s=0, batch=3)
+    snapshots = []
+    for pool_id in ("a", "b"):
+        _ready(registry, pool_id)
+        snapshots.append(step.snapshot())
+    for n in range(6):
+        clock.advance(7)
+        _crash(registry, clock, "a" if n % 2 else "b", ("signal", "exit", "host_oom")[n % 3], 100 * (n + 1))
+        snapshots.append(step.snapshot())
+    full = AuditTally(registry, node_id="node-a", lag_s=0).snapshot()
+    unfolded = AuditTally(registry, node_id="node-a", lag_s=3600).snapshot()
+    assert _totals(snapshots[-1]) == _totals(full) == _totals(unfolded)
+    assert full.cursor == registry.events()[-1].id and unfolded.cursor == 0
+    assert sum(full.counter("engine_crash_total").values()) == 6
+    assert sum(snapshots[2].counter("engine_crash_total").values()) == 1  # each snapshot: the rows so far
+    assert AuditTally(registry, node_id="another-node", lag_s=0).snapshot().counters == {}
+
+
+def test_a_row_committed_after_a_higher_id_is_still_counted(registry: Registry, clock: FakeClock) -> None:
+    """On PostgreSQL ids are taken at insert and rows become visible at commit: id 2 can appear after id 3.
+    Rows younger than the lag are re-read on every scrape, so a late one is counted when it shows up."""
+    tally = AuditTally(registry, node_id="node-a", lag_s=60)
+    _ready(registry, "p")
+    first = registry.events()[-1].id
+    with registry.engine.begin() as conn:
+        conn.execute(PoolEvent.__table__.insert(), [_row(first + 2, "p", clock, "open_breaker")])
+    assert tally.snapshot().counter("circuit_breaker_open_total") == {("p",): 1}
+    with registry.engine.begin() as conn:  # the slower transaction commits now
+        conn.execute(PoolEvent.__table__.insert(), [_row(first + 1, "p", clock, "open_breaker")])
+    assert tally.snapshot().counter("circuit_breaker_open_total") == {("p",): 2}
+    clock.advance(120)  # both are folded once older than the lag; the totals stay
+    assert tally.snapshot().counter("circuit_breaker_open_total") == {("p",): 2}
+    assert tally.snapshot().cursor == first + 2
+
+
+def _row(row_id: int, pool_id: str, clock: FakeClock, kind: str) -> dict[str, object]:
+    states = {"from_state": PoolState.CRASHED.value, "to_state": PoolState.BREAKER_OPEN.value}
+    return {"id": row_id, "pool_id": pool_id, "at": clock.now(), "kind": kind, "trigger": kind, "restart_count": 0,
+            "node_id": "node-a", **states}  # fmt: skip
+
+
+def test_counters_survive_a_restart_and_a_lost_database_keeps_the_last_totals(
+    db_url: str, clock: FakeClock, tmp_path: Path
+) -> None:
+    registry = Registry(db_url, node_id="node-a", clock=clock)
+    _history(registry, clock)
+    first = _endpoint(registry)
+    before = _scrape(first)
+    assert before.value("poolmgr_metrics_db_up") == 1
+    assert before.value("restart_storm_total", pool_id="a") == 1
+    first.close()
+    registry.close()
+
+    restarted = Registry(db_url, node_id="node-a", clock=clock)  # a new poolmgr: nothing in memory
+    second = _endpoint(restarted, lag_s=0)
+    after = _scrape(second)
+    assert after.counters_and_histograms() == before.counters_and_histograms()
+    if db_url.startswith("sqlite"):
+        restarted.engine.dispose()
+        Path(db_url.removeprefix("sqlite:///")).rename(tmp_path / "gone.db")
+        away = _scrape(second)
+        assert away.value("poolmgr_metrics_db_up") == 0
+        assert away.counters_and_histograms() == before.counters_and_histograms()
+        assert away.series("pool_slots_total") == []  # no rows to read: no gauges rather than stale ones
+    second.close()
+    restarted.close()
