@@ -1,0 +1,94 @@
+"""Each benchmark runs end to end in its quick mode and ends with a JSON line of positive numbers.
+
+These are smoke tests: they prove the benchmarks still work against the current code. They never assert on
+speed (a benchmark prints numbers; docs/benchmarks.md records them)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+LLAMA_SERVER = Path(
+    os.environ.get("POOL_MANAGERD_LLAMA_SERVER") or "/var/cache/poolmgr/llamacpp/b11434/bin/llama-server"
+)
+E2E_REQUIRED = os.environ.get("POOLMGR_TEST_E2E", "") == "required"
+PG_REQUIRED = os.environ.get("POOLMGR_TEST_POSTGRES", "") == "required"
+
+
+def run_bench(name: str, *args: str, timeout: float = 240) -> tuple[dict[str, Any], str]:
+    """Run bench/<name>.py; (its last line as JSON, everything it printed). It must exit 0."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / f"{name}.py"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, (
+        f"bench/{name}.py exited {proc.returncode}:\n{proc.stdout[-2000:]}{proc.stderr[-3000:]}"
+    )
+    lines = proc.stdout.strip().splitlines()
+    assert lines, "the benchmark printed nothing"
+    return json.loads(lines[-1]), proc.stdout
+
+
+def assert_positive(result: dict[str, Any], *keys: str) -> None:
+    for key in keys:
+        assert key in result, f"missing {key!r} in {sorted(result)}"
+        value = result[key]
+        assert isinstance(value, int | float) and not isinstance(value, bool), f"{key}={value!r} is not a number"
+        assert value > 0, f"{key}={value!r} is not positive"
+
+
+def needs_llama_server() -> None:
+    if not os.access(LLAMA_SERVER, os.X_OK):
+        if E2E_REQUIRED:
+            pytest.fail(f"end-to-end benchmarks are required but there is no llama-server at {LLAMA_SERVER}")
+        pytest.skip(f"no llama-server at {LLAMA_SERVER}")
+
+
+def test_store_bench_reports_transitions_per_second_next_to_the_sqlite_floor() -> None:
+    result, out = run_bench("store", "--quick")
+    assert result["bench"] == "store"
+    assert_positive(
+        result, "sqlite_per_s", "sqlite_floor_per_s", "sqlite_ratio", "sqlite_cpu_only_per_s", "poolmgr_cpu_ms"
+    )
+    assert (result["sqlite_journal_mode"], result["sqlite_synchronous"]) == ("wal", "FULL")
+    assert isinstance(result["sqlite_goal_met"], bool) and isinstance(result["sqlite_ratio_goal_met"], bool)
+    assert "goal SQLite" in out and "sqlite3 floor" in out
+    if result["postgres_per_s"] is not None or PG_REQUIRED:
+        assert_positive(result, "postgres_per_s", "postgres_floor_per_s")
+        assert isinstance(result["postgres_goal_met"], bool)
+
+
+@pytest.mark.e2e
+def test_preload_bench_reports_the_floor_poolmgrs_preload_and_the_lag() -> None:
+    needs_llama_server()
+    result, out = run_bench("preload", "--quick")
+    assert result["bench"] == "preload"
+    assert_positive(
+        result, "floor_ms", "floor_wrapped_ms", "preload_ms", "start_preload_to_ready_ms", "spawn_to_engine_ready_ms"
+    )
+    assert isinstance(result["lag_ms"], float) and isinstance(result["goal_met"], bool)
+    assert result["lag_ms"] == pytest.approx(result["preload_ms"] - result["floor_ms"], abs=0.05)
+    assert "goal lag" in out and "dominant" in out
+
+
+@pytest.mark.e2e
+def test_restart_bench_reports_sigkill_to_serving_again_next_to_the_cold_start_floor() -> None:
+    needs_llama_server()
+    result, out = run_bench("restart", "--quick")
+    assert result["bench"] == "restart"
+    assert_positive(result, "floor_ms", "floor_wrapped_ms", "restart_ms", "restart_to_health_ms", "ratio")
+    assert result["restart_to_health_ms"] < result["restart_ms"] + 50  # the engine answers before poolmgr records it
+    assert result["restart_count"] >= 1
+    assert result["ratio"] == pytest.approx(result["restart_ms"] / result["floor_ms"], rel=0.01)
+    assert isinstance(result["goal_met"], bool) and "goal restart" in out
