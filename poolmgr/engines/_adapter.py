@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -84,9 +84,13 @@ class EngineAdapter(Protocol):
 
     async def probe_health(self, client: httpx.AsyncClient, base_url: str, timeout: float) -> HealthResult: ...
 
-    async def fetch_slots(self, client: httpx.AsyncClient, base_url: str, timeout: float) -> SlotCounts: ...
+    async def fetch_slots(
+        self, client: httpx.AsyncClient, base_url: str, timeout: float, headers: Mapping[str, str] | None = None
+    ) -> SlotCounts: ...
 
-    async def fetch_version(self, client: httpx.AsyncClient, base_url: str, timeout: float) -> str: ...
+    async def fetch_version(
+        self, client: httpx.AsyncClient, base_url: str, timeout: float, headers: Mapping[str, str] | None = None
+    ) -> str: ...
 
     def parse_listen_port(self, log_text: str) -> int | None: ...
 

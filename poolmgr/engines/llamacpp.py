@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -156,9 +156,11 @@ class LlamaCppAdapter:
             return HealthResult(HealthStatus.LOADING, 503, LOADING_MESSAGE)
         return HealthResult(HealthStatus.ERROR, resp.status_code, f"HTTP {resp.status_code}: {_snippet(resp.text)}")
 
-    async def _get_json(self, client: httpx.AsyncClient, url: str, timeout: float) -> Any:
+    async def _get_json(
+        self, client: httpx.AsyncClient, url: str, timeout: float, headers: Mapping[str, str] | None = None
+    ) -> Any:
         try:
-            resp = await client.get(url, timeout=timeout)
+            resp = await client.get(url, timeout=timeout, headers=headers)
         except httpx.HTTPError as exc:
             raise EngineError(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
         if resp.status_code != 200:
@@ -168,17 +170,21 @@ class LlamaCppAdapter:
         except ValueError:
             raise EngineError(f"GET {url} answered with a body that is not JSON: {_snippet(resp.text)}") from None
 
-    async def fetch_slots(self, client: httpx.AsyncClient, base_url: str, timeout: float) -> SlotCounts:
+    async def fetch_slots(
+        self, client: httpx.AsyncClient, base_url: str, timeout: float, headers: Mapping[str, str] | None = None
+    ) -> SlotCounts:
         """(total, free) from /slots; a slot is free when it is not processing."""
-        data = await self._get_json(client, f"{base_url}/slots", timeout)
+        data = await self._get_json(client, f"{base_url}/slots", timeout, headers)
         if not isinstance(data, list) or not all(isinstance(s, dict) for s in data):
             raise EngineError(f"GET {base_url}/slots: expected a list of slots, got {_snippet(str(data))}")
         busy = sum(1 for s in data if s.get("is_processing"))
         return SlotCounts(total=len(data), free=len(data) - busy)
 
-    async def fetch_version(self, client: httpx.AsyncClient, base_url: str, timeout: float) -> str:
+    async def fetch_version(
+        self, client: httpx.AsyncClient, base_url: str, timeout: float, headers: Mapping[str, str] | None = None
+    ) -> str:
         """The engine's `build_info` from /props, e.g. "b11434-unknown"."""
-        data = await self._get_json(client, f"{base_url}/props", timeout)
+        data = await self._get_json(client, f"{base_url}/props", timeout, headers)
         info = data.get("build_info") if isinstance(data, dict) else None
         if not isinstance(info, str) or not info:
             raise EngineError(f"GET {base_url}/props: no build_info in {_snippet(str(data))}")
@@ -191,4 +197,16 @@ class LlamaCppAdapter:
         return classify_stderr(text, expect_gpu=expect_gpu)
 
 
-__all__ = ["LOADING_MESSAGE", "LlamaCppAdapter", "classify_stderr", "parse_listen_port"]
+def api_key_headers(extra_args: Sequence[str]) -> dict[str, str]:
+    """The Authorization header for an engine started with `--api-key K` (or `--api-key=K`): /health stays public,
+    but /slots, /props and /metrics need it."""
+    args = list(extra_args)
+    for i, arg in enumerate(args):
+        if arg == "--api-key" and i + 1 < len(args):
+            return {"Authorization": f"Bearer {args[i + 1]}"}
+        if arg.startswith("--api-key="):
+            return {"Authorization": f"Bearer {arg.split('=', 1)[1]}"}
+    return {}
+
+
+__all__ = ["LOADING_MESSAGE", "LlamaCppAdapter", "api_key_headers", "classify_stderr", "parse_listen_port"]

@@ -10,7 +10,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from poolmgr.devices import DeviceMask, DeviceSnapshot, Inventory, check_exclusive, engine_env
+from poolmgr.devices import (
+    DeviceMask,
+    DeviceSnapshot,
+    Inventory,
+    check_exclusive,
+    descendant_pids,
+    engine_env,
+    engine_on_gpus,
+    find_foreign_gpus,
+)
 from poolmgr.errors import DeviceError, InsufficientVram, PoolmgrError, PreloadFailed
 from poolmgr.placement import engine_gpu_flags, make_plan
 from poolmgr.poolsfile import PoolSpec
@@ -100,4 +109,30 @@ def _check_overlap(
         raise PreloadFailed("mask_overlap", str(exc)) from None
 
 
-__all__ = ["CPU_PLACEMENT", "Placement", "place"]
+def gpu_problem(
+    view_spec: PoolSpec, device_uuids: Sequence[str], pid: int, inventory: Inventory
+) -> PreloadFailed | None:
+    """What NVML says is wrong with a running GPU engine, if anything (B-DEVICE-010/011, OC-POOL-3012):
+    one of its devices lost (driver_error), the engine or a child on a GPU outside its mask (gpu_spillover), or
+    the engine on none of its GPUs at all (cpu_spillover). CPU pools: only a GPU they touch is a problem."""
+    pids = {pid} | descendant_pids(pid)
+    if not view_spec.is_cpu:
+        if not inventory.available:
+            return PreloadFailed("driver_error", f"NVML unavailable: {inventory.reason or 'unknown error'}")
+        present = {d.uuid for d in inventory.devices}
+        lost = [u for u in device_uuids if u not in present]
+        if lost:
+            return PreloadFailed("driver_error", f"GPU lost: {', '.join(lost)} no longer answers NVML")
+    foreign = find_foreign_gpus(pids, device_uuids, inventory.devices)
+    if foreign:
+        where = ", ".join(f"pid {p} on {u}" for p, u in foreign)
+        return PreloadFailed("gpu_spillover", f"engine outside its device mask: {where}")
+    if not view_spec.is_cpu and not engine_on_gpus(pids, device_uuids, inventory.devices):
+        return PreloadFailed(
+            "cpu_spillover",
+            f"NVML lists engine pid {pid} on none of its GPUs ({', '.join(device_uuids)}): CPU fallback",
+        )
+    return None
+
+
+__all__ = ["CPU_PLACEMENT", "Placement", "gpu_problem", "place"]

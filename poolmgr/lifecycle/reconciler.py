@@ -17,9 +17,9 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
 
 from poolmgr.devices import Inventory, backend_from_env, discover
-from poolmgr.errors import IllegalTransition, NotFoundError
+from poolmgr.errors import IllegalTransition, NotFoundError, PreloadFailed
 from poolmgr.lifecycle.fsm import MACHINE
-from poolmgr.lifecycle.placing import Placement, place
+from poolmgr.lifecycle.placing import Placement, gpu_problem, place
 from poolmgr.lifecycle.policy import RestartPolicy
 from poolmgr.lifecycle.runtime import EngineRuntime
 from poolmgr.lifecycle.worker import PoolWorker
@@ -113,6 +113,7 @@ class Reconciler:
         worker = PoolWorker(
             pool_id, registry=self.registry, runtime=self.runtime, policy=self.policy, place=self._place, db=self.db
         )
+        worker.gpu_check = self._gpu_check
         self.workers[pool_id] = worker
         self._tasks[pool_id] = asyncio.create_task(self._run_worker(worker), name=f"pool:{pool_id}")
 
@@ -142,6 +143,16 @@ class Reconciler:
             if p.id != view.id and (p.state in ENGINE_STATES or p.state is PoolState.PLACED)
         ]
         return place(view.spec, self.inventory, others=others)
+
+    def _gpu_check(self, view: PoolView, pid: int) -> PreloadFailed | None:
+        """NVML's view of a running engine (a fresh snapshot: which processes are on which GPU)."""
+        uuids = list((view.split_plan or {}).get("device_uuids", []))
+        if view.spec.is_cpu and not self.inventory.available:
+            return None  # no driver: a CPU pool cannot be on a GPU
+        inventory = self._inventory_fn()
+        if inventory.available:
+            self.inventory = inventory
+        return gpu_problem(view.spec, uuids, pid, inventory)
 
     async def _store_devices(self) -> None:
         rows = [

@@ -16,7 +16,7 @@ from poolmgr.engines import _procfs
 from poolmgr.engines._adapter import HealthStatus, StderrReason
 from poolmgr.engines._install import resolve_llama_server
 from poolmgr.engines._process import ExitInfo, LaunchRequest, ProcessLauncher, SpawnedEngine
-from poolmgr.engines.llamacpp import LlamaCppAdapter
+from poolmgr.engines.llamacpp import LlamaCppAdapter, api_key_headers
 from poolmgr.errors import ConfigError, EngineError, IsolationError, PreloadFailed
 from poolmgr.lifecycle.placing import Placement
 from poolmgr.poolsfile import PoolSpec
@@ -30,6 +30,7 @@ INSTANCE_MARKER = "POOLMGR_INSTANCE"
 # Health polling while preloading: fast at first so readiness is seen within ms of the engine's own.
 _FAST_POLL_S = 0.002
 _FAST_PHASE_S = 2.0
+_EXIT_GRACE_S = 2.0
 _SLOW_POLL_S = 0.05
 
 
@@ -112,10 +113,14 @@ class EngineRuntime:
         """Until the engine answers /health 200: then its endpoint, version and slots. Raises PreloadFailed
         (the engine is left to the caller to stop) with the engine's own stderr line where it has one."""
         exit_task = asyncio.ensure_future(self.launcher.wait_exit(eng.pid, eng.start_time))
-        ready_task = asyncio.ensure_future(self._poll_ready(eng))
+        ready_task = asyncio.ensure_future(self._poll_ready(eng, api_key_headers(spec.extra_args)))
         timeout = self.cfg.preload_timeout_ms / 1000.0
         try:
             done, _ = await asyncio.wait({exit_task, ready_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            if ready_task in done and ready_task.exception() is not None and not exit_task.done():
+                # A failed readiness check is usually the engine dying: give its exit a moment to be seen, so
+                # the failure carries the engine's own reason (model_missing, …) rather than "not ready".
+                done |= (await asyncio.wait({exit_task}, timeout=_EXIT_GRACE_S))[0]
         finally:
             for task in (exit_task, ready_task):
                 if not task.done():
@@ -130,10 +135,12 @@ class EngineRuntime:
             raise self.exit_failure(eng, exit_task.result(), expect_gpu=expect_gpu, when="preload")
         if ready_task in done and ready_task.exception() is not None:
             exc = ready_task.exception()
+            if isinstance(exc, PreloadFailed):
+                raise exc
             raise PreloadFailed("health_failure", f"health check failed: {exc}")
         raise PreloadFailed("timeout", f"health check failed: engine not ready within {timeout:g}s")
 
-    async def _poll_ready(self, eng: SpawnedEngine) -> ReadyInfo:
+    async def _poll_ready(self, eng: SpawnedEngine, headers: dict[str, str]) -> ReadyInfo:
         deadline = time.monotonic() + self.cfg.preload_timeout_ms / 1000.0
         port = await self.launcher.wait_listen_port(
             eng.log_path, eng.log_offset, deadline, pid=eng.pid, start_time=eng.start_time
@@ -149,9 +156,9 @@ class EngineRuntime:
                 break
             fast = time.monotonic() - started < _FAST_PHASE_S
             await asyncio.sleep(_FAST_POLL_S if fast else _SLOW_POLL_S)
-        slots = await self.adapter.fetch_slots(self.client, base, probe_timeout)
+        slots = await self.adapter.fetch_slots(self.client, base, probe_timeout, headers)
         try:
-            version: str | None = await self.adapter.fetch_version(self.client, base, probe_timeout)
+            version: str | None = await self.adapter.fetch_version(self.client, base, probe_timeout, headers)
         except EngineError:
             version = None
         return ReadyInfo(endpoint_url=base, engine_version=version, slots_total=slots.total)

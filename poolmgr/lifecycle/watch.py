@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from poolmgr.engines._process import ExitInfo, SpawnedEngine
 from poolmgr.errors import PreloadFailed
-from poolmgr.states import PoolState, Trigger
+from poolmgr.states import DesiredState, PoolState, Trigger
 from poolmgr.store import EventData, PoolView, Registry
 
 if TYPE_CHECKING:
@@ -116,8 +116,19 @@ async def _watch_loop(w: PoolWorker, view: PoolView, eng: SpawnedEngine, exit_ta
         fresh = await w._db(w.registry.get, view.id)
         if fresh.state is not PoolState.READY or fresh.pid != eng.pid:
             return
+        if fresh.desired_state is DesiredState.STOPPED:
+            # stopped while it was still preloading: it must not go on serving now that it is ready
+            await w._stop_engine()
+            await w.fire(Trigger.STOP, fresh, updates={"pid": None, "pid_start_time": None, "endpoint_url": None},
+                         event=EventData(reason="stopped by operator"), clear_leases=True)  # fmt: skip
+            return
         if kick in done:
             continue
+        problem = await w.check_gpus(fresh, eng.pid)
+        if problem is not None:
+            await w._stop_engine()
+            await crash(w, fresh, problem, ExitInfo())
+            return
         ok, text = await w.runtime.health_ok(fresh.endpoint_url or "")
         if ok:
             misses = 0

@@ -48,6 +48,8 @@ class PoolWorker:
         self.engine: SpawnedEngine | None = None  # the engine this worker spawned or adopted
         self.stopping = False
         self._placement: Placement | None = None
+        # NVML's verdict on a running engine (spillover, lost GPU); set by the reconciler.
+        self.gpu_check: Callable[[PoolView, int], PreloadFailed | None] | None = None
         self._spawning: asyncio.Future[SpawnedEngine] | None = None  # spawn + pid record, shielded
         self._swept = False  # the first look at the pool after (re)start: no engine where none belongs
         self._handlers: dict[PoolState, Callable[[PoolView], Awaitable[None]]] = {
@@ -136,11 +138,20 @@ class PoolWorker:
         expect_gpu = not view.spec.is_cpu
         try:
             ready = await self.runtime.wait_ready(view.spec, eng, expect_gpu=expect_gpu)
+            problem = await self.check_gpus(view, eng.pid)
+            if problem is not None:
+                raise problem
         except PreloadFailed as exc:
             await self._stop_engine()
             await self._preload_failed(view, exc)
             return
         await self._preload_ok(view, ready)
+
+    async def check_gpus(self, view: PoolView, pid: int) -> PreloadFailed | None:
+        if self.gpu_check is None:
+            return None
+        fresh = await self._db(self.registry.get, self.pool_id)  # the split plan stored at placement
+        return await asyncio.to_thread(self.gpu_check, fresh, pid)
 
     async def _start(self, view: PoolView) -> SpawnedEngine | None:
         """Place (unless just placed), spawn, record the pid; None when that failed (preload_failed fired).

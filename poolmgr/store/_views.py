@@ -89,7 +89,7 @@ class PoolView:
             "vram_total_bytes": self.vram_total_bytes,
             "vram_free_bytes": self.vram_free_bytes,
             "split_plan": self.split_plan,
-            "pending_op": self.pending_op,
+            "pending_op": _public_op(self.pending_op),
             "registry_version": self.version,
         }
 
@@ -140,6 +140,13 @@ class LeaseView:
             "created_at": _iso(self.created_at),
             "expires_at": _iso(self.expires_at),
         }
+
+
+def _public_op(op: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The operation in progress, without the stored specs (their extra_args may hold an engine API key)."""
+    if not op:
+        return None
+    return {k: op[k] for k in ("op", "model", "started_at", "correlation_id", "deadline_ms") if k in op}
 
 
 def _iso(value: datetime | None) -> str | None:
