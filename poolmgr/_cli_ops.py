@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +17,25 @@ from poolmgr.errors import ConfigError, PoolmgrError
 from poolmgr.settings import PoolManagerConfig
 
 
+class _StopBeforeStart(Exception):
+    """SIGTERM arrived while serve was still importing and starting: nothing runs yet, exit cleanly."""
+
+
+def _early_stop(signum: int, _frame: object) -> None:
+    raise _StopBeforeStart(signum)
+
+
 def cmd_serve(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
+    # Until serve() installs its own handlers, a SIGTERM is a clean exit, not death by the signal.
+    signal.signal(signal.SIGTERM, _early_stop)
+    try:
+        return _serve(args, cfg)
+    except _StopBeforeStart:
+        print("poolmgr: stopped before it started serving", file=sys.stderr)
+        return 0
+
+
+def _serve(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
     from poolmgr.daemon import check_bind_security, serve
     from poolmgr.observability.logs import setup_logging
     from poolmgr.poolsfile import load_pools

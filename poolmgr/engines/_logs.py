@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,28 @@ def rotate_log(path: Path, *, max_bytes: int = DEFAULT_LOG_MAX_BYTES, keep: int 
     return True
 
 
+def rotate_log_in_place(path: Path, *, max_bytes: int = DEFAULT_LOG_MAX_BYTES, keep: int = DEFAULT_LOG_KEEP) -> bool:
+    """Rotate the log of an engine that is still writing to it (copy, then truncate): its file descriptor is
+    O_APPEND, so its next line lands at the start of the emptied file. A line written between the copy and the
+    truncate can be lost; the alternative is an engine log that grows without limit."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return False
+    if size < max_bytes or keep <= 0:
+        return False
+    with contextlib.suppress(FileNotFoundError):
+        Path(f"{path}.{keep}").unlink()
+    for n in range(keep - 1, 0, -1):
+        src = Path(f"{path}.{n}")
+        if src.exists():
+            os.replace(src, f"{path}.{n + 1}")
+    shutil.copyfile(path, f"{path}.1")
+    with path.open("r+b") as fh:
+        fh.truncate(0)
+    return True
+
+
 def redact_argv(argv: list[str]) -> list[str]:
     """The command line with secret flag values replaced, fit for a log line."""
     out: list[str] = []
@@ -66,12 +89,14 @@ async def tail_for_listen_port(
     """Read `log_path` from byte `offset` until a `listening on http://HOST:PORT` line appears; return the port.
 
     `deadline` is an absolute `time.monotonic()` value. Returns None at the deadline, or as soon as
-    `still_running()` says the engine is gone and the log holds no such line. Polls every 5 ms at first,
-    easing to 50 ms: a tiny model is served ~40 ms after spawn.
+    `still_running()` says the engine is gone and the log holds no such line. Polls every 2 ms for the first
+    2 s (a tiny model is served ~40 ms after spawn: readiness is seen within a couple of ms of the engine's
+    own), then eases to 50 ms for models that load for a long time.
     """
     buf = b""
     pos = offset
-    delay = 0.005
+    delay = 0.002
+    fast_until = time.monotonic() + 2.0
     while True:
         running = still_running() if still_running is not None else True
         chunk = _read_from(log_path, pos)
@@ -86,7 +111,8 @@ async def tail_for_listen_port(
         if not running or time.monotonic() >= deadline:
             return None
         await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 1.5, 0.05)
+        if time.monotonic() > fast_until:
+            delay = min(delay * 1.5, 0.05)
 
 
 def _read_from(path: Path, pos: int) -> bytes:

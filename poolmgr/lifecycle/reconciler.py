@@ -17,6 +17,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
 
 from poolmgr.devices import Inventory, backend_from_env, discover
+from poolmgr.engines._logs import rotate_log_in_place
 from poolmgr.errors import IllegalTransition, NotFoundError, PreloadFailed
 from poolmgr.lifecycle.fsm import MACHINE
 from poolmgr.lifecycle.placing import Placement, gpu_problem, place
@@ -179,6 +180,23 @@ class Reconciler:
                     last_devices = now
                     self.inventory = await asyncio.to_thread(self._inventory_fn)
                     await self._store_devices()
+                    await self._refresh_pool_vram()
+                await asyncio.to_thread(self._rotate_engine_logs)
+
+    def _rotate_engine_logs(self) -> None:
+        for pool_id in self.workers:
+            rotate_log_in_place(self.runtime.log_path(pool_id))
+
+    async def _refresh_pool_vram(self) -> None:
+        """The pools' VRAM fields follow the devices they hold (B-REG: VRAM total/free of its devices)."""
+        by_uuid = {d.uuid: d for d in self.inventory.devices}
+        for view in await self.db(self.registry.pools, node_id=self.cfg.node_id):
+            devs = [by_uuid[u] for u in (view.split_plan or {}).get("device_uuids", []) if u in by_uuid]
+            if not devs:
+                continue
+            total, free = sum(d.vram_total_bytes for d in devs), sum(d.vram_free_bytes for d in devs)
+            if (total, free) != (view.vram_total_bytes, view.vram_free_bytes):
+                await self.db(self.registry.update, view.id, vram_total_bytes=total, vram_free_bytes=free)
 
     # -- shutdown -------------------------------------------------------------------------------------
     async def shutdown(self, *, keep_engines: bool) -> None:

@@ -156,17 +156,22 @@ class EngineRuntime:
                 break
             fast = time.monotonic() - started < _FAST_PHASE_S
             await asyncio.sleep(_FAST_POLL_S if fast else _SLOW_POLL_S)
-        slots = await self.adapter.fetch_slots(self.client, base, probe_timeout, headers)
-        try:
-            version: str | None = await self.adapter.fetch_version(self.client, base, probe_timeout, headers)
-        except EngineError:
-            version = None
+        slots_res, version_res = await asyncio.gather(
+            self.adapter.fetch_slots(self.client, base, probe_timeout, headers),
+            self.adapter.fetch_version(self.client, base, probe_timeout, headers),
+            return_exceptions=True,
+        )
+        if isinstance(slots_res, BaseException):
+            raise slots_res
+        slots = slots_res
+        version = version_res if isinstance(version_res, str) else None
         return ReadyInfo(endpoint_url=base, engine_version=version, slots_total=slots.total)
 
     def read_log(self, eng: SpawnedEngine, limit: int = 64_000) -> str:
         try:
             with open(eng.log_path, "rb") as fh:
-                fh.seek(eng.log_offset)
+                size = fh.seek(0, os.SEEK_END)
+                fh.seek(eng.log_offset if eng.log_offset <= size else 0)  # rotated in place meanwhile
                 data = fh.read()
         except OSError:
             return ""

@@ -51,6 +51,7 @@ class PoolWorker:
         # NVML's verdict on a running engine (spillover, lost GPU); set by the reconciler.
         self.gpu_check: Callable[[PoolView, int], PreloadFailed | None] | None = None
         self._spawning: asyncio.Future[SpawnedEngine] | None = None  # spawn + pid record, shielded
+        self._strays_checked = False  # /proc scanned for unrecorded engines since this worker started
         self._swept = False  # the first look at the pool after (re)start: no engine where none belongs
         self._handlers: dict[PoolState, Callable[[PoolView], Awaitable[None]]] = {
             S.DISCOVERED: self._on_idle, S.STOPPED: self._on_idle, S.PLACED: self._on_placed,
@@ -101,7 +102,8 @@ class PoolWorker:
     # -- states ---------------------------------------------------------------------------------------
     async def _on_idle(self, view: PoolView) -> None:
         if view.desired_state is DesiredState.RUNNING:
-            await self.fire(T.PLACE, view)
+            # placed → preloading straight on: no wake-up and re-read in between (preload latency)
+            await self._on_placed(await self.fire(T.PLACE, view))
         else:
             await self._wait_kick(None)
 
@@ -114,10 +116,11 @@ class PoolWorker:
         except PreloadFailed as exc:
             await self._preload_failed(view, exc)
             return
-        await self.fire(
+        preloading = await self.fire(
             T.START_PRELOAD, view, updates={"spawn_intent_at": self.clock.now(), **placement.registry_fields()}
         )
         self._placement = placement
+        await self._on_preloading(preloading)
 
     async def _on_preloading(self, view: PoolView) -> None:
         from poolmgr.lifecycle.watch import adopt_if_alive
@@ -131,7 +134,7 @@ class PoolWorker:
                 await self._preload_failed(view, PreloadFailed("exit", "engine exited while poolmgr was not running"))
                 return
         if eng is None:
-            await self.stop_strays(view)
+            await self.stop_strays(view, once=True)
             eng = await self._start(view)
             if eng is None:
                 return
@@ -236,7 +239,7 @@ class PoolWorker:
         restarts = await self._db(self.registry.count_events, self.pool_id, trigger=T.RETRY.value, since=window)
         decision = self.policy.on_crash(view, now, restarts_in_window=restarts)
         if decision.action == "back_off":
-            await self.fire(
+            backing = await self.fire(
                 T.BACK_OFF, view,
                 updates={"backoff_step": view.backoff_step + 1, "next_restart_at": decision.next_restart_at},
                 event=EventData(reason=decision.reason, backoff_ms=decision.delay_ms),
@@ -245,6 +248,8 @@ class PoolWorker:
                 "pool %s backing off %d ms", self.pool_id, decision.delay_ms,
                 extra=self._extra(view, backoff_ms=decision.delay_ms, restart_count=view.restart_count),
             )  # fmt: skip
+            if decision.delay_ms == 0:
+                await self._on_backoff(backing)  # no delay: restart without a wake-up and re-read
             return
         if decision.storm:
             from poolmgr.lifecycle.watch import record_once
@@ -284,12 +289,13 @@ class PoolWorker:
         if wait_s > 0:
             await self._sleep_or_kick(wait_s)
             return
-        await self.fire(
+        retried = await self.fire(
             T.RETRY, view,
             updates={"restart_count": view.restart_count + 1, "spawn_intent_at": self.clock.now()},
             event=EventData(reason="restart after backoff"),
         )  # fmt: skip
         log.info("pool %s restarting", self.pool_id, extra=self._extra(view, restart_count=view.restart_count + 1))
+        await self._on_preloading(retried)
 
     async def _on_breaker_open(self, view: PoolView) -> None:
         if view.desired_state is DesiredState.STOPPED:
@@ -341,8 +347,12 @@ class PoolWorker:
             await self._db(self.registry.update, self.pool_id, pid=None, pid_start_time=None, endpoint_url=None)
         await self.stop_strays(view)
 
-    async def stop_strays(self, view: PoolView) -> None:
-        """Stop this pool's engines other than the one it holds: spawned, never recorded (poolmgr died)."""
+    async def stop_strays(self, view: PoolView, *, once: bool = False) -> None:
+        """Stop this pool's engines other than the one it holds: spawned, never recorded (poolmgr died).
+        `once`: skip the /proc scan if this worker already made one; its own spawns are always recorded."""
+        if once and self._strays_checked:
+            return
+        self._strays_checked = True
         keep = self.engine.pid if self.engine is not None else None
         for pid, start in await asyncio.to_thread(self.runtime.find_unrecorded, self.pool_id):
             if pid != keep:

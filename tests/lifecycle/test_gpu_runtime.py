@@ -110,7 +110,7 @@ def test_a_gpu_pool_serves_while_nvml_sees_it_and_crashes_with_driver_error_when
     nvml = LiveNvml("gpu")
     cfg = PoolManagerConfig(
         state_dir=engine_dir / "state", llama_server=str(engine_dir / "llama-server"), health_check_interval_ms=50,
-        backoff_initial_ms=60_000, backoff_max_ms=60_000, stop_grace_ms=1000,
+        backoff_initial_ms=60_000, backoff_max_ms=60_000, stop_grace_ms=1000, vram_refresh_secs=1,
     )  # fmt: skip
     registry = Registry(sqlite_url, node_id=cfg.node_id)
     spec = PoolSpec(id="gpu", model=str(engine_dir / "tiny.gguf"), device_mask="0")
@@ -128,6 +128,14 @@ def test_a_gpu_pool_serves_while_nvml_sees_it_and_crashes_with_driver_error_when
             assert ready.split_plan is not None and ready.split_plan["device_uuids"] == [H100_UUID]
             await asyncio.sleep(0.3)  # several health rounds with NVML checks: still ready
             assert registry.get("gpu").state is PoolState.READY
+            # the periodic VRAM refresh carries a device's new free memory into the devices table and the pool
+            nvml._data["devices"][0]["memory_info_v2"]["free"] = 12 * GiB
+            for _ in range(100):
+                if registry.get("gpu").vram_free_bytes == 12 * GiB:
+                    break
+                await asyncio.sleep(0.05)
+            assert registry.get("gpu").vram_free_bytes == 12 * GiB
+            assert [d["vram_free_bytes"] for d in registry.devices()] == [12 * GiB]
             nvml.fail_device(H100_UUID)
             for _ in range(200):
                 if any(e.kind == "crashed" for e in registry.events(pool_id="gpu")):
