@@ -85,12 +85,30 @@ def cmd_devices(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
     from poolmgr.devices import backend_from_env, devices_json, devices_table, discover
 
     inv = discover(backend_from_env(cfg.fake_nvml))
-    holders: dict[str, str] = {}
+    holders = _device_holders(cfg)
     if args.json:
         print(json.dumps(devices_json(inv, holders), indent=2))
     else:
         print(devices_table(inv, holders) if inv.devices else f"no GPU: {inv.reason or 'none found'}")
     return 0
+
+
+def _device_holders(cfg: PoolManagerConfig) -> dict[str, str]:
+    """uuid → pool id, from the split plans in the registry (when there is one: listing creates no database)."""
+    if not cfg.database_url and not (cfg.state_dir / "poolmgr.db").exists():
+        return {}
+    from poolmgr.store import Registry
+
+    reg = Registry(cfg.effective_database_url, node_id=cfg.node_id)
+    try:
+        return {
+            uuid: pool.id
+            for pool in reg.pools(node_id=cfg.node_id)
+            if pool.split_plan and pool.pid is not None
+            for uuid in pool.split_plan.get("device_uuids", [])
+        }
+    finally:
+        reg.close()
 
 
 def cmd_plan(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:

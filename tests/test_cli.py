@@ -87,3 +87,26 @@ def test_migrate_pools_and_events_on_a_fresh_database(tmp_path: Path) -> None:
     assert proc.returncode == 0 and json.loads(proc.stdout) == []
     proc = run(["events"], tmp_path)
     assert proc.returncode == 0 and proc.stdout.startswith("ID")
+
+
+def test_devices_shows_which_pool_holds_each_gpu(tmp_path: Path) -> None:
+    from poolmgr.lifecycle.fsm import MACHINE
+    from poolmgr.poolsfile import PoolSpec
+    from poolmgr.states import Trigger
+    from poolmgr.store import Registry, migrate
+
+    snapshot = Path(__file__).parent / "fixtures" / "gpu" / "hetero-3gpu-synthetic" / "nvml-snapshot.json"
+    url = f"sqlite:///{tmp_path / 'state' / 'poolmgr.db'}"
+    migrate(url)
+    reg = Registry(url, node_id="node-x")
+    reg.register(PoolSpec(id="big", model="/m.gguf", device_mask="0,1"))
+    uuids = ["GPU-4090aaaa-1111-2222-3333-444455556666", "GPU-3060bbbb-1111-2222-3333-444455556666"]
+    MACHINE.fire(reg, "big", Trigger.PLACE)
+    MACHINE.fire(reg, "big", Trigger.START_PRELOAD, updates={"split_plan": {"device_uuids": uuids}})
+    reg.update("big", pid=4242, pid_start_time=1)
+    reg.close()
+    proc = run(["devices", "--json"], tmp_path, POOL_MANAGERD_FAKE_NVML=str(snapshot), POOL_MANAGERD_NODE_ID="node-x")
+    assert proc.returncode == 0, proc.stderr
+    held = {d["uuid"]: d["pool"] for d in json.loads(proc.stdout)}
+    assert held[uuids[0]] == "big" and held[uuids[1]] == "big"
+    assert held["GPU-a100cccc-1111-2222-3333-444455556666"] is None
