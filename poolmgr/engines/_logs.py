@@ -29,14 +29,19 @@ def rotate_log(path: Path, *, max_bytes: int = DEFAULT_LOG_MAX_BYTES, keep: int 
     if keep <= 0:
         path.unlink(missing_ok=True)
         return True
+    _shift_generations(path, keep)
+    os.replace(path, f"{path}.1")
+    return True
+
+
+def _shift_generations(path: Path, keep: int) -> None:
+    """path.1 → path.2 … up to path.<keep>; the oldest is dropped, path.1 is free afterwards."""
     with contextlib.suppress(FileNotFoundError):
         Path(f"{path}.{keep}").unlink()
     for n in range(keep - 1, 0, -1):
         src = Path(f"{path}.{n}")
         if src.exists():
             os.replace(src, f"{path}.{n + 1}")
-    os.replace(path, f"{path}.1")
-    return True
 
 
 def rotate_log_in_place(path: Path, *, max_bytes: int = DEFAULT_LOG_MAX_BYTES, keep: int = DEFAULT_LOG_KEEP) -> bool:
@@ -49,12 +54,7 @@ def rotate_log_in_place(path: Path, *, max_bytes: int = DEFAULT_LOG_MAX_BYTES, k
         return False
     if size < max_bytes or keep <= 0:
         return False
-    with contextlib.suppress(FileNotFoundError):
-        Path(f"{path}.{keep}").unlink()
-    for n in range(keep - 1, 0, -1):
-        src = Path(f"{path}.{n}")
-        if src.exists():
-            os.replace(src, f"{path}.{n + 1}")
+    _shift_generations(path, keep)
     shutil.copyfile(path, f"{path}.1")
     with path.open("r+b") as fh:
         fh.truncate(0)

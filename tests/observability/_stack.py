@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import signal
 import socket
 import threading
 import time
@@ -30,6 +29,7 @@ from poolmgr.observability.metrics import MetricsEndpoint, build_metrics
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
 from poolmgr.store import EventView, Registry
+from tests.e2e.conftest import kill_engines
 
 TESTS = Path(__file__).resolve().parents[1]
 FAKE_ENGINE = TESTS / "fake_engine.py"
@@ -279,21 +279,3 @@ class Scrape:
         """Every counter and histogram sample, keyed by name and labels (to compare two scrapes)."""
         keep = {n for n, f in self.families.items() if f.type in ("counter", "histogram") and ":" not in n}
         return {(s.name, tuple(sorted(s.labels.items()))): s.value for n in keep for s in self.families[n].samples}
-
-
-def engine_pids(pool_id: str) -> list[int]:
-    found = []
-    marker = f"POOLMGR_POOL={pool_id}".encode()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
-                    found.append(int(entry.name))
-    return found
-
-
-def kill_engines(pool_ids: Sequence[str]) -> None:
-    for pool_id in pool_ids:
-        for pid in engine_pids(pool_id):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
