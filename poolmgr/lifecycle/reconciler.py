@@ -101,14 +101,27 @@ class Reconciler:
         known = {s.id for s in specs}
         for view in await self.db(self.registry.pools, node_id=self.cfg.node_id):
             if view.id not in known:
-                log.warning(
-                    "pool %s is in the registry but not in the pools file: left alone",
-                    view.id,
-                    extra={"pool_id": view.id},
-                )
+                await self._retire(view)
         for spec in specs:
             self._start_worker(spec.id)
         self._housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
+
+    async def _retire(self, view: PoolView) -> None:
+        """A pool no longer in the pools file: its engine (if one still runs) is stopped and the pool is
+        recorded stopped, desired stopped. Its row and audit stay for orchestratord and for SQL audits."""
+        if view.pid is not None and view.pid_start_time is not None:
+            await self.runtime.stop(view.pid, view.pid_start_time)  # checks the start time: never a reused pid
+        updates = {"pid": None, "pid_start_time": None, "endpoint_url": None, "desired_state": "stopped"}
+        event = EventData(reason="pool removed from the pools file")
+        try:
+            await self.db(MACHINE.fire, self.registry, view.id, Trigger.STOP, updates=updates, event=event,
+                          clear_leases=True)  # fmt: skip
+        except IllegalTransition:
+            if view.state is not PoolState.STOPPED or view.desired_state.value != "stopped" or view.pid is not None:
+                await self.db(self.registry.update, view.id, event=event, **updates)
+        log.warning(
+            "pool %s is in the registry but no longer in the pools file: stopped", view.id, extra={"pool_id": view.id}
+        )
 
     def _start_worker(self, pool_id: str) -> None:
         worker = PoolWorker(
