@@ -19,3 +19,8 @@ Feature: GPU pools under serve: fail fast on VRAM, no silent CPU spillover (OC-P
     Given a running poolmgr on the recorded H100 with a GPU pool "lost" on device "3" for the tiny model
     Then "lost" fails its preload with reason "device_mask"
     And its last_error lists the valid devices
+
+  Scenario: Without an NVIDIA driver GPU pools refuse to place while CPU pools run
+    Given a running poolmgr on a host without an NVIDIA driver with a GPU pool "gpu" and a CPU pool "cpu"
+    Then "gpu" fails its preload with reason "no_gpu"
+    And CPU pool "cpu" is ready

@@ -18,6 +18,7 @@ scenarios("placement/gpu_pools.feature")
 
 H100 = Path(__file__).resolve().parents[1] / "fixtures" / "gpu" / "h100-80gb-hbm3" / "nvml-snapshot.json"
 H100_UUID = "GPU-ce457ed6-3363-954f-622b-78199190f4f2"
+NO_NVML = Path(__file__).resolve().parents[1] / "fixtures" / "gpu" / "no-nvml-synthetic" / "nvml-snapshot.json"
 
 
 @pytest.fixture(scope="module")
@@ -32,14 +33,16 @@ def box() -> dict[str, Any]:
     return {}
 
 
-def _start(box: dict[str, Any], serve_factory: Any, db: str, pool: dict[str, Any]) -> None:
+def _start(
+    box: dict[str, Any], serve_factory: Any, db: str, pool: dict[str, Any], *more: dict[str, Any], nvml: Path = H100
+) -> None:
     srv: Serve = serve_factory(
         db,
-        POOL_MANAGERD_FAKE_NVML=str(H100),
+        POOL_MANAGERD_FAKE_NVML=str(nvml),
         POOL_MANAGERD_BACKOFF_INITIAL_MS="60000",
         POOL_MANAGERD_BACKOFF_MAX_MS="60000",
     )
-    srv.write_pools(pool)
+    srv.write_pools(pool, *more)
     srv.start()
     box["srv"], box["pool"] = srv, pool["id"]
 
@@ -110,3 +113,24 @@ def none_left(box: dict[str, Any], pool: str) -> None:
 def lists_valid(box: dict[str, Any]) -> None:
     err = box["status"]["last_error"]
     assert "3" in err and H100_UUID in err, err
+
+
+@given(
+    parsers.parse('a running poolmgr on a host without an NVIDIA driver with a GPU pool "{gpu}" and a CPU pool "{cpu}"')
+)
+def no_driver(box: dict[str, Any], serve_factory: Any, sqlite_url: str, tiny_model: Path, gpu: str, cpu: str) -> None:
+    _start(
+        box,
+        serve_factory,
+        sqlite_url,
+        {"id": gpu, "model": str(tiny_model), "device_mask": "0"},
+        {"id": cpu, "model": str(tiny_model), "device_mask": "cpu"},
+        nvml=NO_NVML,
+    )
+
+
+@then(parsers.parse('CPU pool "{pool}" is ready'))
+def cpu_ready(box: dict[str, Any], pool: str) -> None:
+    status = box["srv"].wait_state(pool, "ready")
+    assert status["device_mask"] == "cpu" and status["pid"] in engine_pids(pool)
+    assert "no NVIDIA driver" in box["srv"].log_path.read_text()
