@@ -89,8 +89,9 @@ def cmd_events(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
         print(json.dumps([e.to_json() for e in events], indent=2))
         return 0
     rows = [
-        (e.id, e.at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], e.pool_id, e.kind, f"{e.from_state}->{e.to_state}",
-         e.reason, e.restart_count, e.backoff_ms, e.exit_code, e.signal, e.correlation_id)
+        (e.id, e.at.strftime("%Y-%m-%d %H:%M:%S.%f")[:-3], e.pool_id, e.kind,
+         f"{e.from_state or '-'}->{e.to_state or '-'}", e.reason, e.restart_count, e.backoff_ms, e.exit_code,
+         e.signal, e.correlation_id)
         for e in events
     ]  # fmt: skip
     print(
