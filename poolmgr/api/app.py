@@ -148,7 +148,10 @@ def _install_middleware(app: FastAPI, api_token: str) -> None:
                 response: Response = _error(401, "missing or invalid bearer token", "unauthorized")
                 response.headers["WWW-Authenticate"] = "Bearer"
             else:
-                response = await call_next(request)
+                try:
+                    response = await call_next(request)
+                except Exception as exc:  # caught here, not outermost: the answer still carries X-Correlation-Id
+                    response = _unexpected(exc)
         finally:
             CORRELATION_ID.reset(reset)
         response.headers["X-Correlation-Id"] = cid
@@ -194,8 +197,12 @@ def _install_errors(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(_r: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected API error: %s: %s", type(exc).__name__, exc)
-        return _error(500, "internal error (see poolmgr's log)", "internal")
+        return _unexpected(exc)
+
+
+def _unexpected(exc: Exception) -> JSONResponse:
+    log.error("unexpected API error: %s: %s", type(exc).__name__, exc)
+    return _error(500, "internal error (see poolmgr's log)", "internal")
 
 
 __all__ = ["PUBLIC_PATHS", "create_app"]

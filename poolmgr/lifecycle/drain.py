@@ -29,9 +29,16 @@ async def run_drain(w: PoolWorker, view: PoolView) -> None:
                     extra=w._extra(view))  # fmt: skip
     while not gone and view.active_leases > 0 and not w.drain_deadline_passed(view) and not w.stopping:
         await w._sleep_or_kick(_LEASE_POLL_S)
+        w.kick_event.clear()  # before the read: a kick after it ends the next sleep at once
         view = await w._db(w.registry.get, view.id)
         if view.state is not PoolState.DRAINING:
             return
+        eng = w.engine
+        if eng is not None and not w.runtime.launcher.is_alive(eng.pid, eng.start_time):
+            # The engine died mid-drain: its leases serve no one, so there is nothing left to wait for.
+            log.warning("pool %s: its engine pid %s ended during the drain; finishing it now", view.id, eng.pid,
+                        extra=w._extra(view, pid=eng.pid))  # fmt: skip
+            break
     if w.stopping:
         return
     forced = view.active_leases > 0

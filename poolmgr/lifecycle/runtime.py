@@ -107,6 +107,10 @@ class EngineRuntime:
             return self.launcher.spawn(req)
         except OSError as exc:
             raise PreloadFailed("spawn_failed", f"cannot start {binary}: {exc.strerror or exc}") from None
+        except PreloadFailed:
+            raise
+        except (EngineError, IsolationError) as exc:  # the launcher's own words (exec failed, say): no worker crash
+            raise PreloadFailed("spawn_failed", str(exc)) from None
 
     # -- preload --------------------------------------------------------------------------------------
     async def wait_ready(self, spec: PoolSpec, eng: SpawnedEngine, *, expect_gpu: bool) -> ReadyInfo:

@@ -75,7 +75,7 @@ def record_once(registry: Registry, pool_id: str, event: EventData) -> None:
 async def crash(w: PoolWorker, view: PoolView, why: PreloadFailed, info: ExitInfo) -> None:
     w.engine = None
     await w.fire(
-        Trigger.CRASH, view,
+        Trigger.CRASH, view, clear_leases=True,  # the engine is gone: no one is served on its slots any more
         updates={"pid": None, "pid_start_time": None, "endpoint_url": None, "last_error": why.message,
                  "ready_since": None},
         event=EventData(kind="crashed", reason=why.reason, exit_code=info.code, signal=info.signal,
@@ -102,17 +102,27 @@ async def watch_ready(w: PoolWorker, view: PoolView) -> None:
 async def _watch_loop(w: PoolWorker, view: PoolView, eng: SpawnedEngine, exit_task: asyncio.Future[Any]) -> None:
     cfg = w.runtime.cfg
     interval = cfg.health_check_interval_ms / 1000.0
+    loop = asyncio.get_running_loop()
+    due = loop.time() + interval  # the next health check: kicks (lease releases, say) never postpone it
     misses = 0
     while not w.stopping:
-        w.kick_event.clear()
         kick = asyncio.ensure_future(w.kick_event.wait())
-        done, _ = await asyncio.wait({exit_task, kick}, timeout=interval, return_when=asyncio.FIRST_COMPLETED)
+        timeout = max(0.0, due - loop.time())
+        done, _ = await asyncio.wait({exit_task, kick}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         kick.cancel()
         if exit_task in done:
             info: ExitInfo = exit_task.result()
             why = w.runtime.exit_failure(eng, info, expect_gpu=not view.spec.is_cpu, when="serving")
-            await crash(w, await w._db(w.registry.get, view.id), why, info)
+            fresh = await w._db(w.registry.get, view.id)
+            if fresh.state is PoolState.DRAINING:
+                # A drain or reload was accepted meanwhile: it finishes without the engine (a reload starts
+                # the new model) rather than crash → rollback, which would never try the new model.
+                log.warning("pool %s: engine ended as its drain began: %s", view.id, why.message,
+                            extra=w._extra(fresh, reason=why.reason))  # fmt: skip
+                return
+            await crash(w, fresh, why, info)
             return
+        w.kick_event.clear()  # before the read: a kick that comes after it wakes the next wait at once
         fresh = await w._db(w.registry.get, view.id)
         if fresh.state is not PoolState.READY or fresh.pid != eng.pid:
             return
@@ -122,8 +132,9 @@ async def _watch_loop(w: PoolWorker, view: PoolView, eng: SpawnedEngine, exit_ta
             await w.fire(Trigger.STOP, fresh, updates={"pid": None, "pid_start_time": None, "endpoint_url": None},
                          event=EventData(reason="stopped by operator"), clear_leases=True)  # fmt: skip
             return
-        if kick in done:
+        if loop.time() < due:
             continue
+        due = loop.time() + interval
         problem = await w.check_gpus(fresh, eng.pid)
         if problem is not None:
             await w._stop_engine()

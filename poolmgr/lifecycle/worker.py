@@ -75,6 +75,9 @@ class PoolWorker:
 
     async def run(self) -> None:
         while not self.stopping:
+            # Cleared before the read, never after it: a kick that lands while the pool is read (an API request
+            # that commits meanwhile) is kept and ends the wait the stale read leads to (no lost wake-up).
+            self.kick_event.clear()
             view = await self._db(self.registry.find, self.pool_id)
             if view is None:
                 return
@@ -94,8 +97,7 @@ class PoolWorker:
         return fired
 
     async def _wait_kick(self, timeout: float | None) -> None:
-        """Sleep until kicked (API, lease release, shutdown) or the timeout."""
-        self.kick_event.clear()
+        """Sleep until kicked (API, lease release, shutdown) or the timeout; a kick since the last read counts."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self.kick_event.wait(), timeout)
 
@@ -318,8 +320,8 @@ class PoolWorker:
         )  # fmt: skip
 
     async def _sleep_or_kick(self, seconds: float) -> None:
-        """Wait on the injected clock, cut short by a kick (a fake clock advances at once)."""
-        self.kick_event.clear()
+        """Wait on the injected clock, cut short by a kick (a fake clock advances at once), also one that came
+        since the last read (run() clears the event before it reads the pool)."""
         sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
         kicked = asyncio.ensure_future(self.kick_event.wait())
         try:
