@@ -71,13 +71,20 @@ def request_reload(
 
 
 def request_preload(registry: Registry, pool_id: str, *, correlation_id: str | None) -> PoolView:
-    """Start a stopped pool again (its worker places and preloads it)."""
+    """Start a stopped pool again (its worker places and preloads it). An operator's start is a fresh start: the
+    failure counters of earlier runs are cleared. An open breaker is closed with breaker/reset, not here."""
     view = registry.get(pool_id)
     if view.state is PoolState.DRAINING:
         raise ConflictError(f"pool {pool_id!r} is draining: preload it once the drain has finished")
+    if view.state is PoolState.BREAKER_OPEN:
+        raise ConflictError(
+            f"pool {pool_id!r}: its circuit breaker is open: close it with POST /pools/{pool_id}/breaker/reset"
+        )
     # The preload this starts carries the request's correlation id (pending_op) into its audit rows and log lines.
     starts = correlation_id and view.pending_op is None and view.state not in ENGINE_STATES
     op: dict[str, Any] = {"pending_op": {"op": "preload", "correlation_id": correlation_id}} if starts else {}
+    if view.state is PoolState.STOPPED:
+        op.update(consecutive_failures=0, breaker_trial=False, breaker_timeout_s=0.0, backoff_step=0)
     return registry.update(
         pool_id, desired_state=DesiredState.RUNNING.value, **op,
         event=EventData(kind="preload_requested", reason=f"preload requested in state {view.state.value}",

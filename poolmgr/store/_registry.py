@@ -326,13 +326,24 @@ class Registry:
         return view.active_leases if view is not None else 0
 
     def reap_expired_leases(self) -> int:
+        """Delete expired leases and recount their pools. Locks are taken pool row first, then its leases —
+        the order allocate/release use — so a release racing with the reaper cannot deadlock on PostgreSQL."""
         now = self.clock.now()
         reaped = 0
-        with self._tx() as s:
-            expired = list(s.scalars(select(Lease).where(Lease.expires_at <= now).with_for_update()))
-            for pool_id in sorted({lease.pool_id for lease in expired}):
-                row = self._locked(s, pool_id)
-                ids = [lease.id for lease in expired if lease.pool_id == pool_id]
+        with self._sessions() as s:
+            pool_ids = sorted(set(s.scalars(select(Lease.pool_id).where(Lease.expires_at <= now))))
+        for pool_id in pool_ids:
+            with self._tx() as s:
+                row = s.scalars(select(Pool).where(Pool.id == pool_id).with_for_update()).one_or_none()
+                if row is None:
+                    continue
+                ids = list(
+                    s.scalars(
+                        select(Lease.id).where(Lease.pool_id == pool_id, Lease.expires_at <= now).with_for_update()
+                    )
+                )
+                if not ids:
+                    continue  # released meanwhile
                 s.execute(delete(Lease).where(Lease.id.in_(ids)))
                 self._recount(s, row)
                 self._add_event(
