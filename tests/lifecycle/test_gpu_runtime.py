@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from poolmgr.devices import FakeNvmlBackend, discover
-from poolmgr.engines.tiny_model import write_tiny_model
 from poolmgr.lifecycle.placing import gpu_problem
 from poolmgr.lifecycle.reconciler import Reconciler
 from poolmgr.poolsfile import PoolSpec
@@ -23,12 +19,12 @@ from poolmgr.settings import PoolManagerConfig
 from poolmgr.states import PoolState
 from poolmgr.store import Registry
 from tests.e2e.conftest import engine_pids, kill_engines
+from tests.lifecycle.conftest import MakeEngineDir
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "gpu"
 H100 = FIXTURES / "h100-80gb-hbm3" / "nvml-snapshot.json"
 HETERO = FIXTURES / "hetero-3gpu-synthetic" / "nvml-snapshot.json"
 H100_UUID = "GPU-ce457ed6-3363-954f-622b-78199190f4f2"
-FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fake_engine.py"
 GiB = 1 << 30
 
 
@@ -92,16 +88,8 @@ class LiveNvml(FakeNvmlBackend):
 
 
 @pytest.fixture
-def engine_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="poolmgr-gpu-"))
-    path.chmod(0o755)
-    shutil.copy(FAKE_ENGINE, path / "fake_engine.py")
-    (path / "fake_engine.py").chmod(0o644)
-    (path / "llama-server").write_text(f'#!/bin/sh\nexec /usr/bin/python3 {path / "fake_engine.py"} "$@"\n')
-    (path / "llama-server").chmod(0o755)
-    write_tiny_model(path / "tiny.gguf").chmod(0o644)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def engine_dir(make_engine_dir: MakeEngineDir) -> Path:
+    return make_engine_dir()
 
 
 def test_a_gpu_pool_serves_while_nvml_sees_it_and_crashes_with_driver_error_when_its_gpu_is_lost(

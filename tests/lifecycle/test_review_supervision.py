@@ -7,14 +7,12 @@ import asyncio
 import os
 import shutil
 import signal
-import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from poolmgr.engines.tiny_model import write_tiny_model
 from poolmgr.lifecycle import operations
 from poolmgr.lifecycle.reconciler import Reconciler
 from poolmgr.lifecycle.runtime import EngineRuntime
@@ -23,20 +21,12 @@ from poolmgr.settings import PoolManagerConfig
 from poolmgr.states import DesiredState, PoolState
 from poolmgr.store import Registry
 from tests.e2e.conftest import kill_engines
-
-FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fake_engine.py"
+from tests.lifecycle.conftest import MakeEngineDir
 
 
 @pytest.fixture
-def engine_dir() -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="poolmgr-review-"))
-    path.chmod(0o755)
-    shutil.copy(FAKE_ENGINE, path / "fake_engine.py")
-    (path / "llama-server").write_text(f'#!/bin/sh\nexec /usr/bin/python3 {path / "fake_engine.py"} "$@"\n')
-    (path / "llama-server").chmod(0o755)
-    write_tiny_model(path / "tiny.gguf").chmod(0o644)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+def engine_dir(make_engine_dir: MakeEngineDir) -> Path:
+    return make_engine_dir()
 
 
 def _cfg(engine_dir: Path, **kw: Any) -> PoolManagerConfig:

@@ -5,9 +5,6 @@ becomes ready."""
 from __future__ import annotations
 
 import asyncio
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,28 +15,18 @@ from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
 from poolmgr.store import EventView, Registry
 from tests.e2e.conftest import kill_engines
-
-FAKE_ENGINE = Path(__file__).resolve().parents[1] / "fake_engine.py"
+from tests.lifecycle.conftest import MakeEngineDir
 
 
 @pytest.fixture
-def engine_dir() -> Iterator[Path]:
-    """A 0755 directory with the fake engine, a wrapper and a model telling it to crash after ready."""
-    path = Path(tempfile.mkdtemp(prefix="poolmgr-fc-"))
-    path.chmod(0o755)
-    shutil.copy(FAKE_ENGINE, path / "fake_engine.py")
-    (path / "fake_engine.py").chmod(0o644)
-    wrapper = path / "llama-server"
-    wrapper.write_text(
-        f'#!/bin/sh\nFAKE_ENGINE_CRASH_AFTER_MS=1500 exec /usr/bin/python3 {path / "fake_engine.py"} "$@"\n'
-    )
-    wrapper.chmod(0o755)
+def engine_dir(make_engine_dir: MakeEngineDir) -> Path:
+    """The fake engine, and a model telling it to crash (SIGSEGV) 1.5 s after it is ready."""
+    path = make_engine_dir(env="FAKE_ENGINE_CRASH_AFTER_MS=1500")
     (path / "crashy.gguf").write_bytes(
         b"GGUF" + b"\x03\x00\x00\x00" + b"\0" * 56 + b"\nfake-engine-mode: crash_after\n"
     )
     (path / "crashy.gguf").chmod(0o644)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
+    return path
 
 
 def _run(
