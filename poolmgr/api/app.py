@@ -164,26 +164,26 @@ def _authorized(request: Request, token: bytes) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token)
 
 
+# poolmgr's errors as HTTP answers; the most specific class wins (Starlette looks up the exception's MRO).
+_ERRORS: tuple[tuple[type[Exception], int, str], ...] = (
+    (NotFoundError, 404, "not_found"),
+    (ConflictError, 409, "conflict"),
+    (ValueError, 400, "bad_request"),
+    (ConfigError, 400, "bad_request"),
+    (PoolmgrError, 500, "error"),
+)
+
+
+def _answer(status: int, kind: str) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+    async def handler(_r: Request, exc: Exception) -> JSONResponse:
+        return _error(status, str(exc), kind)
+
+    return handler
+
+
 def _install_errors(app: FastAPI) -> None:
-    @app.exception_handler(NotFoundError)
-    async def not_found(_r: Request, exc: NotFoundError) -> JSONResponse:
-        return _error(404, str(exc), "not_found")
-
-    @app.exception_handler(ConflictError)
-    async def conflict(_r: Request, exc: ConflictError) -> JSONResponse:
-        return _error(409, str(exc), "conflict")
-
-    @app.exception_handler(ValueError)
-    async def bad_value(_r: Request, exc: ValueError) -> JSONResponse:
-        return _error(400, str(exc), "bad_request")
-
-    @app.exception_handler(ConfigError)
-    async def bad_config(_r: Request, exc: ConfigError) -> JSONResponse:
-        return _error(400, str(exc), "bad_request")
-
-    @app.exception_handler(PoolmgrError)
-    async def failed(_r: Request, exc: PoolmgrError) -> JSONResponse:
-        return _error(500, str(exc), "error")
+    for exc_type, status, kind in _ERRORS:
+        app.add_exception_handler(exc_type, _answer(status, kind))
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_r: Request, exc: RequestValidationError) -> JSONResponse:
