@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ async def run_drain(w: PoolWorker, view: PoolView) -> None:
     if gone:
         log.warning("pool %s: its engine ended while poolmgr was not running; finishing the drain", view.id,
                     extra=w._extra(view))  # fmt: skip
+    hung = _HangCheck(w)
     while not gone and view.active_leases > 0 and not w.drain_deadline_passed(view) and not w.stopping:
         await w._sleep_or_kick(_LEASE_POLL_S)
         w.kick_event.clear()  # before the read: a kick after it ends the next sleep at once
@@ -38,6 +40,11 @@ async def run_drain(w: PoolWorker, view: PoolView) -> None:
             # The engine died mid-drain: its leases serve no one, so there is nothing left to wait for.
             log.warning("pool %s: its engine pid %s ended during the drain; finishing it now", view.id, eng.pid,
                         extra=w._extra(view, pid=eng.pid))  # fmt: skip
+            break
+        if await hung.now(view):
+            # A hung engine finishes no lease: waiting for the deadline would only keep the pool out longer.
+            log.warning("pool %s: its engine stopped answering during the drain (%s); stopping it now", view.id,
+                        hung.last, extra=w._extra(view, last_error=hung.last))  # fmt: skip
             break
     if w.stopping:
         return
@@ -72,6 +79,26 @@ async def run_drain(w: PoolWorker, view: PoolView) -> None:
         view.active_leases, extra={**w._extra(view), "correlation_id": op.get("correlation_id"), **detail},
     )  # fmt: skip
     await asyncio.sleep(0)
+
+
+class _HangCheck:
+    """Health probes of a draining engine at the usual interval; hung after the usual number of misses."""
+
+    def __init__(self, w: PoolWorker) -> None:
+        self.w = w
+        self.interval = w.runtime.cfg.health_check_interval_ms / 1000.0
+        self.threshold = w.runtime.cfg.health_failure_threshold
+        self.due = time.monotonic() + self.interval
+        self.misses = 0
+        self.last = ""
+
+    async def now(self, view: PoolView) -> bool:
+        if not view.endpoint_url or time.monotonic() < self.due:
+            return False
+        self.due = time.monotonic() + self.interval
+        ok, self.last = await self.w.runtime.health_ok(view.endpoint_url)
+        self.misses = 0 if ok else self.misses + 1
+        return self.misses >= self.threshold
 
 
 def _parse(value: Any) -> datetime | None:

@@ -231,3 +231,31 @@ def test_an_engine_binary_that_cannot_be_executed_is_a_failed_preload(sqlite_url
         assert view.pid is None and "cannot start" in (view.last_error or "")
 
     _run(_cfg(engine_dir, llama_server=str(broken)), sqlite_url, spec, body).close()
+
+
+def test_an_engine_that_hangs_during_a_drain_is_force_stopped_without_waiting_for_the_deadline(
+    sqlite_url: str, engine_dir: Path
+) -> None:
+    """A drain waiting on a lease whose engine stops answering (SIGSTOP) force-stops it after the usual number
+    of missed health checks, not at a deadline ten minutes away."""
+    spec = PoolSpec(id="frozen", model=str(engine_dir / "tiny.gguf"))
+
+    async def body(rec: Reconciler, registry: Registry) -> None:
+        pid = await _ready(registry, "frozen")
+        registry.allocate_lease("frozen", ttl_s=600)
+        operations.request_drain(registry, "frozen", deadline_ms=600_000, correlation_id="req-hang")
+        rec.kick("frozen")
+        await asyncio.sleep(0.2)
+        assert registry.get("frozen").state is PoolState.DRAINING
+        os.kill(pid, signal.SIGSTOP)
+        await _until(lambda: registry.get("frozen").state is PoolState.STOPPED, 5, "frozen stopped")
+
+    registry = _run(_cfg(engine_dir), sqlite_url, spec, body)
+    try:
+        drained = [e for e in registry.events(pool_id="frozen") if e.kind == "drained"]
+        assert len(drained) == 1 and drained[0].detail is not None
+        assert drained[0].detail["force_stopped"] is True and drained[0].detail["final_leases"] == 1
+        assert drained[0].detail["duration_ms"] < 10_000
+        assert registry.get("frozen").pid is None
+    finally:
+        registry.close()
