@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sqlite3
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, cast
 
 from sqlalchemy import bindparam, delete, func, insert, select
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from poolmgr import __version__
@@ -27,6 +30,7 @@ from poolmgr.errors import LeaseRefused, NotFoundError
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.states import DesiredState, PoolState
 from poolmgr.store._db import make_engine, make_sessionmaker
+from poolmgr.store._fastpath import SqliteStatements
 from poolmgr.store._models import Device, Lease, Node, Pool, PoolEvent
 from poolmgr.store._views import EventView, LeaseView, PoolView
 
@@ -81,6 +85,9 @@ class Registry:
         self.clock: Clock = clock or SystemClock()
         self.engine = make_engine(url)
         self._sessions = make_sessionmaker(self.engine)
+        self._sqlite: SqliteStatements | None = None
+        if self.engine.dialect.name == "sqlite":
+            self._sqlite = SqliteStatements(self.engine, _POOLS, PoolEvent.metadata.tables["pool_events"])
 
     def close(self) -> None:
         self.engine.dispose()
@@ -179,6 +186,8 @@ class Registry:
 
     def transition(self, pool_id: str, decide: Callable[[PoolView], Decision]) -> tuple[PoolView, Decision]:
         """Decide on the fresh row and persist state + audit row in one transaction (CAS on version)."""
+        if self._sqlite is not None:
+            return self._transition_sqlite(self._sqlite, pool_id, decide)
         for _ in range(_MAX_CAS_RETRIES):
             with self.engine.begin() as conn:
                 row = conn.execute(_LOCK_POOL, {"pool_id": pool_id}).one_or_none()
@@ -206,6 +215,59 @@ class Registry:
                 )  # fmt: skip
                 return after, decision
         raise RuntimeError(f"pool {pool_id!r}: gave up after {_MAX_CAS_RETRIES} compare-and-swap retries")
+
+    def _transition_sqlite(
+        self, st: SqliteStatements, pool_id: str, decide: Callable[[PoolView], Decision]
+    ) -> tuple[PoolView, Decision]:
+        """`transition` on the DB-API connection (see _fastpath.py): the same statements, values and CAS."""
+        for _ in range(_MAX_CAS_RETRIES):
+            raw = self.engine.raw_connection()
+            try:
+                cur = raw.cursor()
+                cur.execute("BEGIN IMMEDIATE")
+                try:
+                    done = self._decide_and_write(st, cur, pool_id, decide)
+                    cur.execute("COMMIT" if done is not None else "ROLLBACK")
+                except BaseException:
+                    if raw.driver_connection is not None and raw.driver_connection.in_transaction:
+                        cur.execute("ROLLBACK")
+                    raise
+                if done is not None:
+                    return done
+            except sqlite3.OperationalError as exc:  # "database is locked" & co: what the retry wrappers expect
+                raise OperationalError("BEGIN IMMEDIATE … COMMIT (pool transition)", None, exc) from exc
+            finally:
+                raw.close()
+        raise RuntimeError(f"pool {pool_id!r}: gave up after {_MAX_CAS_RETRIES} compare-and-swap retries")
+
+    def _decide_and_write(
+        self, st: SqliteStatements, cur: Any, pool_id: str, decide: Callable[[PoolView], Decision]
+    ) -> tuple[PoolView, Decision] | None:
+        row = cur.execute(st.select_pool, (pool_id,)).fetchone()
+        if row is None:
+            raise NotFoundError(f"pool {pool_id!r} not found")
+        data = st.row_to_dict(row)
+        before = PoolView.of(cast(Pool, SimpleNamespace(**data)))
+        decision = decide(before)
+        if decision.clear_leases:
+            cur.execute("DELETE FROM leases WHERE pool_id = ?", (pool_id,))
+            before = replace(before, active_leases=0)
+        values = _derived(decision.to_state, before, decision.updates)
+        if decision.clear_leases:
+            values["active_leases"] = 0
+        values.update(state=decision.to_state.value, version=data["version"] + 1, updated_at=self.clock.now())
+        sql, params = st.update_pool(values)
+        if cur.execute(sql, [*params, pool_id, data["version"]]).rowcount != 1:
+            return None  # lost the compare-and-swap: re-read and re-decide
+        after = _applied(before, values)
+        sql, params = st.insert_event(
+            self._event_values(
+                pool_id, after.restart_count, decision.event, from_state=before.state.value,
+                to_state=decision.to_state.value, trigger=decision.trigger,
+            )
+        )  # fmt: skip
+        cur.execute(sql, params)
+        return after, decision
 
     def update(self, pool_id: str, *, event: EventData | None = None, **fields: Any) -> PoolView:
         """Change registry fields without a state change; optionally append an audit event with them."""
