@@ -135,7 +135,7 @@ async def _watch_loop(w: PoolWorker, view: PoolView, eng: SpawnedEngine, exit_ta
         if loop.time() < due:
             continue
         due = loop.time() + interval
-        problem = await w.check_gpus(fresh, eng.pid)
+        problem = await w.check_gpus(fresh, eng.pid, reread=False)
         if problem is not None:
             await w._stop_engine()
             await crash(w, fresh, problem, ExitInfo())

@@ -152,11 +152,14 @@ class PoolWorker:
             return
         await self._preload_ok(view, ready)
 
-    async def check_gpus(self, view: PoolView, pid: int) -> PreloadFailed | None:
+    async def check_gpus(self, view: PoolView, pid: int, *, reread: bool = True) -> PreloadFailed | None:
+        """NVML's verdict on the engine. `reread=False` when `view` was just read (the watch loop's health round):
+        no second read of the same row on that path."""
         if self.gpu_check is None:
             return None
-        fresh = await self._db(self.registry.get, self.pool_id)  # the split plan stored at placement
-        return await asyncio.to_thread(self.gpu_check, fresh, pid)
+        if reread:
+            view = await self._db(self.registry.get, self.pool_id)  # the split plan stored at placement
+        return await asyncio.to_thread(self.gpu_check, view, pid)
 
     async def _start(self, view: PoolView) -> SpawnedEngine | None:
         """Place (unless just placed), spawn, record the pid; None when that failed (preload_failed fired).
