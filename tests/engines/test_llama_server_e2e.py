@@ -69,13 +69,23 @@ def test_real_engine_serves_reports_slots_and_version_and_stops_cleanly(
     assert asyncio.run(scenario()) == ExitInfo(code=0)
 
 
+@pytest.fixture(scope="module")
+def slower_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~135 MB: the tiny model loads in a few ms, too fast to see its 503 phase reliably on a busy machine."""
+    from poolmgr.engines.tiny_model import write_tiny_model
+
+    return write_tiny_model(
+        tmp_path_factory.mktemp("model") / "slower.gguf", n_embd=512, n_layer=8, n_head=8, n_head_kv=4, n_ff=2048
+    )
+
+
 def test_real_engine_answers_503_loading_before_200_on_a_fixed_port(
-    engines: Engines, llama_server_binary: Path, tiny_gguf: Path
+    engines: Engines, llama_server_binary: Path, slower_gguf: Path
 ) -> None:
     port = free_port()
 
     async def scenario() -> list[HealthStatus]:
-        engine = _spawn(engines, llama_server_binary, tiny_gguf, port=port)
+        engine = _spawn(engines, llama_server_binary, slower_gguf, port=port)
         seen: list[HealthStatus] = []
         async with httpx.AsyncClient() as client:
             deadline = time.monotonic() + 30
