@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -36,17 +37,19 @@ def cmd_serve(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
 
 
 def _serve(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
-    from poolmgr.daemon import check_bind_security, serve
-    from poolmgr.observability.logs import setup_logging
-    from poolmgr.poolsfile import load_pools
+    from poolmgr.validation import check_pools_file
 
+    # First the one check `validate` runs, before anything opens the database (or imports the daemon).
     path = args.config or cfg.config
-    if not path:
-        raise ConfigError("no pools file: pass --config FILE or set POOL_MANAGERD_CONFIG")
-    specs = load_pools(Path(path))
-    check_bind_security(cfg)
+    checked = check_pools_file(Path(path) if path else None, cfg)
+
+    from poolmgr.daemon import serve
+    from poolmgr.observability.logs import setup_logging
+
     setup_logging(args.log_format or cfg.log_format, cfg.log_level)
-    return asyncio.run(serve(cfg, specs, keep_engines=True if args.keep_engines else None))
+    for line in checked.warnings:
+        logging.getLogger("poolmgr.daemon").warning("%s", line)
+    return asyncio.run(serve(cfg, checked.specs, keep_engines=True if args.keep_engines else None))
 
 
 def cmd_engines_install(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:

@@ -8,11 +8,15 @@ import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from poolmgr import __version__
 from poolmgr.errors import ConfigError, DeviceError, PoolmgrError
 from poolmgr.settings import PoolManagerConfig
+
+if TYPE_CHECKING:
+    from poolmgr.poolsfile import PoolSpec
+    from poolmgr.validation import CheckedPools
 
 Handler = Callable[[argparse.Namespace, PoolManagerConfig], int]
 
@@ -35,14 +39,27 @@ def cmd_migrate(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
     return 0
 
 
+def _where(checked: CheckedPools, spec: PoolSpec) -> str:
+    """Where `validate` says a pool will run: its devices, cpu, or not placed (no driver)."""
+    if spec.is_cpu:
+        return f"  {spec.id}: cpu (every GPU hidden from its engine)"
+    devices = checked.devices.get(spec.id)
+    if devices is None:
+        return f"  {spec.id}: {spec.device_mask} -> not placed: no usable NVIDIA driver (see the warning)"
+    return f"  {spec.id}: {spec.device_mask} -> " + ", ".join(f"{d.name} {d.uuid}" for d in devices)
+
+
 def cmd_validate(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
-    from poolmgr.poolsfile import load_pools
+    from poolmgr.validation import check_pools_file
 
     path = _pools_file(args, cfg)
-    if path is None:
-        raise ConfigError("no pools file: pass --config FILE or set POOL_MANAGERD_CONFIG")
-    pools = load_pools(path)
+    checked = check_pools_file(path, cfg)
+    for line in checked.warnings:
+        print(f"poolmgr: warning: {line}", file=sys.stderr)
+    pools = checked.specs
     print(f"{path}: {len(pools)} pool(s) valid: {', '.join(p.id for p in pools) or '-'}")
+    for spec in pools:
+        print(_where(checked, spec))
     return 0
 
 
@@ -149,7 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler = args.handler
         return handler(args, cfg)
     except (ConfigError, DeviceError) as exc:
-        print(f"poolmgr: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [type(exc).__name__]:
+            print(f"poolmgr: error: {line}", file=sys.stderr)
         return 2
     except PoolmgrError as exc:
         print(f"poolmgr: error: {exc}", file=sys.stderr)

@@ -48,11 +48,9 @@ def token_fingerprint(token: str) -> str:
 
 
 def check_bind_security(cfg: PoolManagerConfig) -> None:
-    if not cfg.is_loopback and not cfg.api_token:
-        raise ConfigError(
-            f"refusing to serve on non-loopback address {cfg.addr} without POOL_MANAGERD_API_TOKEN "
-            "(anyone who reaches the port could start processes)"
-        )
+    problem = cfg.bind_problem()
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def _metrics(reconciler: Reconciler) -> Any:

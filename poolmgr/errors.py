@@ -2,6 +2,7 @@
 
 PoolmgrError
 ├── ConfigError                 bad settings or pools file (CLI exit 2)
+│   └── ConfigProblems          several problems found at once, one line each
 ├── NotFoundError               unknown pool / lease / device (HTTP 404)
 ├── ConflictError               refused by the pool's current state (HTTP 409)
 │   ├── IllegalTransition       an FSM trigger not allowed from the current state
@@ -16,6 +17,8 @@ PoolmgrError
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 class PoolmgrError(Exception):
     """Root of every error poolmgr raises on purpose."""
@@ -23,6 +26,14 @@ class PoolmgrError(Exception):
 
 class ConfigError(PoolmgrError):
     pass
+
+
+class ConfigProblems(ConfigError):
+    """Every problem found in one input (a pools file and the settings), one line each, in the order found."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = tuple(problems)
 
 
 class NotFoundError(PoolmgrError):
@@ -74,6 +85,7 @@ class TransientError(PoolmgrError):
 
 __all__ = [
     "ConfigError",
+    "ConfigProblems",
     "ConflictError",
     "DeviceError",
     "EngineError",

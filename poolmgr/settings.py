@@ -80,6 +80,16 @@ class PoolManagerConfig:
         except ValueError:
             return False
 
+    def bind_problem(self) -> str | None:
+        """Why serve must not bind this address, if it must not: a non-loopback address without an API token
+        (anyone who reaches the port could start processes). `validate` and `serve` both apply it."""
+        if self.is_loopback or self.api_token:
+            return None
+        return (
+            f"{PREFIX}ADDR={self.addr}: refusing to serve on non-loopback address {self.addr} without "
+            f"{PREFIX}API_TOKEN (anyone who reaches the port could start processes)"
+        )
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> PoolManagerConfig:
         env = os.environ if env is None else env

@@ -46,20 +46,26 @@ Feature: Device masks
     Given a pool "big" with the device mask "0"
     When its engine runs with the pool's engine environment and NVML attributes it as recorded for a UUID mask
     Then NVML shows the engine on its masked GPU
-    And the engine is on no GPU outside its mask
+    And poolmgr's GPU check reports nothing for "big"
+
+  Scenario: B-DEVICE-010 an engine that also uses a GPU outside its mask is caught
+    Given a pool "big" with the device mask "0"
+    When its engine runs with the pool's engine environment and NVML attributes it as recorded for a UUID mask
+    And NVML also lists the engine of "big" on GPU 1
+    Then poolmgr's GPU check reports "gpu_spillover" for "big" naming its engine on GPU 1
 
   Scenario: B-DEVICE-011 no cross-mask spillover goes unnoticed
     Given a pool "big" with the device mask "0"
     And a pool "small" with the device mask "1"
-    When a child process of the engine of "small" appears on GPU 0 in NVML
-    Then the spillover check reports that child of "small" on GPU 0
-    And the spillover check reports nothing for "big"
+    When both engines run and a child process of the engine of "small" appears on GPU 0 in NVML
+    Then poolmgr's GPU check reports "gpu_spillover" for "small" naming that child on GPU 0
+    And poolmgr's GPU check reports nothing for "big"
 
   Scenario: B-DEVICE-011 a MIG instance's engine stays within its instance
     Given a pool "mig" with the device mask of the first MIG instance
     When its engine runs with the pool's engine environment and NVML attributes it as recorded for a UUID mask
     Then NVML shows the engine on its masked GPU
-    And the engine is on no GPU outside its mask
+    And poolmgr's GPU check reports nothing for "mig"
 
   Scenario Outline: B-DEVICE-012 CUDA_VISIBLE_DEVICES is set to full uuids, never the raw mask
     Given the GPUs recorded on the real one-GPU H100 host
@@ -82,14 +88,15 @@ Feature: Device masks
     When its engine logged the recorded no-GPU stderr and NVML lists no process of it
     Then the engine is not on its masked GPUs
     And its stderr shows a CPU spillover
+    And poolmgr's GPU check reports "cpu_spillover" for "big"
 
-  Scenario Outline: B-DEVICE-013 the device mask is persisted in the registry as canonical text
-    When the device mask "<mask>" is stored in the registry as its canonical text
-    Then the stored text is "<stored>"
-    And parsing the stored text back resolves to the same devices
+  Scenario Outline: B-DEVICE-013 the device mask is persisted in the registry
+    When the pools file gives pool "p" the device mask "<mask>" and poolmgr registers it
+    Then the registry row of "p" and the pool_registry view hold the mask "<mask>" as configured
+    And the stored mask resolves to <devices>, the devices validation found for it
 
     Examples:
-      | mask      | stored                                                                            |
-      | GPU1,0    | GPU-3060bbbb-1111-2222-3333-444455556666,GPU-4090aaaa-1111-2222-3333-444455556666 |
-      | cpu       | cpu                                                                               |
-      | MIG-a100cccc-0000-4000-8000-000000000002 | MIG-a100cccc-0000-4000-8000-000000000002 |
+      | mask                                     | devices                                                                           |
+      | GPU1,0                                   | GPU-3060bbbb-1111-2222-3333-444455556666,GPU-4090aaaa-1111-2222-3333-444455556666 |
+      | cpu                                      | no device                                                                         |
+      | MIG-a100cccc-0000-4000-8000-000000000002 | MIG-a100cccc-0000-4000-8000-000000000002                                          |

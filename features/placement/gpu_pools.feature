@@ -15,10 +15,12 @@ Feature: GPU pools under serve: fail fast on VRAM, no silent CPU spillover (OC-P
     And the split plan of "gpu" names the H100's uuid
     And no engine of "gpu" is left running
 
-  Scenario: A GPU pool on an unknown device is refused with the valid ids listed
-    Given a running poolmgr on the recorded H100 with a GPU pool "lost" on device "3" for the tiny model
-    Then "lost" fails its preload with reason "device_mask"
-    And its last_error lists the valid devices
+  Scenario: A GPU pool on an unknown device is refused before serve starts, with the valid ids listed
+    Given a pools file on the recorded H100 with a GPU pool "lost" on device "3" for the tiny model
+    When poolmgr serve is started with it
+    Then serve exits with code 2 and one line naming pool "lost" and field "device_mask"
+    And the line lists the valid devices
+    And serve created no database and spawned no engine of "lost"
 
   Scenario: Without an NVIDIA driver GPU pools refuse to place while CPU pools run
     Given a running poolmgr on a host without an NVIDIA driver with a GPU pool "gpu" and a CPU pool "cpu"

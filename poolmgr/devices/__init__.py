@@ -5,7 +5,6 @@ from poolmgr.devices._discovery import MIG_INDEX_BASE, Inventory, backend_from_e
 from poolmgr.devices._fake import FakeNvmlBackend
 from poolmgr.devices._mask import DeviceMask, check_exclusive, engine_env
 from poolmgr.devices._nvml_errors import is_driver_error
-from poolmgr.devices._pools import validate_pool_masks
 from poolmgr.devices._render import devices_json, devices_table
 from poolmgr.devices._smi import SMI_QUERY, SmiRow, compare_with_smi, parse_smi_csv
 from poolmgr.devices._snapshot import DeviceSnapshot
@@ -42,5 +41,4 @@ __all__ = [
     "is_driver_error",
     "parse_smi_csv",
     "stderr_shows_cpu_spillover",
-    "validate_pool_masks",
 ]

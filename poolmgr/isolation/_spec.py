@@ -1,25 +1,25 @@
 """`IsolationSpec`: what isolation a pool's engine should get, and `build_isolation` from the pool file.
 
 The pool file's `isolation` table may override: user, group, seccomp, landlock, memory_max ("8G" or bytes),
-cpu_max (CPUs as a number, or cgroup v2's "QUOTA PERIOD" / "max PERIOD"), pids_max.
+cpu_max (CPUs as a number, or cgroup v2's "QUOTA PERIOD"), pids_max. The values are parsed by
+`poolmgr.poolsfile.parse_isolation`, which also checks the pools file: one parser for both.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from poolmgr import poolsfile
 from poolmgr.errors import ConfigError
 
-DEFAULT_CPU_PERIOD_US = 100_000
+DEFAULT_CPU_PERIOD_US = poolsfile.CPU_PERIOD_US
 DEFAULT_NOFILE = 65_536
 # (name, soft, hard). Never RLIMIT_AS: an address-space limit breaks CUDA and mmap of big models.
 DEFAULT_RLIMITS: tuple[tuple[str, int, int], ...] = (("CORE", 0, 0), ("NOFILE", DEFAULT_NOFILE, DEFAULT_NOFILE))
 ALLOWED_RLIMITS = frozenset({"CORE", "NOFILE", "NPROC", "FSIZE", "CPU", "STACK", "MEMLOCK", "MSGQUEUE"})
-OVERRIDE_KEYS = ("user", "group", "seccomp", "landlock", "memory_max", "cpu_max", "pids_max")
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+OVERRIDE_KEYS = poolsfile.ISOLATION_KEYS
 
 
 @dataclass(frozen=True)
@@ -85,52 +85,6 @@ class IsolationSpec:
         )
 
 
-def _bad(pool_id: str, key: str, msg: str) -> ConfigError:
-    return ConfigError(f"pool {pool_id!r}: isolation.{key}: {msg}")
-
-
-def parse_memory(pool_id: str, value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    if isinstance(value, str) and (m := _SIZE_RE.match(value)):
-        unit = (m.group(2) or "b")[0].lower()
-        size: int = int(m.group(1)) * 1024 ** "bkmgt".index(unit)
-        if size > 0:
-            return size
-    raise _bad(pool_id, "memory_max", f'must be a positive byte count or a size like "8G", got {value!r}')
-
-
-def parse_cpu_max(pool_id: str, value: Any) -> tuple[int, int]:
-    """CPUs as a number (2.5 → 250000 µs per 100000 µs), or "QUOTA PERIOD" in µs as cgroup v2 writes it."""
-    if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
-        return max(1000, round(value * DEFAULT_CPU_PERIOD_US)), DEFAULT_CPU_PERIOD_US
-    if isinstance(value, str):
-        parts = value.split()
-        if len(parts) == 2 and parts[0].isdigit() and parts[1].isdigit() and int(parts[0]) and int(parts[1]):
-            return int(parts[0]), int(parts[1])
-    raise _bad(pool_id, "cpu_max", f'must be a number of CPUs or "QUOTA PERIOD" in microseconds, got {value!r}')
-
-
-def _user_or_group(pool_id: str, key: str, value: Any) -> str | int:
-    if isinstance(value, str) and value.strip():
-        return int(value) if value.isdigit() else value.strip()
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    raise _bad(pool_id, key, f"must be a name or a numeric id, got {value!r}")
-
-
-def _flag(pool_id: str, key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _bad(pool_id, key, f"must be true or false, got {value!r}")
-    return value
-
-
-def _pids(pool_id: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise _bad(pool_id, "pids_max", f"must be a positive integer, got {value!r}")
-    return value
-
-
 def build_isolation(
     overrides: dict[str, Any],
     *,
@@ -140,10 +94,12 @@ def build_isolation(
     bind_port: int | None,
     readable_paths: tuple[Path, ...] | list[Path] = (),
 ) -> IsolationSpec:
-    """The spec for one pool: poolmgr's defaults, then the pool file's `isolation` table on top."""
-    unknown = sorted(set(overrides) - set(OVERRIDE_KEYS))
-    if unknown:
-        raise ConfigError(f"pool {pool_id!r}: isolation.{unknown[0]}: unknown key (known: {', '.join(OVERRIDE_KEYS)})")
+    """The spec for one pool: poolmgr's defaults, then the pool file's `isolation` table on top (parsed by
+    poolmgr.poolsfile.parse_isolation, the same code that checks the pools file)."""
+    changes, problems = poolsfile.parse_isolation(overrides)
+    if problems:
+        key, msg = problems[0]
+        raise ConfigError(f"pool {pool_id!r}: isolation.{key}: {msg}")
     spec = IsolationSpec(
         pool_id=pool_id,
         workdir=Path(workdir_root) / pool_id,
@@ -151,20 +107,6 @@ def build_isolation(
         bind_port=bind_port,
         readable_paths=tuple(Path(p) for p in readable_paths),
     )
-    changes: dict[str, Any] = {}
-    if "user" in overrides:
-        changes["user"] = _user_or_group(pool_id, "user", overrides["user"])
-    if "group" in overrides:
-        changes["group"] = _user_or_group(pool_id, "group", overrides["group"])
-    for key in ("seccomp", "landlock"):
-        if key in overrides:
-            changes[key] = _flag(pool_id, key, overrides[key])
-    if "memory_max" in overrides:
-        changes["memory_max_bytes"] = parse_memory(pool_id, overrides["memory_max"])
-    if "cpu_max" in overrides:
-        changes["cpu_max"] = parse_cpu_max(pool_id, overrides["cpu_max"])
-    if "pids_max" in overrides:
-        changes["pids_max"] = _pids(pool_id, overrides["pids_max"])
     return replace(spec, **changes)
 
 
@@ -173,6 +115,4 @@ __all__ = [
     "OVERRIDE_KEYS",
     "IsolationSpec",
     "build_isolation",
-    "parse_cpu_max",
-    "parse_memory",
 ]

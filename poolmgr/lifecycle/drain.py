@@ -28,6 +28,11 @@ async def run_drain(w: PoolWorker, view: PoolView) -> None:
     if gone:
         log.warning("pool %s: its engine ended while poolmgr was not running; finishing the drain", view.id,
                     extra=w._extra(view))  # fmt: skip
+    if view.active_leases > 0:
+        log.warning(
+            "pool %s draining with %d lease(s) still held: waiting for them until the deadline", view.id,
+            view.active_leases, extra={**w._extra(view), "active_leases": view.active_leases},
+        )  # fmt: skip
     hung = _HangCheck(w)
     while not gone and view.active_leases > 0 and not w.drain_deadline_passed(view) and not w.stopping:
         await w._sleep_or_kick(_LEASE_POLL_S)

@@ -98,8 +98,12 @@ class EngineRuntime:
 
             try:
                 wrap, cwd = sandbox_wrapper(self.cfg, spec, binary=binary, workdir_root=self.work_dir)
-            except (IsolationError, OSError) as exc:
-                raise PreloadFailed("isolation", f"cannot isolate the engine: {exc}") from None
+            except PreloadFailed:
+                raise
+            except Exception as exc:  # any failure to prepare a layer: never an engine without its isolation
+                raise PreloadFailed(
+                    "isolation_error", f"cannot isolate the engine: {type(exc).__name__}: {exc}"
+                ) from exc
         else:
             cwd.mkdir(parents=True, exist_ok=True)
         req = LaunchRequest(argv=argv, env=env, log_path=self.log_path(spec.id), cwd=cwd, wrap=wrap, pool_id=spec.id)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("poolmgr.pool")
 _RECENT_EVENTS = 50
+_NEEDS_A_PERSON = frozenset({"host_oom", "driver_error"})
 
 
 async def adopt(w: PoolWorker, view: PoolView) -> SpawnedEngine | None:
@@ -81,9 +82,17 @@ async def crash(w: PoolWorker, view: PoolView, why: PreloadFailed, info: ExitInf
         event=EventData(kind="crashed", reason=why.reason, exit_code=info.code, signal=info.signal,
                         detail={"message": why.message}),
     )  # fmt: skip
-    log.error(
-        "pool %s engine crashed (%s): %s", view.id, why.reason, why.message,
-        extra=w._extra(view, last_error=why.message, reason=why.reason, restart_count=view.restart_count),
+    uptime = (w.clock.now() - view.ready_since).total_seconds() if view.ready_since is not None else None
+    # What needs a person (the kernel killed it for memory, its GPU is gone) is critical; any other crash is
+    # handled by the restart policy and logged at error.
+    level = logging.CRITICAL if why.reason in _NEEDS_A_PERSON else logging.ERROR
+    log.log(
+        level, "pool %s engine crashed (%s): %s", view.id, why.reason, why.message,
+        exc_info=w.traceback_once(why) if why.__cause__ is not None else None,
+        extra=w._extra(
+            view, last_error=why.message, reason=why.reason, restart_count=view.restart_count, exit_code=info.code,
+            signal=info.signal, uptime_s=round(uptime, 3) if uptime is not None else None,
+        ),
     )  # fmt: skip
 
 

@@ -13,12 +13,13 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from poolmgr.engines._process import SpawnedEngine
+from poolmgr.engines._process import ExitInfo, SpawnedEngine
 from poolmgr.errors import IllegalTransition, PreloadFailed
 from poolmgr.lifecycle.fsm import MACHINE
 from poolmgr.lifecycle.placing import Placement
 from poolmgr.lifecycle.policy import RestartPolicy
 from poolmgr.lifecycle.runtime import EngineRuntime, ReadyInfo
+from poolmgr.logfields import remember_pool
 from poolmgr.states import ENGINE_STATES, DesiredState, PoolState, Trigger
 from poolmgr.store import EventData, PoolView, Registry
 
@@ -53,6 +54,7 @@ class PoolWorker:
         self._spawning: asyncio.Future[SpawnedEngine] | None = None  # spawn + pid record, shielded
         self._strays_checked = False  # /proc scanned for unrecorded engines since this worker started
         self._swept = False  # the first look at the pool after (re)start: no engine where none belongs
+        self._traced: set[str] = set()  # causes whose traceback is already in the log (once each, not per retry)
         self._handlers: dict[PoolState, Callable[[PoolView], Awaitable[None]]] = {
             S.DISCOVERED: self._on_idle, S.STOPPED: self._on_idle, S.PLACED: self._on_placed,
             S.PRELOADING: self._on_preloading, S.READY: self._on_ready, S.DRAINING: self._on_draining,
@@ -81,6 +83,7 @@ class PoolWorker:
             view = await self._db(self.registry.find, self.pool_id)
             if view is None:
                 return
+            remember_pool(view.id, engine=view.engine, engine_version=view.engine_version, device_mask=view.device_mask)
             try:
                 if not self._swept:
                     self._swept = True
@@ -89,6 +92,40 @@ class PoolWorker:
                 await self._handlers[view.state](view)
             except IllegalTransition as exc:
                 log.debug("pool %s: %s; re-reading", self.pool_id, exc)
+            except Exception as exc:  # a bug or an unforeseen OS error in one step never kills the worker
+                await self._failed_step(exc)
+
+    def traceback_once(self, exc: BaseException) -> BaseException | None:
+        """`exc` (for exc_info) the first time this cause is seen, None after: a pool that fails the same way
+        on every restart logs its traceback once, then one line per failure."""
+        cause = exc.__cause__ or exc
+        key = f"{type(cause).__qualname__}: {cause}"
+        if key in self._traced:
+            return None
+        self._traced.add(key)
+        return cause
+
+    async def _failed_step(self, exc: Exception) -> None:
+        """An unexpected error while placing, spawning or watching: a failed preload or a crash of this pool
+        (reason internal_error), so the usual backoff → breaker path applies instead of an endless loop."""
+        why = PreloadFailed("internal_error", f"internal error: {type(exc).__name__}: {exc}")
+        why.__cause__ = exc
+        view = await self._db(self.registry.get, self.pool_id)
+        if view.state in (S.PLACED, S.PRELOADING):
+            await self._stop_engine()
+            await self._preload_failed(view, why)
+        elif view.state in (S.READY, S.DRAINING):
+            from poolmgr.lifecycle.watch import crash
+
+            await self._stop_engine()
+            await crash(self, view, why, ExitInfo())
+        else:
+            log.error(
+                "pool %s: %s", self.pool_id, why.message, exc_info=self.traceback_once(exc),
+                extra=self._extra(view, last_error=why.message, reason=why.reason),
+            )  # fmt: skip
+            await self._db(self.registry.update, self.pool_id, last_error=why.message)
+            await self._sleep_or_kick(1.0)
 
     async def fire(self, trigger: Trigger, view: PoolView, **kw: Any) -> PoolView:
         fired: PoolView = await self._db(
@@ -218,6 +255,7 @@ class PoolWorker:
         )  # fmt: skip
         log.warning(
             "pool %s preload failed (%s): %s", self.pool_id, exc.reason, exc.message,
+            exc_info=self.traceback_once(exc) if exc.__cause__ is not None else None,
             extra=self._extra(view, last_error=exc.message, reason=exc.reason),
         )  # fmt: skip
 
@@ -251,7 +289,10 @@ class PoolWorker:
             )  # fmt: skip
             log.info(
                 "pool %s backing off %d ms", self.pool_id, decision.delay_ms,
-                extra=self._extra(view, backoff_ms=decision.delay_ms, restart_count=view.restart_count),
+                extra=self._extra(
+                    view, backoff_ms=decision.delay_ms, restart_count=view.restart_count, last_error=view.last_error,
+                    next_restart_at=decision.next_restart_at.isoformat() if decision.next_restart_at else None,
+                ),
             )  # fmt: skip
             if decision.delay_ms == 0:
                 await self._on_backoff(backing)  # no delay: restart without a wake-up and re-read
@@ -263,16 +304,22 @@ class PoolWorker:
                 record_once, self.registry, self.pool_id,
                 EventData(kind="restart_storm", reason=decision.reason, detail={"restarts_in_window": restarts}),
             )  # fmt: skip
-            log.error("pool %s: %s", self.pool_id, decision.reason, extra=self._extra(view))
+            log.critical(
+                "pool %s: %s", self.pool_id, decision.reason,
+                extra=self._extra(view, restart_count=view.restart_count, last_error=view.last_error),
+            )  # fmt: skip
         await self.fire(
             T.OPEN_BREAKER, view,
             updates={"breaker_until": decision.breaker_until, "breaker_timeout_s": decision.breaker_timeout_s,
                      "breaker_trial": False, "next_restart_at": None},
             event=EventData(reason=decision.reason, detail={"timeout_s": decision.breaker_timeout_s}),
         )  # fmt: skip
-        log.error(
+        log.critical(
             "pool %s circuit breaker open: %s", self.pool_id, decision.reason,
-            extra=self._extra(view, last_error=view.last_error, restart_count=view.restart_count),
+            extra=self._extra(
+                view, last_error=view.last_error, restart_count=view.restart_count, from_state=view.state.value,
+                to_state=S.BREAKER_OPEN.value, consecutive_failures=view.consecutive_failures,
+            ),
         )  # fmt: skip
 
     async def _rollback(self, view: PoolView, op: dict[str, Any]) -> None:
@@ -319,7 +366,10 @@ class PoolWorker:
         )  # fmt: skip
         log.info(
             "pool %s breaker half-open: trial start", self.pool_id,
-            extra=self._extra(view, restart_count=view.restart_count + 1),
+            extra=self._extra(
+                view, restart_count=view.restart_count + 1, from_state=view.state.value,
+                to_state=S.PRELOADING.value, consecutive_failures=view.consecutive_failures,
+            ),
         )  # fmt: skip
 
     async def _sleep_or_kick(self, seconds: float) -> None:

@@ -26,11 +26,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from poolmgr.api._context import CORRELATION_ID
+from poolmgr.logfields import PoolFieldsFilter
 from poolmgr.observability._engines import engine_api_keys
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
 
-POOL_FIELDS = ("pool_id", "engine", "engine_version", "device_mask", "restart_count", "backoff_ms", "last_error")
+POOL_FIELDS = (
+    "pool_id", "engine", "engine_version", "device_mask", "restart_count", "backoff_ms", "next_restart_at",
+    "last_error", "exit_code", "signal", "uptime_s", "from_state", "to_state", "consecutive_failures",
+)  # fmt: skip
 FORMATS = ("json", "text")
 # LogRecord attributes, and uvicorn's ANSI-coloured copy of its message: not fields of a line.
 _STD = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime", "taskName", "color_message"}
@@ -127,6 +131,7 @@ def setup_logging(fmt: str = "json", level: str = "INFO", stream: TextIO | None 
         raise ValueError(f"log format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.addFilter(PoolFieldsFilter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -1,22 +1,22 @@
-"""Steps of features/config/configuration.feature (B-CONFIG-001..003 and 010..012)."""
+"""Steps of features/config/configuration.feature (B-CONFIG-001..003, 010..013).
+
+The pools-file scenarios run the real `poolmgr validate` / `poolmgr serve` as a user does (a subprocess, with
+POOL_MANAGERD_FAKE_NVML naming a recorded NVML snapshot) and read what it prints and what it leaves behind.
+"""
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
-from poolmgr.devices import (
-    DeviceMask,
-    DeviceSnapshot,
-    FakeNvmlBackend,
-    discover,
-    engine_env,
-    validate_pool_masks,
-)
-from poolmgr.errors import ConfigError, DeviceError, PoolmgrError
-from poolmgr.poolsfile import PoolSpec, parse_pools
+from poolmgr.devices import DeviceSnapshot, FakeNvmlBackend, discover
+from poolmgr.errors import ConfigError, PoolmgrError
 from poolmgr.settings import PoolManagerConfig
+from tests.config._run import databases, error_lines, run_cli
 
 from .gpu_fixtures import H100, HETERO, NO_NVML
 
@@ -28,15 +28,30 @@ class Config:
     env: dict[str, str] = field(default_factory=dict)
     settings: PoolManagerConfig | None = None
     error: PoolmgrError | None = None
-    backend: FakeNvmlBackend | None = None
-    pools_text: str = ""
-    pools: list[PoolSpec] = field(default_factory=list)
-    masks: dict[str, DeviceMask] = field(default_factory=dict)
+    nvml: Path | None = None
+    workdir: Path = Path()
+    proc: subprocess.CompletedProcess[str] | None = None
+
+    @property
+    def pools_path(self) -> Path:
+        return self.workdir / "pools.toml"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.workdir / "state"
 
     @property
     def devices(self) -> list[DeviceSnapshot]:
-        assert self.backend is not None
-        return discover(self.backend, warn=False).devices
+        assert self.nvml is not None
+        return discover(FakeNvmlBackend(self.nvml), warn=False).devices
+
+    def result(self) -> subprocess.CompletedProcess[str]:
+        assert self.proc is not None, "no poolmgr command ran"
+        assert "Traceback" not in self.proc.stderr, self.proc.stderr
+        return self.proc
+
+
+# -- settings ----------------------------------------------------------------------------------------------
 
 
 @given(parsers.parse('the environment variable POOL_MANAGERD_ADDR is "{addr}"'), target_fixture="cfg")
@@ -82,106 +97,178 @@ def addr_error(cfg: Config, why: str) -> None:
     assert message.startswith("POOL_MANAGERD_ADDR=") and why in message and "\n" not in message
 
 
-# -- pools and device masks --------------------------------------------------------------------------------
+# -- hosts and pools files ---------------------------------------------------------------------------------
+
+
+def _host(tmp_path: Path, nvml: Path) -> Config:
+    return Config(nvml=nvml, workdir=tmp_path, env={"POOL_MANAGERD_FAKE_NVML": str(nvml)})
 
 
 @given(
     "the GPUs of the synthetic host with an RTX 4090, an RTX 3060 and an A100 split into 2 MIG instances",
     target_fixture="cfg",
 )
-def synthetic_host() -> Config:
-    cfg = Config(backend=FakeNvmlBackend(HETERO))
+def synthetic_host(tmp_path: Path) -> Config:
+    cfg = _host(tmp_path, HETERO)
     assert len(cfg.devices) == 5
     return cfg
 
 
 @given("the GPUs recorded on the real one-GPU H100 host", target_fixture="cfg")
-def h100_host() -> Config:
-    cfg = Config(backend=FakeNvmlBackend(H100))
-    assert len(cfg.devices) == 1
+def h100_host(tmp_path: Path) -> Config:
+    cfg = _host(tmp_path, H100)
+    assert [d.name for d in cfg.devices] == ["NVIDIA H100 80GB HBM3"]
     return cfg
 
 
 @given("a host without the NVIDIA driver", target_fixture="cfg")
-def no_driver_host() -> Config:
-    cfg = Config(backend=FakeNvmlBackend(NO_NVML))
-    assert cfg.devices == []
+def no_driver_host(tmp_path: Path) -> Config:
+    cfg = _host(tmp_path, NO_NVML)
+    assert not discover(FakeNvmlBackend(NO_NVML), warn=False).available
     return cfg
+
+
+def _write(cfg: Config, text: str) -> None:
+    cfg.pools_path.write_text(text, encoding="utf-8")
+    assert cfg.pools_path.read_text(encoding="utf-8") == text
 
 
 @given("the pools file")
 def pools_file(cfg: Config, docstring: str) -> None:
-    cfg.pools_text = docstring
     assert "[[pool]]" in docstring
+    _write(cfg, docstring)
 
 
 @given(parsers.parse('a pools file with one pool "{pool}" whose device_mask is "{mask}"'))
 def one_pool_file(cfg: Config, pool: str, mask: str) -> None:
-    cfg.pools_text = f'[[pool]]\nid = "{pool}"\nmodel = "/models/m.gguf"\ndevice_mask = "{mask}"\n'
+    _write(cfg, f'[[pool]]\nid = "{pool}"\nmodel = "/models/m.gguf"\ndevice_mask = "{mask}"\n')
 
 
 @given(parsers.parse('a pools file with one pool "{pool}" whose device_mask is empty'))
 def one_pool_empty_mask(cfg: Config, pool: str) -> None:
     one_pool_file(cfg, pool, "")
-    assert 'device_mask = ""' in cfg.pools_text
+    assert 'device_mask = ""' in cfg.pools_path.read_text()
 
 
-@when("the pools file is loaded and its masks are validated against the discovered devices")
-def load_and_validate(cfg: Config) -> None:
+@given(parsers.parse('a pools file with one CPU pool "{pool}" whose isolation table sets {key} = {value}'))
+def isolation_file(cfg: Config, pool: str, key: str, value: str) -> None:
+    _write(cfg, f'[[pool]]\nid = "{pool}"\nmodel = "/models/m.gguf"\n[pool.isolation]\n{key} = {value}\n')
+
+
+_UNKNOWN_KEYS = {
+    "at the top level": 'wat = 1\n[[pool]]\nid = "p"\nmodel = "/m.gguf"\n',
+    "in a pool": '[[pool]]\nid = "p"\nmodel = "/m.gguf"\ncolour = "red"\n',
+    "in its isolation table": '[[pool]]\nid = "p"\nmodel = "/m.gguf"\n[pool.isolation]\nnetwork = "none"\n',
+}
+
+
+@given(parsers.parse("the pools file with an unknown key {where}"))
+def unknown_key_file(cfg: Config, where: str) -> None:
+    _write(cfg, _UNKNOWN_KEYS[where])
+
+
+@given(parsers.parse('POOL_MANAGERD_ADDR is set to "{addr}" without an API token'))
+def public_addr(cfg: Config, addr: str) -> None:
+    cfg.env["POOL_MANAGERD_ADDR"] = addr
+    assert "POOL_MANAGERD_API_TOKEN" not in cfg.env
+
+
+# -- when: the real command line ---------------------------------------------------------------------------
+
+
+@when("poolmgr validate checks the pools file")
+def run_validate(cfg: Config) -> None:
+    cfg.proc = run_cli(["validate", "--config", str(cfg.pools_path)], cfg.state_dir, cfg.env)
+
+
+@when("poolmgr serve starts with the pools file")
+def run_serve(cfg: Config) -> None:
     try:
-        cfg.pools = parse_pools(cfg.pools_text, source="pools.toml")
-        cfg.masks = validate_pool_masks(cfg.pools, cfg.devices)
-    except (ConfigError, DeviceError) as exc:
-        cfg.error = exc
+        cfg.proc = run_cli(["serve", "--config", str(cfg.pools_path)], cfg.state_dir, cfg.env, timeout=20)
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve did not refuse the pools file: it was still running after 20 s")
+
+
+@when("the API token is set and poolmgr validate checks the pools file again")
+def run_validate_with_token(cfg: Config) -> None:
+    cfg.env["POOL_MANAGERD_API_TOKEN"] = "s3cret-token"
+    run_validate(cfg)
+
+
+# -- then --------------------------------------------------------------------------------------------------
+
+
+@then(parsers.parse("validate accepts {count:d} pools"))
+def accepted(cfg: Config, count: int) -> None:
+    proc = cfg.result()
+    assert proc.returncode == 0, proc.stderr
+    assert f"{cfg.pools_path}: {count} pool(s) valid" in proc.stdout.splitlines()[0]
+    assert error_lines(proc.stderr) == []
+    assert databases(cfg.state_dir) == []
+
+
+def _placement_line(cfg: Config, pool: str) -> str:
+    lines = [line.strip() for line in cfg.result().stdout.splitlines() if line.startswith(f"  {pool}: ")]
+    assert len(lines) == 1, cfg.result().stdout
+    return lines[0]
 
 
 @then(parsers.parse('pool "{pool}" runs on the "{name}"'))
 def pool_runs_on(cfg: Config, pool: str, name: str) -> None:
-    assert cfg.error is None, cfg.error
-    [device] = cfg.masks[pool].resolve(cfg.devices)
-    assert device.name == name
-    assert engine_env(cfg.masks[pool], cfg.devices)["CUDA_VISIBLE_DEVICES"] == device.uuid
+    line = _placement_line(cfg, pool)
+    uuid = line.rsplit(" ", 1)[-1]
+    [device] = [d for d in cfg.devices if d.uuid == uuid]
+    assert device.name == name and line.endswith(f"-> {name} {uuid}"), line
 
 
 @then(parsers.parse('pool "{pool}" runs on the CPU with every GPU hidden'))
 def pool_on_cpu(cfg: Config, pool: str) -> None:
-    spec = next(p for p in cfg.pools if p.id == pool)
-    assert spec.is_cpu and cfg.masks[pool].is_cpu
-    assert engine_env(cfg.masks[pool], cfg.devices) == {"CUDA_VISIBLE_DEVICES": ""}
+    assert _placement_line(cfg, pool) == f"{pool}: cpu (every GPU hidden from its engine)"
 
 
-def _device_error(cfg: Config) -> str:
-    assert isinstance(cfg.error, DeviceError), f"expected a device mask error, got {cfg.error!r}"
-    assert cfg.masks == {}
-    message = str(cfg.error)
-    assert "\n" not in message
-    return message
+@then(parsers.parse('one warning line says GPU pool "{pool}" will not be placed because of "{why}"'))
+def warned(cfg: Config, pool: str, why: str) -> None:
+    warnings = [line for line in cfg.result().stderr.splitlines() if line.startswith("poolmgr: warning: ")]
+    assert len(warnings) == 1, cfg.result().stderr
+    assert f"GPU pool(s) {pool!r} will not be placed" in warnings[0] and why in warnings[0]
+    assert "'dev'" not in warnings[0]
 
 
-@then(parsers.parse('validation fails naming pool "{pool}" and the unknown device "{device}"'))
-def fails_unknown(cfg: Config, pool: str, device: str) -> None:
-    message = _device_error(cfg)
-    assert message.startswith(f"pool {pool!r}: ") and f"unknown device {device!r}" in message
+def _refused(cfg: Config) -> list[str]:
+    proc = cfg.result()
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    errors = error_lines(proc.stderr)
+    assert errors and len(errors) == len(lines), proc.stderr
+    assert databases(cfg.state_dir) == [], "a refused start created a database"
+    return errors
+
+
+@then(parsers.parse('it is refused with one line naming pool "{pool}", field "{fld}" and "{why}"'))
+def refused_naming(cfg: Config, pool: str, fld: str, why: str) -> None:
+    [line] = _refused(cfg)
+    assert line.startswith(f"{cfg.pools_path}: pool {pool!r}: field {fld!r}: "), line
+    assert why in line, line
+
+
+@then(parsers.parse('it is refused with one line naming "{what}" and "{why}"'))
+def refused_with(cfg: Config, what: str, why: str) -> None:
+    [line] = _refused(cfg)
+    assert what in line and why in line, line
 
 
 @then("the error lists the H100's uuid as valid")
 def lists_h100(cfg: Config) -> None:
-    assert f"valid: cpu, 0 = GPU0 = {cfg.devices[0].uuid}" in _device_error(cfg)
+    [line] = _refused(cfg)
+    assert f"valid: cpu, 0 = GPU0 = {cfg.devices[0].uuid}" in line
 
 
-@then(parsers.parse('validation fails naming pool "{pool}" and "{why}"'))
-def fails_with(cfg: Config, pool: str, why: str) -> None:
-    message = _device_error(cfg)
-    assert message.startswith(f"pool {pool!r}: ") and why in message
-
-
-@then(parsers.parse('loading the pools file fails naming pool "{pool}" and field "{fld}"'))
-def pools_file_fails(cfg: Config, pool: str, fld: str) -> None:
-    assert isinstance(cfg.error, ConfigError) and cfg.pools == []
-    assert f"pool {pool!r}: field {fld!r}" in str(cfg.error)
-
-
-@then(parsers.parse('validation fails naming pool "{a}", pool "{b}" and the device "{uuid}"'))
-def fails_overlap(cfg: Config, a: str, b: str, uuid: str) -> None:
-    message = _device_error(cfg)
-    assert f"{a!r}" in message and f"{b!r}" in message and uuid in message
+@then("it is refused with these lines, one per problem")
+def refused_lines(cfg: Config, datatable: list[list[str]]) -> None:
+    header, *rows = datatable
+    assert header == ["pool", "field", "why"]
+    errors = _refused(cfg)
+    assert len(errors) == len(rows), errors
+    for pool, fld, why in rows:
+        prefix = f"{cfg.pools_path}: pool {pool!r}: field {fld!r}: "
+        assert [e for e in errors if e.startswith(prefix) and why in e], (prefix, why, errors)

@@ -2,26 +2,43 @@
 
 Engines are modelled at the NVML seam with what was recorded on real GPUs: with a UUID mask NVML listed the
 llama-server pid on that GPU (528 MiB of CUDA context), with an empty mask it listed nothing while the engine
-served on the CPU (shared/fixtures/gpu/h200-llama-server-b11434-cuda/probe.json).
+served on the CPU (shared/fixtures/gpu/h200-llama-server-b11434-cuda/probe.json). The verdicts come from the
+product: `poolmgr.lifecycle.placing.gpu_problem` (what serve's watch loop asks about a running engine), the
+pools file check of `poolmgr.validation`, and the registry. A child process that must be found through /proc
+is a real one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
+from sqlalchemy import text as text_sql
 
 from poolmgr.devices import (
     DeviceMask,
     DeviceSnapshot,
     FakeNvmlBackend,
+    descendant_pids,
     discover,
     engine_env,
     engine_on_gpus,
-    find_foreign_gpus,
     stderr_shows_cpu_spillover,
 )
 from poolmgr.errors import DeviceError
+from poolmgr.lifecycle.placing import gpu_problem
+from poolmgr.poolsfile import PoolSpec
+from poolmgr.settings import PoolManagerConfig
+from poolmgr.store import Registry
+from poolmgr.validation import check_pools_file, validate_pools
 
 from .gpu_fixtures import H100, HETERO, LLAMA_DIR, LLAMA_PROBE, load_json
 
@@ -42,7 +59,12 @@ class World:
     env: dict[str, str] = field(default_factory=dict)
     stderr: str = ""
     child: int = 0
-    registry: dict[str, str] = field(default_factory=dict)
+    specs: dict[str, PoolSpec] = field(default_factory=dict)
+    engine: dict[str, int] = field(default_factory=dict)  # pool → the engine pid gpu_problem is asked about
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    db_url: str = ""
+    stored: dict[str, str] = field(default_factory=dict)  # pool → the mask its registry row holds
+    validated: dict[str, list[DeviceSnapshot]] = field(default_factory=dict)  # pool → devices validation found
 
     @property
     def devices(self) -> list[DeviceSnapshot]:
@@ -58,16 +80,41 @@ def _recorded_run(case: str) -> tuple[int, list[tuple[int, int]]]:
     return int(run["engine_pid"]), [(p["pid"], p["used_mib"] * MIB) for p in run["nvml_procs"]]
 
 
-def _start_on_mask(world: World, pool: str, case: str) -> int:
-    """CUDA puts the engine on the GPUs named in CUDA_VISIBLE_DEVICES; NVML then lists it there."""
+def _start_on_mask(world: World, pool: str, case: str, *, pid: int | None = None) -> int:
+    """CUDA puts the engine on the GPUs named in CUDA_VISIBLE_DEVICES; NVML then lists it there (as recorded,
+    or with the pid of a real process standing in for the engine)."""
     env = engine_env(world.pools[pool], world.devices)
-    pid, procs = _recorded_run(case)
-    assert procs and procs[0][0] == pid
+    recorded, procs = _recorded_run(case)
+    assert procs and procs[0][0] == recorded
+    pid = recorded if pid is None else pid
+    procs = [(pid, used) for _p, used in procs]
     for uuid in env["CUDA_VISIBLE_DEVICES"].split(","):
         others = [p for p in world.backend.compute_processes_of(uuid) if p[0] != pid]
         world.backend.set_processes(uuid, others + procs)
     world.pids[pool] = {pid}
+    world.engine[pool] = pid
     return pid
+
+
+def _real_engine(world: World) -> tuple[int, int]:
+    """A real process with a real child (pid, child pid): what /proc shows of an engine that forked."""
+    proc = subprocess.Popen(["sh", "-c", "sleep 60 & wait"], start_new_session=True)
+    world.processes.append(proc)
+    deadline = time.monotonic() + 5
+    while not (children := descendant_pids(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(children) == 1, children
+    return proc.pid, children.pop()
+
+
+def _uuid_of(world: World, index: int) -> str:
+    return next(d.uuid for d in world.devices if d.index == index and not d.is_mig)
+
+
+def _gpu_check(world: World, pool: str) -> object:
+    """What serve's watch loop would conclude about the pool's running engine from a fresh NVML snapshot."""
+    return gpu_problem(world.specs[pool], world.pools[pool].uuids(world.devices), world.engine[pool],
+                       discover(world.backend, warn=False))  # fmt: skip
 
 
 # -- given -------------------------------------------------------------------------------------------------
@@ -77,12 +124,23 @@ def _start_on_mask(world: World, pool: str, case: str) -> int:
     "the GPUs of the synthetic host with an RTX 4090, an RTX 3060 and an A100 split into 2 MIG instances",
     target_fixture="world",
 )
-def synthetic_host() -> World:
-    world = World(FakeNvmlBackend(HETERO))
+def synthetic_host(_processes: list[subprocess.Popen[bytes]]) -> World:
+    world = World(FakeNvmlBackend(HETERO), processes=_processes)
     names = [d.name for d in world.devices]
     assert names[:3] == ["NVIDIA GeForce RTX 4090", "NVIDIA GeForce RTX 3060", "NVIDIA A100-SXM4-80GB"]
     assert sum(d.is_mig for d in world.devices) == 2
     return world
+
+
+@pytest.fixture
+def _processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Real processes a scenario starts; killed (with their process group) afterwards."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
 
 
 @given("the GPUs recorded on the real one-GPU H100 host")
@@ -91,16 +149,25 @@ def h100_host(world: World) -> None:
     assert [d.name for d in world.devices] == ["NVIDIA H100 80GB HBM3"]
 
 
+def _add_pool(world: World, pool: str, mask: str) -> None:
+    """A pool as the product checks it: the pools file's validation against the discovered devices."""
+    spec = PoolSpec(id=pool, model=f"/models/{pool}.gguf", device_mask=mask)
+    others = list(world.specs.values())
+    checked = validate_pools([*others, spec], discover(world.backend, warn=False), source="pools.toml")
+    world.specs[pool] = spec
+    world.pools[pool] = DeviceMask.parse(mask)
+    assert checked.devices[pool] == world.pools[pool].resolve(world.devices)
+
+
 @given(parsers.parse('a pool "{pool}" with the device mask "{mask}"'))
 def pool_with_mask(world: World, pool: str, mask: str) -> None:
-    world.pools[pool] = DeviceMask.parse(mask)
-    world.pools[pool].validate_against(world.devices)
+    _add_pool(world, pool, mask)
 
 
 @given(parsers.parse('a pool "{pool}" with the device mask of the first MIG instance'))
 def pool_on_mig(world: World, pool: str) -> None:
     mig = next(d for d in world.devices if d.is_mig)
-    world.pools[pool] = DeviceMask.parse(mig.uuid)
+    _add_pool(world, pool, mig.uuid)
     assert world.pools[pool].resolve(world.devices) == [mig]
 
 
@@ -128,13 +195,21 @@ def engine_runs(world: World) -> None:
     assert any(pid in dict(d.processes) for d in world.devices)
 
 
-@when(parsers.parse('a child process of the engine of "{pool}" appears on GPU {index:d} in NVML'))
+@when(parsers.parse('NVML also lists the engine of "{pool}" on GPU {index:d}'))
+def engine_also_on(world: World, pool: str, index: int) -> None:
+    uuid = _uuid_of(world, index)
+    pid = world.engine[pool]
+    assert uuid not in world.pools[pool].uuids(world.devices)
+    world.backend.set_processes(uuid, [*world.backend.compute_processes_of(uuid), (pid, 528 * MIB)])
+
+
+@when(parsers.parse('both engines run and a child process of the engine of "{pool}" appears on GPU {index:d} in NVML'))
 def child_spills(world: World, pool: str, index: int) -> None:
+    engine, world.child = _real_engine(world)
     for name, case in zip(world.pools, _RECORDED_GPU_RUNS, strict=False):
-        _start_on_mask(world, name, case)
-    world.child = max(world.pids[pool]) + 1
-    world.pids[pool].add(world.child)
-    uuid = next(d.uuid for d in world.devices if d.index == index and not d.is_mig)
+        _start_on_mask(world, name, case, pid=engine if name == pool else None)
+    assert world.child in descendant_pids(world.engine[pool])
+    uuid = _uuid_of(world, index)
     world.backend.set_processes(uuid, [*world.backend.compute_processes_of(uuid), (world.child, 528 * MIB)])
 
 
@@ -152,14 +227,25 @@ def engine_fell_back(world: World) -> None:
     for uuid in mask.uuids(world.devices):
         world.backend.set_processes(uuid, procs)
     world.pids[pool] = {pid}
+    world.engine[pool] = pid
     world.stderr = (LLAMA_DIR / "no-gpu-visible-stderr.txt").read_text(encoding="utf-8")
 
 
-@when(parsers.parse('the device mask "{text}" is stored in the registry as its canonical text'))
-def store_mask_in_registry(world: World, text: str) -> None:
-    # Registry stand-in until poolmgr.store lands: the value written is exactly mask.canonical(devices).
+@when(parsers.parse('the pools file gives pool "{pool}" the device mask "{text}" and poolmgr registers it'))
+def register_pool(world: World, tmp_path: Path, sqlite_url: str, pool: str, text: str) -> None:
+    """What serve does: the pools file check (against the recorded devices), then Registry.register."""
+    pools = tmp_path / "pools.toml"
+    pools.write_text(f'[[pool]]\nid = "{pool}"\nmodel = "/models/m.gguf"\ndevice_mask = "{text}"\n')
+    checked = check_pools_file(pools, PoolManagerConfig(fake_nvml=str(HETERO)))
+    [spec] = checked.specs
+    world.validated[pool] = checked.devices.get(pool, [])
+    reg = Registry(sqlite_url, node_id="node-a")
+    try:
+        reg.register(spec)
+    finally:
+        reg.close()
     world.mask = DeviceMask.parse(text)
-    world.registry["pool"] = world.mask.canonical(world.devices)
+    world.db_url = sqlite_url
 
 
 # -- then --------------------------------------------------------------------------------------------------
@@ -222,26 +308,6 @@ def on_masked_gpu(world: World) -> None:
     assert engine_on_gpus(world.pids[pool], mask.uuids(world.devices), world.devices)
 
 
-@then("the engine is on no GPU outside its mask")
-def no_foreign(world: World) -> None:
-    pool, mask = world.only_pool()
-    assert find_foreign_gpus(world.pids[pool], mask.uuids(world.devices), world.devices) == []
-
-
-@then(parsers.parse('the spillover check reports that child of "{pool}" on GPU {index:d}'))
-def reports_child(world: World, pool: str, index: int) -> None:
-    uuid = next(d.uuid for d in world.devices if d.index == index and not d.is_mig)
-    found = find_foreign_gpus(world.pids[pool], world.pools[pool].uuids(world.devices), world.devices)
-    assert found == [(world.child, uuid)]
-
-
-@then(parsers.parse('the spillover check reports nothing for "{pool}"'))
-def reports_nothing(world: World, pool: str) -> None:
-    uuids = world.pools[pool].uuids(world.devices)
-    assert engine_on_gpus(world.pids[pool], uuids, world.devices)
-    assert find_foreign_gpus(world.pids[pool], uuids, world.devices) == []
-
-
 @then("CUDA_VISIBLE_DEVICES is exactly the H100's uuid")
 def cvd_is_uuid(world: World) -> None:
     assert world.env["CUDA_VISIBLE_DEVICES"] == world.devices[0].uuid
@@ -268,12 +334,50 @@ def stderr_spillover(world: World) -> None:
     assert stderr_shows_cpu_spillover(world.stderr)
 
 
-@then(parsers.parse('the stored text is "{stored}"'))
-def stored_text(world: World, stored: str) -> None:
-    assert world.registry["pool"] == stored
+@then(parsers.parse('poolmgr\'s GPU check reports nothing for "{pool}"'))
+def gpu_check_clean(world: World, pool: str) -> None:
+    assert _gpu_check(world, pool) is None
 
 
-@then("parsing the stored text back resolves to the same devices")
-def stored_round_trip(world: World) -> None:
-    again = DeviceMask.parse(world.registry["pool"])
-    assert again.resolve(world.devices) == _mask(world).resolve(world.devices)
+@then(parsers.parse('poolmgr\'s GPU check reports "{reason}" for "{pool}"'))
+def gpu_check_reports(world: World, reason: str, pool: str) -> None:
+    problem = _gpu_check(world, pool)
+    assert problem is not None and getattr(problem, "reason", None) == reason, problem
+
+
+@then(parsers.parse('poolmgr\'s GPU check reports "{reason}" for "{pool}" naming its engine on GPU {index:d}'))
+def gpu_check_names_engine(world: World, reason: str, pool: str, index: int) -> None:
+    problem = _gpu_check(world, pool)
+    assert problem is not None and getattr(problem, "reason", None) == reason, problem
+    assert f"pid {world.engine[pool]} on {_uuid_of(world, index)}" in str(problem)
+
+
+@then(parsers.parse('poolmgr\'s GPU check reports "{reason}" for "{pool}" naming that child on GPU {index:d}'))
+def gpu_check_names_child(world: World, reason: str, pool: str, index: int) -> None:
+    problem = _gpu_check(world, pool)
+    assert problem is not None and getattr(problem, "reason", None) == reason, problem
+    assert str(problem) == f"engine outside its device mask: pid {world.child} on {_uuid_of(world, index)}"
+
+
+@then(parsers.parse('the registry row of "{pool}" and the pool_registry view hold the mask "{text}" as configured'))
+def stored_mask(world: World, pool: str, text: str) -> None:
+    reg = Registry(world.db_url, node_id="node-a")
+    try:
+        view = reg.get(pool)
+        with reg.engine.connect() as conn:
+            in_view = conn.execute(
+                text_sql("SELECT device_mask FROM pool_registry WHERE pool_id = :p"), {"p": pool}
+            ).scalar_one()
+    finally:
+        reg.close()
+    assert (view.device_mask, view.spec.device_mask, in_view) == (text, text, text)
+    world.stored[pool] = in_view
+
+
+@then(parsers.parse("the stored mask resolves to {devices}, the devices validation found for it"))
+def stored_round_trip(world: World, devices: str) -> None:
+    [pool] = list(world.stored)
+    resolved = DeviceMask.parse(world.stored[pool]).resolve(world.devices)
+    expected = [] if devices == "no device" else devices.split(",")
+    assert [d.uuid for d in resolved] == expected
+    assert resolved == world.validated[pool] == _mask(world).resolve(world.devices)

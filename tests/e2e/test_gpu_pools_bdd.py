@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_bdd import given, parsers, scenarios, then
+from pytest_bdd import given, parsers, scenarios, then, when
 
-from tests.e2e.conftest import Serve, engine_pids
+from tests.config._run import databases, error_lines, run_cli
+from tests.e2e.conftest import Serve, engine_pids, pools_toml
 from tests.placement._helpers import LLAMA_70B, write_sparse_llama_gguf
 
 pytestmark = pytest.mark.e2e
@@ -109,10 +110,41 @@ def none_left(box: dict[str, Any], pool: str) -> None:
     assert box["status"]["pid"] is None
 
 
-@then("its last_error lists the valid devices")
+@given(
+    parsers.parse('a pools file on the recorded H100 with a GPU pool "{pool}" on device "{mask}" for the tiny model')
+)
+def pools_file_only(box: dict[str, Any], tmp_path: Path, tiny_model: Path, pool: str, mask: str) -> None:
+    path = tmp_path / "pools.toml"
+    path.write_text(pools_toml({"id": pool, "model": str(tiny_model), "device_mask": mask}))
+    box["pools"], box["pool"] = path, pool
+
+
+@when("poolmgr serve is started with it")
+def serve_refused(box: dict[str, Any], tmp_path: Path) -> None:
+    box["state"] = tmp_path / "state"
+    env = {"POOL_MANAGERD_FAKE_NVML": str(H100)}
+    box["proc"] = run_cli(["serve", "--config", str(box["pools"])], box["state"], env)
+
+
+@then(parsers.parse('serve exits with code 2 and one line naming pool "{pool}" and field "{fld}"'))
+def exits_2(box: dict[str, Any], pool: str, fld: str) -> None:
+    proc = box["proc"]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    [line] = error_lines(proc.stderr)
+    assert proc.stderr.strip().splitlines() == [f"poolmgr: error: {line}"]
+    assert line.startswith(f"{box['pools']}: pool {pool!r}: field {fld!r}: "), line
+    box["line"] = line
+
+
+@then("the line lists the valid devices")
 def lists_valid(box: dict[str, Any]) -> None:
-    err = box["status"]["last_error"]
-    assert "3" in err and H100_UUID in err, err
+    assert f"unknown device '3'; valid: cpu, 0 = GPU0 = {H100_UUID}" in box["line"]
+
+
+@then(parsers.parse('serve created no database and spawned no engine of "{pool}"'))
+def nothing_started(box: dict[str, Any], pool: str) -> None:
+    assert databases(box["state"]) == [] and not box["state"].exists()
+    assert engine_pids(pool) == []
 
 
 @given(

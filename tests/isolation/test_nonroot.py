@@ -28,7 +28,7 @@ def _copy_code(dest: Path) -> None:
     """poolmgr (the parts isolation needs) and pyseccomp, where an unprivileged user can read them."""
     src = Path(poolmgr.__file__).parent
     (dest / "poolmgr").mkdir()
-    for name in ("__init__.py", "errors.py", "py.typed"):
+    for name in ("__init__.py", "errors.py", "poolsfile.py", "py.typed"):
         shutil.copy(src / name, dest / "poolmgr" / name)
     shutil.copytree(src / "isolation", dest / "poolmgr" / "isolation", ignore=shutil.ignore_patterns("__pycache__"))
     import pyseccomp

@@ -5,6 +5,7 @@ becomes ready."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 
 import pytest
@@ -66,15 +67,22 @@ def _cfg(tmp: Path, engine_dir: Path, **kw: int) -> PoolManagerConfig:
 
 
 def test_crashing_pool_backs_off_doubling_then_a_restart_storm_opens_the_breaker(
-    sqlite_url: str, engine_dir: Path, tmp_path: Path
+    sqlite_url: str, engine_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cfg = _cfg(
         tmp_path, engine_dir, backoff_initial_ms=1000, backoff_max_ms=60_000, restart_rate_limit=3,
         restart_window_secs=60, circuit_breaker_threshold=100, circuit_breaker_timeout_secs=300,
     )  # fmt: skip
     clock = FakeClock()
-    events = _run(cfg, sqlite_url, clock, PoolSpec(id="crashy", model=str(engine_dir / "crashy.gguf")),
-                  until="open_breaker")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="poolmgr.pool"):
+        events = _run(cfg, sqlite_url, clock, PoolSpec(id="crashy", model=str(engine_dir / "crashy.gguf")),
+                      until="open_breaker")  # fmt: skip
+    # What needs a person is critical: the storm and the breaker it opened; plain crashes are not.
+    critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert critical == ["pool crashy: restart storm: 3 restarts in 60s", "pool crashy circuit breaker open: "
+                        "restart storm: 3 restarts in 60s"]  # fmt: skip
+    (opened_line,) = [r for r in caplog.records if "circuit breaker open" in r.getMessage()]
+    assert vars(opened_line)["to_state"] == "breaker-open" and vars(opened_line)["from_state"] == "crashed"
     backoffs = [e.backoff_ms for e in events if e.trigger == "back_off"]
     assert len(backoffs) == 3
     for got, base in zip(backoffs, (1000, 2000, 4000), strict=True):

@@ -71,7 +71,12 @@ def test_every_alert_and_dashboard_query_names_a_metric_poolmgr_exposes(exposed_
     assert not missing, f"queries name metrics poolmgr does not expose: {sorted(missing)}"
     assert {r["alert"] for r in rules} >= {
         "PoolmgrCircuitBreakerOpen", "PoolmgrRestartStorm", "PoolmgrPoolNotReady", "PoolmgrVramNearlyFull",
+        "PoolmgrEngineOomKilled", "PoolmgrGpuLost",
     }  # fmt: skip
+    # What needs a person pages (critical), the same events the daemon logs at critical.
+    severity = {r["alert"]: r["labels"]["severity"] for r in rules}
+    for name in ("PoolmgrCircuitBreakerOpen", "PoolmgrRestartStorm", "PoolmgrEngineOomKilled", "PoolmgrGpuLost"):
+        assert severity[name] == "critical", name
     assert dashboard["uid"] and len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
     assert all(p.get("targets") for p in dashboard["panels"] if p["type"] != "row")
 
@@ -91,7 +96,7 @@ def _run(*args: str) -> str:
 
 def test_promtool_accepts_the_rules_and_config_and_the_rule_unit_tests_pass() -> None:
     promtool = _promtool()
-    assert "SUCCESS: 5 rules found" in _run(promtool, "check", "rules", str(RULES))
+    assert "SUCCESS: 7 rules found" in _run(promtool, "check", "rules", str(RULES))
     assert "SUCCESS" in _run(promtool, "test", "rules", str(RULE_TESTS))
     assert "is valid prometheus config file syntax" in _run(promtool, "check", "config", str(PROM_CONFIG))
 

@@ -29,7 +29,8 @@ from ._stack import H100_SNAPSHOT, EngineFiles, kill_engines
 scenarios("observability/logging.feature")
 
 REPO = Path(__file__).resolve().parents[2]
-GOOD, BAD, TEXT = "obs-l-good", "obs-l-bad", "obs-l-text"
+GOOD, BAD, TEXT, DRAIN, NOISO = "obs-l-good", "obs-l-bad", "obs-l-text", "obs-l-drain", "obs-l-noiso"
+THRESHOLD = 2  # POOL_MANAGERD_CIRCUIT_BREAKER_THRESHOLD of these runs
 
 
 @dataclass
@@ -46,9 +47,14 @@ class ServeRun:
 
 
 class _Serve:
-    def __init__(self, files: EngineFiles, pools: dict[str, Path], env: dict[str, str]) -> None:
+    def __init__(
+        self, files: EngineFiles, pools: dict[str, Path], env: dict[str, str],
+        before_start: Callable[[Path], None] | None = None,
+    ) -> None:  # fmt: skip
         self.state = Path(tempfile.mkdtemp(prefix="serve-", dir=files.root))
         self.state.chmod(0o755)
+        if before_start is not None:
+            before_start(self.state)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -61,7 +67,7 @@ class _Serve:
             "POOL_MANAGERD_ADDR": f"127.0.0.1:{port}", "POOL_MANAGERD_STATE_DIR": str(self.state),
             "POOL_MANAGERD_DATABASE_URL": self.url, "POOL_MANAGERD_LLAMA_SERVER": str(files.server),
             "POOL_MANAGERD_FAKE_NVML": str(H100_SNAPSHOT), "POOL_MANAGERD_BACKOFF_INITIAL_MS": "50",
-            "POOL_MANAGERD_BACKOFF_MAX_MS": "200", "POOL_MANAGERD_CIRCUIT_BREAKER_THRESHOLD": "2",
+            "POOL_MANAGERD_BACKOFF_MAX_MS": "200", "POOL_MANAGERD_CIRCUIT_BREAKER_THRESHOLD": str(THRESHOLD),
             "POOL_MANAGERD_HEALTH_CHECK_INTERVAL_MS": "100", "POOL_MANAGERD_STOP_GRACE_MS": "1000", **env,
         }  # fmt: skip
         self.pool_ids = list(pools)
@@ -111,17 +117,27 @@ class _Serve:
 @pytest.fixture(scope="module")
 def runs(engine_files: EngineFiles) -> dict[str, ServeRun]:
     """Two `poolmgr serve` runs side by side: JSON lines (the default) and text lines."""
+    pools = {GOOD: engine_files.model("good.gguf"), BAD: engine_files.missing(), DRAIN: engine_files.model("d.gguf")}
     serves = {
-        "json": _Serve(engine_files, {GOOD: engine_files.model("good.gguf"), BAD: engine_files.missing()}, {}),
+        "json": _Serve(engine_files, pools, {}),
         "text": _Serve(engine_files, {TEXT: engine_files.missing()}, {"POOL_MANAGERD_LOG_FORMAT": "text"}),
-    }
+        # The engine workdirs live in <state>/work: a plain file there makes every isolation attempt fail.
+        "noiso": _Serve(engine_files, {NOISO: engine_files.model("n.gguf")}, {},
+                        before_start=lambda state: (state / "work").write_text("not a directory")),
+    }  # fmt: skip
     try:
         serve = serves["json"]
         first = serve.wait(GOOD, lambda s: s["ready"], "ready")
         os.kill(first["pid"], signal.SIGKILL)
         serve.wait(GOOD, lambda s: s["ready"] and s["restart_count"] == 1, "back after a crash")
         serve.wait(BAD, lambda s: s["state"] == "breaker-open", "breaker open")
+        serve.wait(DRAIN, lambda s: s["ready"], "ready")
+        assert httpx.post(f"{serve.base}/pools/{DRAIN}/leases", json={"ttl_s": 60}, timeout=5).status_code == 201
+        drain = httpx.post(f"{serve.base}/pools/{DRAIN}/drain", json={"deadline_ms": 200}, timeout=5)
+        assert drain.status_code == 202, drain.text
+        serve.wait(DRAIN, lambda s: s["state"] == "stopped", "drained")
         serves["text"].wait(TEXT, lambda s: s["state"] == "breaker-open", "breaker open")
+        serves["noiso"].wait(NOISO, lambda s: s["state"] == "breaker-open", "breaker open")
     except BaseException:
         for serve in serves.values():
             serve.proc.kill()
@@ -134,7 +150,7 @@ def runs(engine_files: EngineFiles) -> dict[str, ServeRun]:
     parsers.parse('`poolmgr serve` ran a pool "{good}" and a pool "{bad}" whose model is missing'), target_fixture="run"
 )
 def served(runs: dict[str, ServeRun], good: str, bad: str) -> ServeRun:
-    assert set(runs["json"].status) == {good, bad}
+    assert {good, bad} <= set(runs["json"].status)
     return runs["json"]
 
 
@@ -146,6 +162,20 @@ def killed_once(run: ServeRun, pool_id: str) -> None:
 @given(parsers.parse('the circuit breaker of "{pool_id}" opened before poolmgr was stopped'))
 def breaker_opened(run: ServeRun, pool_id: str) -> None:
     assert run.status[pool_id]["state"] == "breaker-open" and len(run.rows(pool_id, "open_breaker")) == 1
+
+
+@given(parsers.parse('a pool "{pool_id}" was drained while it held a lease'))
+def drained_with_lease(run: ServeRun, pool_id: str) -> None:
+    (drained,) = run.rows(pool_id, "drained")
+    assert run.status[pool_id]["state"] == "stopped" and (drained.detail or {})["final_leases"] == 1
+
+
+@given(
+    parsers.parse('`poolmgr serve` ran a pool "{pool_id}" whose engine workdir cannot be created'), target_fixture="run"
+)
+def served_noiso(runs: dict[str, ServeRun], pool_id: str) -> ServeRun:
+    assert set(runs["noiso"].status) == {pool_id}
+    return runs["noiso"]
 
 
 @given(
@@ -197,6 +227,24 @@ def every_line_carries(run: ServeRun, name: str, value: str) -> None:
     assert len(lines) > 10 and all(r.get(name) == value for r in lines), [r for r in lines if r.get(name) != value]
 
 
+@then("every line with a pool_id, isolation and spawn lines included, carries engine, engine_version and device_mask")
+def every_pool_line_has_fields(run: ServeRun) -> None:
+    lines = [r for r in run.lines if r.get("pool_id")]
+    assert {r["logger"] for r in lines} >= {"poolmgr.pool", "poolmgr.isolation._prepare", "poolmgr.engines._process"}
+    for r in lines:
+        assert r.get("engine") == "llamacpp" and r.get("device_mask") == "cpu" and "engine_version" in r, r
+
+
+@then(parsers.parse('the isolation and spawn lines of "{pool_id}" are among them'))
+def isolation_and_spawn_lines(run: ServeRun, pool_id: str) -> None:
+    mine = [r for r in run.lines if r.get("pool_id") == pool_id]
+    assert [r for r in mine if "engine isolation" in r["message"] and r["logger"] == "poolmgr.isolation._prepare"]
+    spawned = [r for r in mine if r["message"].startswith("spawned engine pid")]
+    assert len(spawned) == 2  # the first start and the restart after the kill
+    # engine_version is null before the first ready, and known on the restart's spawn line
+    assert spawned[0]["engine_version"] is None and spawned[1]["engine_version"] == "b11434-fake"
+
+
 @then(parsers.parse('the lines saying "{pool_id}" is ready carry the engine_version its status reports'))
 def ready_version(run: ServeRun, pool_id: str) -> None:
     version = run.status[pool_id]["engine_version"]
@@ -221,6 +269,62 @@ def backoff_values(run: ServeRun) -> None:
         lines = _said(run, pool_id, "backing off")
         assert [r["backoff_ms"] for r in lines] == expected
         assert all(str(r["backoff_ms"]) in str(r["message"]) for r in lines)
+
+
+@then("the backoff lines of both pools carry a next_restart_at backoff_ms after the line")
+def backoff_next_restart(run: ServeRun) -> None:
+    for pool_id in (GOOD, BAD):
+        for line in _said(run, pool_id, "backing off"):
+            due = datetime.fromisoformat(line["next_restart_at"])
+            written = datetime.fromisoformat(line["timestamp"])
+            assert abs((due - written).total_seconds() * 1000 - line["backoff_ms"]) < 1000, line
+
+
+@then(parsers.parse('the crash line of "{pool_id}" carries signal 9, no exit_code and the engine\'s uptime'))
+def crash_fields(run: ServeRun, pool_id: str) -> None:
+    (line,) = _said(run, pool_id, "engine crashed")
+    assert line["signal"] == 9 and line["exit_code"] is None and line["level"] == "error"
+    assert 0 < line["uptime_s"] < 60
+
+
+@then(
+    parsers.parse(
+        'the circuit breaker line of "{pool_id}" is critical and carries its old and new state and failure count'
+    )
+)
+def breaker_fields(run: ServeRun, pool_id: str) -> None:
+    (line,) = _said(run, pool_id, "circuit breaker open")
+    (opened,) = run.rows(pool_id, "open_breaker")
+    assert (
+        line["level"] == "critical" and line["from_state"] == opened.from_state and line["to_state"] == "breaker-open"
+    )
+    assert line["consecutive_failures"] == THRESHOLD
+
+
+@then(parsers.parse('the drain of "{pool_id}" started with a warning saying 1 lease was still held'))
+def drain_warning(run: ServeRun, pool_id: str) -> None:
+    (line,) = _said(run, pool_id, "draining with")
+    assert line["level"] == "warning" and line["active_leases"] == 1 and "1 lease(s) still held" in line["message"]
+
+
+@then(parsers.parse('"{pool_id}" is breaker-open with a last_error naming the isolation failure'))
+def noiso_breaker(run: ServeRun, pool_id: str) -> None:
+    status = run.status[pool_id]
+    assert status["state"] == "breaker-open"
+    assert "cannot isolate the engine" in status["last_error"] and "work" in status["last_error"], status
+
+
+@then("its isolation failed exactly as often as the breaker threshold, with reason isolation_error")
+def noiso_failures(run: ServeRun) -> None:
+    failures = run.rows(NOISO, "preload_failed")
+    assert len(failures) == THRESHOLD and {e.reason for e in failures} == {"isolation_error"}
+
+
+@then("exactly one line of the log carries a traceback")
+def one_traceback(run: ServeRun) -> None:
+    traced = [r for r in run.lines if "exception" in r]
+    assert len(traced) == 1 and "Traceback" in traced[0]["exception"], traced
+    assert traced[0]["pool_id"] == NOISO and traced[0]["reason"] == "isolation_error"
 
 
 @then(parsers.parse('the preload failure lines of "{pool_id}" carry the last_error of its audit rows'))
