@@ -120,43 +120,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report(args, ph, layers)
 
 
+_LABELS = (
+    ("floor: llama-server spawn -> first /health 200 (1 ms polling)", "floor"),
+    ("  of which the engine's own startup (its log: start -> listening)", "floor_engine"),
+    ("floor through poolmgr's isolation trampoline", "wrapped"),
+    ("  of which the engine's own startup", "wrapped_engine"),
+    ("trampoline alone (`true` through it - `true` bare)", "trampoline_alone"),
+    ("poolmgr: POST preload -> preload_ok audit row", "total"),
+    ("  POST -> preload_requested row (API, 1 tx)", "request_to_requested"),
+    ("  preload_requested -> place row (worker wakes, 1 tx)", "requested_to_place"),
+    ("  place -> start_preload row (placement, 1 tx)", "place_to_start"),
+    ("  start_preload -> spawn (stray scan, isolation prep, fork)", "start_to_spawn"),
+    ("  spawn -> engine's first 200 (our 1 ms probe, same run)", "spawn_to_engine_ready"),
+    ("    of which the engine's own startup", "engine_own"),
+    ("  engine's first 200 -> preload_ok row (detection, tx)", "engine_ready_to_ok"),
+    ("poolmgr: start_preload row -> preload_ok row", "start_to_ok"),
+)
+
+
 def report(args: argparse.Namespace, ph: dict[str, list[float]], layers: str) -> dict[str, Any]:
     ms = {k: median(v) * 1000 for k, v in ph.items()}
     low = {k: min(v) * 1000 for k, v in ph.items()}
     ms["trampoline_alone"] = ms["trampoline"] - ms["true"]
     low["trampoline_alone"] = low["trampoline"] - low["true"]
     lag = ms["total"] - ms["floor"]
-    labels = (
-        ("floor: llama-server spawn -> first /health 200 (1 ms polling)", "floor"),
-        ("  of which the engine's own startup (its log: start -> listening)", "floor_engine"),
-        ("floor through poolmgr's isolation trampoline", "wrapped"),
-        ("  of which the engine's own startup", "wrapped_engine"),
-        ("trampoline alone (`true` through it - `true` bare)", "trampoline_alone"),
-        ("poolmgr: POST preload -> preload_ok audit row", "total"),
-        ("  POST -> preload_requested row (API, 1 tx)", "request_to_requested"),
-        ("  preload_requested -> place row (worker wakes, 1 tx)", "requested_to_place"),
-        ("  place -> start_preload row (placement, 1 tx)", "place_to_start"),
-        ("  start_preload -> spawn (stray scan, isolation prep, fork)", "start_to_spawn"),
-        ("  spawn -> engine's first 200 (our 1 ms probe, same run)", "spawn_to_engine_ready"),
-        ("    of which the engine's own startup", "engine_own"),
-        ("  engine's first 200 -> preload_ok row (detection, tx)", "engine_ready_to_ok"),
-        ("poolmgr: start_preload row -> preload_ok row", "start_to_ok"),
-    )
-    rows = [(label, ms[key], low[key]) for label, key in labels]
+    rows = [(label, ms[key], low[key]) for label, key in _LABELS]
     print_table(f"Preload readiness, {args.runs} run(s), in ms", ("", "median", "min"), rows)
     # Means add up exactly (medians do not): the lag split into its parts.
     m = {k: mean(v) * 1000 for k, v in ph.items()}
-    parts = {
-        "before spawn (POST -> spawn: API, wake, place, 3 tx, stray scan, isolation prep)": m["request_to_requested"]
-        + m["requested_to_place"]
-        + m["place_to_start"]
-        + m["start_to_spawn"],
-        "engine start before its own log (trampoline, exec) vs the floor's": (
-            m["spawn_to_engine_ready"] - m["engine_own"] - (m["floor"] - m["floor_engine"])
-        ),
-        "the engine's own startup vs the floor's (CPU contention)": m["engine_own"] - m["floor_engine"],
-        "readiness detection + final write (engine's 200 -> preload_ok)": m["engine_ready_to_ok"],
-    }
+    parts = _lag_parts(m)
     paired = median([t - f for t, f in zip(ph["total"], ph["floor"], strict=True)]) * 1000
     print(f"lag = poolmgr {ms['total']:.1f} ms - floor {ms['floor']:.1f} ms = {lag:.1f} ms (medians); "
           f"median of the per-run differences: {paired:.1f} ms")  # fmt: skip
@@ -168,6 +160,30 @@ def report(args: argparse.Namespace, ph: dict[str, list[float]], layers: str) ->
     print(f"isolation layers in force (poolmgr's log): {layer_names(layers) or 'not logged'}")
     met = lag <= GOAL_LAG_MS
     print(f"goal lag <= {GOAL_LAG_MS:.0f} ms: {'MET' if met else 'MISSED'} ({lag:.1f} ms)")
+    result = _result(args, ms, lag=lag, paired=paired, parts=parts)
+    result.update(goal_lag_ms=GOAL_LAG_MS, goal_met=met, dominant=dominant, isolation_layers=layer_names(layers))
+    result["machine"] = machine()
+    return result
+
+
+def _lag_parts(m: dict[str, float]) -> dict[str, float]:
+    """The preload lag (poolmgr minus the floor) split into parts, from means (which add up)."""
+    return {
+        "before spawn (POST -> spawn: API, wake, place, 3 tx, stray scan, isolation prep)": m["request_to_requested"]
+        + m["requested_to_place"]
+        + m["place_to_start"]
+        + m["start_to_spawn"],
+        "engine start before its own log (trampoline, exec) vs the floor's": (
+            m["spawn_to_engine_ready"] - m["engine_own"] - (m["floor"] - m["floor_engine"])
+        ),
+        "the engine's own startup vs the floor's (CPU contention)": m["engine_own"] - m["floor_engine"],
+        "readiness detection + final write (engine's 200 -> preload_ok)": m["engine_ready_to_ok"],
+    }
+
+
+def _result(
+    args: argparse.Namespace, ms: dict[str, float], *, lag: float, paired: float, parts: dict[str, float]
+) -> dict[str, Any]:
     result: dict[str, Any] = {
         "bench": "preload",
         "runs": args.runs,
@@ -183,8 +199,6 @@ def report(args: argparse.Namespace, ph: dict[str, list[float]], layers: str) ->
     skip = {"floor", "wrapped", "total", "start_to_ok", "trampoline", "true", "trampoline_alone"}
     result.update({f"{k}_ms": round(v, 2) for k, v in ms.items() if k not in skip})
     result["lag_parts_mean_ms"] = {k.split(" (")[0]: round(v, 2) for k, v in parts.items()}
-    result.update(goal_lag_ms=GOAL_LAG_MS, goal_met=met, dominant=dominant, isolation_layers=layer_names(layers))
-    result["machine"] = machine()
     return result
 
 

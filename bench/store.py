@@ -1,12 +1,15 @@
 """Benchmark (issue 2): audited transitions per second through the real store and FSM.
 
-Each transition is `MACHINE.fire(registry, pool_id, trigger)`: one transaction that reads the pool row (locked),
-asks the `transitions` machine for the target state, updates the row where its version still matches and inserts
-the audit row. The pool cycles through legal triggers: ready → draining → stopped → placed → preloading → ready.
+Each transition is `fire(registry, pool_id, effect)` (lifecycle/fsm.py), i.e. `Registry.apply(pool_id, effect,
+machine=MACHINE)`, the one write path: one transaction that reads the pool row (locked, with its lease count), asks
+the `transitions` machine for the target state, updates the row where its version still matches and inserts the
+audit row. The pool cycles through the real effects of a drain and a preload: ready -DrainRequested-> draining
+-Drained-> stopped -Placed-> placed -PreloadStarted-> preloading -PreloadSucceeded-> ready.
 
-Measured next to the floor of the same two statements (UPDATE pools ... WHERE id=? AND version=?; INSERT INTO
-pool_events ...; COMMIT) in plain sqlite3 with poolmgr's own pragmas (WAL, synchronous=FULL), in the same run,
-rounds interleaved so both see the same disk and the same machine load. PostgreSQL likewise (psycopg floor).
+Measured next to the floor of the same two statements (UPDATE pools SET <the columns the effect writes>, state,
+version, updated_at WHERE id=? AND version=?; INSERT INTO pool_events ...; COMMIT) in plain sqlite3 with poolmgr's
+own pragmas (WAL, synchronous=FULL), in the same run, rounds interleaved so both see the same disk and the same
+machine load. PostgreSQL likewise (psycopg floor).
 
     .venv/bin/python bench/store.py            # about a minute
     .venv/bin/python bench/store.py --quick    # a smoke run: a few transitions, numbers meaningless
@@ -19,6 +22,7 @@ import argparse
 import contextlib
 import cProfile
 import io
+import json
 import os
 import pstats
 import sqlite3
@@ -34,33 +38,28 @@ from typing import Any
 from _common import emit, machine, median, print_table
 from sqlalchemy import event
 
-from poolmgr.lifecycle.fsm import MACHINE
+from poolmgr.inflight import Drain
+from poolmgr.lifecycle.effects import Drained, DrainRequested, Placed, PreloadStarted, PreloadSucceeded, ReadyInfo
+from poolmgr.lifecycle.fsm import fire
+from poolmgr.lifecycle.placing import CPU_PLACEMENT
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.states import PoolState, Trigger
-from poolmgr.store import EventData, Registry, migrate
+from poolmgr.store import Effect, PoolView, Registry, migrate
 from poolmgr.store._db import _sqlite_pragmas
 
 POOL = "bench"
 CYCLE = (Trigger.DRAIN, Trigger.DRAIN_DONE, Trigger.PLACE, Trigger.START_PRELOAD, Trigger.PRELOAD_OK)
-# (to_state, ready, draining, live) per step of CYCLE: what the floor writes, as poolmgr does.
-FLOOR_STEPS = (
-    ("draining", False, True, True),
-    ("stopped", False, False, False),
-    ("placed", False, False, False),
-    ("preloading", False, False, True),
-    ("ready", True, False, True),
-)
+READY = ReadyInfo("http://127.0.0.1:8080", "bench", 1)
 FROM_STATES = ("ready", "draining", "stopped", "placed", "preloading")
+TO_STATES = ("draining", "stopped", "placed", "preloading", "ready")
+NOW = object()  # in a floor's column values: the time of the write
 FLOOR_POOL = "floor"  # the floors write their own row: poolmgr's CAS and theirs never meet
 PG_URL = os.environ.get("POOLMGR_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 GOAL_SQLITE_PER_S = 2000.0
 GOAL_SQLITE_RATIO = 0.60
 GOAL_PG_PER_S = 1000.0
 
-_UPDATE = (
-    "UPDATE pools SET state={p}, ready={p}, draining={p}, live={p}, slots_free={p}, version={p}, updated_at={p} "
-    "WHERE id={p} AND version={p}"
-)
+_UPDATE = "UPDATE pools SET {sets}state={p}, version={p}, updated_at={p} WHERE id={p} AND version={p}"
 _INSERT = (
     "INSERT INTO pool_events (pool_id, at, kind, from_state, to_state, trigger, reason, restart_count, node_id) "
     "VALUES ({p}, {p}, {p}, {p}, {p}, {p}, {p}, {p}, {p})"
@@ -89,18 +88,28 @@ def ready_registry(url: str, *, synchronous_off: bool = False, pools: tuple[str,
         event.listen(reg.engine, "connect", lambda conn, _rec: conn.execute("PRAGMA synchronous=OFF"))
     for pool_id in pools:
         reg.register(PoolSpec(id=pool_id, model="/models/tiny.gguf", slots=1, ctx_size=1024))
-        for trig in (Trigger.PLACE, Trigger.START_PRELOAD, Trigger.PRELOAD_OK):
-            MACHINE.fire(reg, pool_id, trig)
+        for effect in (Placed(), PreloadStarted(CPU_PLACEMENT), PreloadSucceeded(READY)):
+            fire(reg, pool_id, effect)
     return reg
+
+
+def cycle_effects(now: datetime) -> tuple[Effect, ...]:
+    """The effects of one cycle, in the order of CYCLE (a drain that finished, then a preload)."""
+    effects = (
+        DrainRequested(Drain(now, 30_000, "bench")), Drained({"outcome": "drained", "duration_ms": 0}), Placed(),
+        PreloadStarted(CPU_PLACEMENT), PreloadSucceeded(READY),
+    )  # fmt: skip
+    assert tuple(e.trigger for e in effects) == CYCLE
+    return effects
 
 
 def fire_round(reg: Registry, cycles: int, *, pool_id: str = POOL) -> float:
     """Audited transitions per second over `cycles` full cycles (the pool ends ready, as it began)."""
-    ev = EventData(reason="bench", correlation_id="bench")
+    effects = cycle_effects(datetime.now(UTC))
     n = cycles * len(CYCLE)
     t0 = time.perf_counter()
     for i in range(n):
-        MACHINE.fire(reg, pool_id, CYCLE[i % len(CYCLE)], event=ev)
+        fire(reg, pool_id, effects[i % len(CYCLE)])
     elapsed = time.perf_counter() - t0
     if reg.get(pool_id).state is not PoolState.READY:
         raise RuntimeError("the cycle did not end in ready")
@@ -110,40 +119,62 @@ def fire_round(reg: Registry, cycles: int, *, pool_id: str = POOL) -> float:
 # -- floors -----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class FloorStep:
+    """One step of the cycle as the floor writes it: the columns poolmgr's UPDATE writes for that effect."""
+
+    sql: str
+    values: tuple[Any, ...]  # NOW where the write's time goes
+    to_state: str
+
+
+def floor_steps(view: PoolView, placeholder: str) -> tuple[FloorStep, ...]:
+    """The UPDATE of each step of the cycle with the same columns as poolmgr's (its derived state, version and
+    updated_at last), values in plain DB-API form: JSON as text, datetimes as the time of the write."""
+    steps = []
+    now = datetime.now(UTC)
+    for effect, to_state in zip(cycle_effects(now), TO_STATES, strict=True):
+        cols = dict(effect.columns(view, now))
+        sets = "".join(f"{k}={placeholder}, " for k in cols)
+        values = tuple(NOW if isinstance(v, datetime) else json.dumps(v) if isinstance(v, dict) else v
+                       for v in cols.values())  # fmt: skip
+        steps.append(FloorStep(_UPDATE.format(sets=sets, p=placeholder), values, to_state))
+    return tuple(steps)
+
+
 class Floor:
     """The same UPDATE (compare-and-swap on version) + INSERT + COMMIT, without poolmgr, on one DB-API connection."""
 
     def __init__(
-        self, conn: Any, *, placeholder: str, begin: str | None, now: Callable[[], Any], pool_id: str = FLOOR_POOL
+        self, conn: Any, view: PoolView, *, placeholder: str, begin: str | None, now: Callable[[], Any]
     ) -> None:
         self.conn = conn
-        self.pool_id = pool_id
+        self.pool_id = view.id
         self.now = now
-        self.update = _UPDATE.format(p=placeholder)
+        self.steps = floor_steps(view, placeholder)
         self.insert = _INSERT.format(p=placeholder)
         self.begin = begin
         cur = conn.cursor()
-        cur.execute(f"SELECT version FROM pools WHERE id = {placeholder}", (pool_id,))
+        cur.execute(f"SELECT version FROM pools WHERE id = {placeholder}", (self.pool_id,))
         self.version = int(cur.fetchone()[0])
         cur.close()
 
     def round(self, cycles: int) -> float:
         cur = self.conn.cursor()
-        n = cycles * len(FLOOR_STEPS)
+        n = cycles * len(self.steps)
         t0 = time.perf_counter()
         for i in range(n):
-            step = i % len(FLOOR_STEPS)
-            state, ready, draining, live = FLOOR_STEPS[step]
+            step = i % len(self.steps)
+            write = self.steps[step]
             now = self.now()
             if self.begin:
                 cur.execute(self.begin)
-            slots_free = 1 if ready else 0
-            cur.execute(self.update, (state, ready, draining, live, slots_free, self.version + 1, now, self.pool_id,
-                                      self.version))  # fmt: skip
+            values = [now if v is NOW else v for v in write.values]
+            cur.execute(write.sql, (*values, write.to_state, self.version + 1, now, self.pool_id, self.version))
             if cur.rowcount != 1:
                 raise RuntimeError("floor: compare-and-swap lost (another writer?)")
-            cur.execute(self.insert, (self.pool_id, now, CYCLE[step].value, FROM_STATES[step], state, CYCLE[step].value,
-                                      "bench", 0, "bench"))  # fmt: skip
+            cur.execute(self.insert, (self.pool_id, now, CYCLE[step].value, FROM_STATES[step], write.to_state,
+                                      CYCLE[step].value, "bench", 0, "bench"))  # fmt: skip
             self.conn.commit() if self.begin is None else cur.execute("COMMIT")
             self.version += 1
         elapsed = time.perf_counter() - t0
@@ -155,12 +186,22 @@ def _now_text() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")  # how SQLAlchemy stores a DateTime in SQLite
 
 
+def floor_pool(url: str, pool_id: str = FLOOR_POOL) -> PoolView:
+    """A migrated database with the floor's pool ready (poolmgr's own rows); the pool as it is."""
+    reg = ready_registry(url, pools=(pool_id,))
+    try:
+        return reg.get(pool_id)
+    finally:
+        reg.close()
+
+
 def sqlite_floor(path: Path, *, synchronous_off: bool = False) -> Floor:
+    view = floor_pool(f"sqlite:///{path}")
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     _sqlite_pragmas(conn, None)  # poolmgr's own pragmas: WAL, synchronous=FULL, busy_timeout, foreign_keys
     if synchronous_off:
         conn.execute("PRAGMA synchronous=OFF")
-    return Floor(conn, placeholder="?", begin="BEGIN IMMEDIATE", now=_now_text)
+    return Floor(conn, view, placeholder="?", begin="BEGIN IMMEDIATE", now=_now_text)
 
 
 def sqlite_settings(path: Path) -> dict[str, Any]:
@@ -218,8 +259,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stack.callback(_close_all, regs, floors)
         regs["full"] = ready_registry(f"sqlite:///{d / 'poolmgr.db'}")
         regs["off"] = ready_registry(f"sqlite:///{d / 'poolmgr-off.db'}", synchronous_off=True)
-        ready_registry(f"sqlite:///{d / 'floor.db'}", pools=(FLOOR_POOL,)).close()
-        ready_registry(f"sqlite:///{d / 'floor-off.db'}", pools=(FLOOR_POOL,)).close()
         floors["full"] = sqlite_floor(d / "floor.db")
         floors["off"] = sqlite_floor(d / "floor-off.db", synchronous_off=True)
         series = {
@@ -244,8 +283,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ("pgoff", pg + "%20-csynchronous_commit%3Doff", "PostgreSQL synchronous_commit=off"),
             )):  # fmt: skip
                 regs[key] = ready_registry(url, pools=(f"{POOL}-{key}", f"{FLOOR_POOL}-{key}"))
-                floors[key] = Floor(psycopg.connect(url), placeholder="%s", begin=None, now=lambda: datetime.now(UTC),
-                                    pool_id=f"{FLOOR_POOL}-{key}")  # fmt: skip
+                view = regs[key].get(f"{FLOOR_POOL}-{key}")
+                floors[key] = Floor(psycopg.connect(url), view, placeholder="%s", begin=None,
+                                    now=lambda: datetime.now(UTC))  # fmt: skip
                 series["floor_" + key] = Series(f"psycopg floor, {what}")
                 series[key] = Series(f"poolmgr fire, {what}")
             rounds += [
@@ -254,7 +294,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 ("floor_pgoff", floors["pgoff"].round),
                 ("pgoff", lambda c: fire_round(regs["pgoff"], c, pool_id=f"{POOL}-pgoff")),
             ]
-        for _name, fn in rounds:  # warm-up: connections, statement caches, the FSM's model
+        for _name, fn in rounds:  # warm-up: connections, statement caches
             fn(1)
         for _ in range(args.rounds):
             for name, fn in rounds:

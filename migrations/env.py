@@ -31,6 +31,10 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = make_engine(_url())
     with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            # A batch migration rebuilds a table (copy, drop, rename): with foreign keys on, dropping `pools`
+            # would cascade its leases away. The pragma only takes effect outside a transaction: on the driver.
+            connection.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
         context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=True)
         with context.begin_transaction():
             context.run_migrations()

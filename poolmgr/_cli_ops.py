@@ -53,7 +53,7 @@ def _serve(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
 
 
 def cmd_engines_install(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
-    from poolmgr.engines._install import install_llamacpp
+    from poolmgr.engines import install_llamacpp
 
     if args.engine != "llamacpp":
         raise ConfigError(f"unknown engine {args.engine!r} (known: llamacpp)")
@@ -63,7 +63,7 @@ def cmd_engines_install(args: argparse.Namespace, cfg: PoolManagerConfig) -> int
 
 
 def cmd_engines_list(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
-    from poolmgr.engines._install import list_engines
+    from poolmgr.engines import list_engines
 
     engines = list_engines()
     if cfg.llama_server:

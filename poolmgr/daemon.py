@@ -25,7 +25,8 @@ from starlette.responses import JSONResponse, Response
 from poolmgr import __version__
 from poolmgr.api.app import create_app
 from poolmgr.errors import ConfigError
-from poolmgr.lifecycle.reconciler import Reconciler, database_unavailable
+from poolmgr.lifecycle.outage import database_unavailable
+from poolmgr.lifecycle.reconciler import Reconciler
 from poolmgr.observability.logs import register_pool_secrets, register_settings_secrets
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
@@ -87,7 +88,7 @@ async def serve(cfg: PoolManagerConfig, specs: Sequence[PoolSpec], *, keep_engin
     metrics: Any = None
     server_task: asyncio.Task[None] | None = None
     try:
-        await _unless(stop, reconciler.db(migrate, url))  # waits (and says so) while the database is away
+        await _unless(stop, reconciler.store.call(migrate, url))  # waits (and says so) while the database is away
         metrics = _metrics(reconciler)
         app = create_app(
             registry, kick=reconciler.kick, api_token=cfg.api_token, metrics=metrics, devices=_devices(reconciler),

@@ -11,8 +11,9 @@ PoolmgrError
 │   └── InsufficientVram        the model cannot fit the pool's devices
 ├── EngineError                 the engine could not be built, spawned or made ready
 │   └── PreloadFailed           carries a machine-readable reason
-├── IsolationError              a requested isolation layer could not be applied
-└── TransientError              worth retrying later (database away, …)
+└── IsolationError              a requested isolation layer could not be applied
+
+A database that is away is not a poolmgr error: lifecycle/outage.py waits it out (SQLAlchemy's OperationalError).
 """
 
 from __future__ import annotations
@@ -79,10 +80,6 @@ class IsolationError(PoolmgrError):
     pass
 
 
-class TransientError(PoolmgrError):
-    pass
-
-
 __all__ = [
     "ConfigError",
     "ConfigProblems",
@@ -96,5 +93,4 @@ __all__ = [
     "NotFoundError",
     "PoolmgrError",
     "PreloadFailed",
-    "TransientError",
 ]

@@ -23,8 +23,6 @@ class PoolState(str, Enum):
 ALL_STATES: tuple[PoolState, ...] = tuple(PoolState)
 # States in which an engine process is (or should be) running for the pool.
 ENGINE_STATES = frozenset({PoolState.PRELOADING, PoolState.READY, PoolState.DRAINING})
-# States in which the pool waits for supervision to act.
-WAITING_STATES = frozenset({PoolState.CRASHED, PoolState.BACKOFF, PoolState.BREAKER_OPEN})
 
 
 class Trigger(str, Enum):
@@ -58,4 +56,4 @@ class DesiredState(str, Enum):
         return self.value
 
 
-__all__ = ["ALL_STATES", "ENGINE_STATES", "WAITING_STATES", "DesiredState", "PoolState", "Trigger"]
+__all__ = ["ALL_STATES", "ENGINE_STATES", "DesiredState", "PoolState", "Trigger"]

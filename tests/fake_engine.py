@@ -325,33 +325,12 @@ def hog_memory() -> NoReturn:
 
 def serve(opts: dict[str, Any], mode: str) -> None:
     engine = Engine(opts)
-    host, port = opts["host"], int(opts["port"])
-    try:
-        server = ThreadingHTTPServer((host, port), make_handler(engine))
-    except OSError:
-        log("E", "srv         start", f"couldn't bind HTTP server socket, hostname: {host}, port: {port}")
-        log("I", "srv    operator()", "operator(): cleaning up before exit...")
-        log("E", "srv  llama_server", "exiting due to HTTP server error")
-        sys.exit(1)
-    server.daemon_threads = True
+    host = opts["host"]
+    server = bind(engine, host, int(opts["port"]))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     if os.environ.get("FAKE_ENGINE_GRANDCHILD"):
         spawn_grandchild(os.environ["FAKE_ENGINE_GRANDCHILD"])
-    model = opts["model"]
-    log("I", "srv    load_model", f"loading model '{model}'")
-    if mode == "fail_model":
-        fail_model(f"gguf_init_from_file: failed to open GGUF file '{model}' (No such file or directory)", model)
-    failure = model_failure(model)
-    if failure:
-        fail_model(failure, model)
-    time.sleep(int(os.environ.get("FAKE_ENGINE_LOAD_MS", "30")) / 1000)
-    while mode == "hang":
-        time.sleep(3600)
-    if mode == "oom":
-        fail_vram_oom(model)
-    n_ctx = int(opts["ctx_size"]) // engine.n_slots
-    shape = f"n_slots = {engine.n_slots}, n_ctx_slot = {n_ctx}, kv_unified = 'false'"
-    log("I", "srv    load_model", f"initializing, {shape}")
+    load_model(opts, mode, engine)
     stop = threading.Event()
     if os.environ.get("FAKE_ENGINE_IGNORE_TERM") != "1":
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -367,6 +346,38 @@ def serve(opts: dict[str, Any], mode: str) -> None:
         pass
     log("I", "srv    operator()", "operator(): cleaning up before exit...")
     sys.exit(0)
+
+
+def bind(engine: Engine, host: str, port: int) -> ThreadingHTTPServer:
+    """The HTTP server, bound; a port in use exits 1 with llama-server's lines."""
+    try:
+        server = ThreadingHTTPServer((host, port), make_handler(engine))
+    except OSError:
+        log("E", "srv         start", f"couldn't bind HTTP server socket, hostname: {host}, port: {port}")
+        log("I", "srv    operator()", "operator(): cleaning up before exit...")
+        log("E", "srv  llama_server", "exiting due to HTTP server error")
+        sys.exit(1)
+    server.daemon_threads = True
+    return server
+
+
+def load_model(opts: dict[str, Any], mode: str, engine: Engine) -> None:
+    """The model load: the failure modes exit (or hang) here, like llama-server's own load errors."""
+    model = opts["model"]
+    log("I", "srv    load_model", f"loading model '{model}'")
+    if mode == "fail_model":
+        fail_model(f"gguf_init_from_file: failed to open GGUF file '{model}' (No such file or directory)", model)
+    failure = model_failure(model)
+    if failure:
+        fail_model(failure, model)
+    time.sleep(int(os.environ.get("FAKE_ENGINE_LOAD_MS", "30")) / 1000)
+    while mode == "hang":
+        time.sleep(3600)
+    if mode == "oom":
+        fail_vram_oom(model)
+    n_ctx = int(opts["ctx_size"]) // engine.n_slots
+    shape = f"n_slots = {engine.n_slots}, n_ctx_slot = {n_ctx}, kv_unified = 'false'"
+    log("I", "srv    load_model", f"initializing, {shape}")
 
 
 def main() -> None:

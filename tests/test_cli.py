@@ -81,7 +81,7 @@ def test_missing_pools_file_is_one_line(tmp_path: Path) -> None:
 
 def test_migrate_pools_and_events_on_a_fresh_database(tmp_path: Path) -> None:
     proc = run(["migrate"], tmp_path)
-    assert proc.returncode == 0 and "database at revision 0001" in proc.stdout
+    assert proc.returncode == 0 and "database at revision 0002" in proc.stdout
     assert (tmp_path / "state" / "poolmgr.db").exists()
     proc = run(["pools", "--json"], tmp_path)
     assert proc.returncode == 0 and json.loads(proc.stdout) == []
@@ -90,9 +90,10 @@ def test_migrate_pools_and_events_on_a_fresh_database(tmp_path: Path) -> None:
 
 
 def test_devices_shows_which_pool_holds_each_gpu(tmp_path: Path) -> None:
-    from poolmgr.lifecycle.fsm import MACHINE
+    from poolmgr.lifecycle.effects import EngineRecorded, Placed, PreloadStarted
+    from poolmgr.lifecycle.fsm import fire
+    from poolmgr.lifecycle.placing import Placement
     from poolmgr.poolsfile import PoolSpec
-    from poolmgr.states import Trigger
     from poolmgr.store import Registry, migrate
 
     snapshot = Path(__file__).parent / "fixtures" / "gpu" / "hetero-3gpu-synthetic" / "nvml-snapshot.json"
@@ -101,9 +102,9 @@ def test_devices_shows_which_pool_holds_each_gpu(tmp_path: Path) -> None:
     reg = Registry(url, node_id="node-x")
     reg.register(PoolSpec(id="big", model="/m.gguf", device_mask="0,1"))
     uuids = ["GPU-4090aaaa-1111-2222-3333-444455556666", "GPU-3060bbbb-1111-2222-3333-444455556666"]
-    MACHINE.fire(reg, "big", Trigger.PLACE)
-    MACHINE.fire(reg, "big", Trigger.START_PRELOAD, updates={"split_plan": {"device_uuids": uuids}})
-    reg.update("big", pid=4242, pid_start_time=1)
+    fire(reg, "big", Placed())
+    fire(reg, "big", PreloadStarted(Placement(env={}, device_uuids=uuids, split_plan={"device_uuids": uuids})))
+    fire(reg, "big", EngineRecorded(4242, 1))
     reg.close()
     proc = run(["devices", "--json"], tmp_path, POOL_MANAGERD_FAKE_NVML=str(snapshot), POOL_MANAGERD_NODE_ID="node-x")
     assert proc.returncode == 0, proc.stderr

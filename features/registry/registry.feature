@@ -21,13 +21,16 @@ Feature: The pool registry (B-REG)
     Then reading pool "alpha" says not found
     And the active leases of pool "alpha" are 0
 
-  Scenario: Slots are clamped to the range zero to total
+  Scenario: Free slots stay in the range zero to total
     Given an empty registry on sqlite
     And pool "alpha" is registered with 4 slots on device mask "cpu"
-    When the slots of "alpha" are set to 4 total and 9 free
-    Then pool "alpha" has 4 free slots
-    When the slots of "alpha" are set to 4 total and -2 free
     Then pool "alpha" has 0 free slots
+    When pool "alpha" becomes ready
+    Then pool "alpha" has 4 free slots
+    When 4 leases are taken on "alpha"
+    Then pool "alpha" has 0 free slots
+    And a lease on "alpha" is refused because it has no free slot
+    And pool "alpha" has 0 free slots
 
   Scenario: Leases are refused while draining and the count stays unchanged
     Given an empty registry on sqlite

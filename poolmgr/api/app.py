@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from poolmgr import __version__
-from poolmgr.api._context import CORRELATION_ID, new_correlation_id, valid_correlation_id
+from poolmgr.correlation import CORRELATION_ID, new_correlation_id, valid_correlation_id
 from poolmgr.errors import ConfigError, ConflictError, NotFoundError, PoolmgrError
 from poolmgr.lifecycle import operations
 from poolmgr.store import Registry
@@ -57,10 +57,22 @@ def create_app(
     app = FastAPI(title="poolmgr", version=__version__, docs_url=None, redoc_url=None)
     _install_middleware(app, api_token)
     _install_errors(app)
+    _add_node_routes(app, metrics, devices)
+    _add_pool_routes(app, registry, kick)
+    _add_operations(app, registry, kick)
+    return app
 
-    async def db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return await run_in_threadpool(fn, *args, **kwargs)
 
+async def _db(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """A registry call (blocking database I/O) off the event loop."""
+    return await run_in_threadpool(fn, *args, **kwargs)
+
+
+def _add_node_routes(
+    app: FastAPI,
+    metrics: Callable[[], tuple[bytes, str]] | None,
+    devices: Callable[[], list[dict[str, Any]]] | None,
+) -> None:
     @app.get("/health")
     async def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
@@ -72,47 +84,43 @@ def create_app(
         body, content_type = await run_in_threadpool(metrics)
         return Response(body, media_type=content_type)
 
-    @app.get("/pools")
-    async def pools() -> list[dict[str, Any]]:
-        return [p.status() for p in await db(registry.pools)]
-
-    @app.get("/pools/{pool_id}/status")
-    async def status(pool_id: str) -> dict[str, Any]:
-        return dict((await db(registry.get, pool_id)).status())
-
-    @app.get("/pools/{pool_id}/events")
-    async def events(pool_id: str, limit: int = 100) -> list[dict[str, Any]]:
-        await db(registry.get, pool_id)
-        return [e.to_json() for e in await db(registry.events, pool_id=pool_id, limit=max(1, min(limit, 10_000)))]
-
-    @app.post("/pools/{pool_id}/leases", status_code=201)
-    async def allocate(pool_id: str, body: LeaseBody | None = None) -> dict[str, Any]:
-        ttl = (body or LeaseBody()).ttl_s
-        lease = await db(registry.allocate_lease, pool_id, ttl_s=ttl, correlation_id=CORRELATION_ID.get())
-        return dict(lease.to_json())
-
-    @app.delete("/pools/{pool_id}/leases/{lease_id}")
-    async def release(pool_id: str, lease_id: str) -> dict[str, Any]:
-        await db(registry.get, pool_id)
-        if not await db(registry.release_lease, pool_id, lease_id, correlation_id=CORRELATION_ID.get()):
-            raise NotFoundError(f"lease {lease_id!r} not found on pool {pool_id!r}")
-        kick(pool_id)
-        return {"released": lease_id, "active_leases": (await db(registry.get, pool_id)).active_leases}
-
-    _add_operations(app, registry, kick, db)
-
     @app.get("/devices")
     async def devices_route() -> list[dict[str, Any]]:
         return devices() if devices is not None else []
 
-    return app
+
+def _add_pool_routes(app: FastAPI, registry: Registry, kick: Callable[[str], None]) -> None:
+    @app.get("/pools")
+    async def pools() -> list[dict[str, Any]]:
+        return [p.status() for p in await _db(registry.pools)]
+
+    @app.get("/pools/{pool_id}/status")
+    async def status(pool_id: str) -> dict[str, Any]:
+        return dict((await _db(registry.get, pool_id)).status())
+
+    @app.get("/pools/{pool_id}/events")
+    async def events(pool_id: str, limit: int = 100) -> list[dict[str, Any]]:
+        await _db(registry.get, pool_id)
+        return [e.to_json() for e in await _db(registry.events, pool_id=pool_id, limit=max(1, min(limit, 10_000)))]
+
+    @app.post("/pools/{pool_id}/leases", status_code=201)
+    async def allocate(pool_id: str, body: LeaseBody | None = None) -> dict[str, Any]:
+        ttl = (body or LeaseBody()).ttl_s
+        lease = await _db(registry.allocate_lease, pool_id, ttl_s=ttl, correlation_id=CORRELATION_ID.get())
+        return dict(lease.to_json())
+
+    @app.delete("/pools/{pool_id}/leases/{lease_id}")
+    async def release(pool_id: str, lease_id: str) -> dict[str, Any]:
+        await _db(registry.get, pool_id)
+        if not await _db(registry.release_lease, pool_id, lease_id, correlation_id=CORRELATION_ID.get()):
+            raise NotFoundError(f"lease {lease_id!r} not found on pool {pool_id!r}")
+        kick(pool_id)
+        return {"released": lease_id, "active_leases": (await _db(registry.get, pool_id)).active_leases}
 
 
-def _add_operations(
-    app: FastAPI, registry: Registry, kick: Callable[[str], None], db: Callable[..., Awaitable[Any]]
-) -> None:
+def _add_operations(app: FastAPI, registry: Registry, kick: Callable[[str], None]) -> None:
     async def act(pool_id: str, fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
-        view = await db(fn, registry, pool_id, correlation_id=CORRELATION_ID.get(), **kwargs)
+        view = await _db(fn, registry, pool_id, correlation_id=CORRELATION_ID.get(), **kwargs)
         kick(pool_id)
         return {"accepted": True, "correlation_id": CORRELATION_ID.get(), "status": view.status()}
 

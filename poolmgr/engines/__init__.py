@@ -5,6 +5,8 @@
 - `ProcessLauncher` (`Launcher`): spawn in an own session with the log rotated, (pid, start time) identity,
   exit seen at once through a pidfd, stop TERM → KILL of the whole process group.
 - `install_llamacpp` / `list_engines` / `resolve_llama_server`: the llama-server binary cache.
+- `read_stat` / `read_start_time` (`ProcStat`): a process's identity from /proc; `rotate_log` /
+  `rotate_log_in_place`: engine logs.
 - `poolmgr.engines.tiny_model.write_tiny_model` (not imported here: it needs numpy) writes a tiny real GGUF.
 """
 
@@ -27,7 +29,7 @@ from poolmgr.engines._install import (
     list_engines,
     resolve_llama_server,
 )
-from poolmgr.engines._logs import rotate_log
+from poolmgr.engines._logs import rotate_log, rotate_log_in_place
 from poolmgr.engines._process import (
     ExitInfo,
     Launcher,
@@ -36,19 +38,8 @@ from poolmgr.engines._process import (
     SpawnedEngine,
     WrapFn,
 )
+from poolmgr.engines._procfs import ProcStat, read_start_time, read_stat
 from poolmgr.engines.llamacpp import LlamaCppAdapter, classify_stderr, parse_listen_port
-from poolmgr.errors import EngineError
-
-_ADAPTERS: dict[str, EngineAdapter] = {"llamacpp": LlamaCppAdapter()}
-
-
-def get_adapter(engine: str) -> EngineAdapter:
-    """The adapter for a pool's `engine` field."""
-    try:
-        return _ADAPTERS[engine]
-    except KeyError:
-        raise EngineError(f"unknown engine {engine!r} (known: {', '.join(sorted(_ADAPTERS))})") from None
-
 
 __all__ = [
     "BUILD_NUMBER",
@@ -60,6 +51,7 @@ __all__ = [
     "LaunchRequest",
     "Launcher",
     "LlamaCppAdapter",
+    "ProcStat",
     "ProcessLauncher",
     "SlotCounts",
     "SpawnedEngine",
@@ -69,10 +61,12 @@ __all__ = [
     "binary_version",
     "classify_stderr",
     "default_cache_dir",
-    "get_adapter",
     "install_llamacpp",
     "list_engines",
     "parse_listen_port",
+    "read_start_time",
+    "read_stat",
     "resolve_llama_server",
     "rotate_log",
+    "rotate_log_in_place",
 ]

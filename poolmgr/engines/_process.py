@@ -107,6 +107,8 @@ class Launcher(Protocol):
         self, log_path: Path, offset: int, deadline: float, *, pid: int | None = None, start_time: int | None = None
     ) -> int | None: ...
 
+    def close(self) -> None: ...
+
 
 class _Watch:
     """One pidfd registered with the event loop; its future resolves once with the engine's ExitInfo."""

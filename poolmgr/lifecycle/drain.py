@@ -1,115 +1,106 @@
-"""Drain (B-DRAIN) and the drain half of reload (B-RELOAD): no new leases, wait for active leases to end or
-the deadline, stop the engine (forced past the deadline), then stop the pool or start the new model."""
+"""Draining a pool, a part of its worker (B-DRAIN, and the drain half of B-RELOAD): no new leases, wait for the
+active leases to end or the deadline (on the injected clock), then hand the worker the effect that ends the
+drain — `Drained` (the pool stops) or `ReloadStarted` (the new model starts) — for it to stop the engine and
+fire it. A hung engine (the usual health misses) or one that died ends the wait early."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from poolmgr.lifecycle.watch import adopt_if_alive
-from poolmgr.poolsfile import PoolSpec
-from poolmgr.states import DesiredState, PoolState, Trigger
-from poolmgr.store import EventData, PoolView
-
-if TYPE_CHECKING:
-    from poolmgr.lifecycle.worker import PoolWorker
+from poolmgr.engines import SpawnedEngine
+from poolmgr.inflight import Drain, Reload
+from poolmgr.lifecycle.effects import Drained, ReloadStarted
+from poolmgr.lifecycle.port import PoolPort
+from poolmgr.states import PoolState
+from poolmgr.store import PoolView
 
 log = logging.getLogger("poolmgr.pool")
 _LEASE_POLL_S = 0.05
 
 
-async def run_drain(w: PoolWorker, view: PoolView) -> None:
-    # After a poolmgr restart: go on draining the engine that outlived it. One that ended meanwhile (the
-    # previous poolmgr stopped it, most likely) leaves nothing to wait for: the drain finishes at once.
-    gone = view.pid is not None and await adopt_if_alive(w, view) is None
-    if gone:
-        log.warning("pool %s: its engine ended while poolmgr was not running; finishing the drain", view.id,
-                    extra=w._extra(view))  # fmt: skip
-    if view.active_leases > 0:
-        log.warning(
-            "pool %s draining with %d lease(s) still held: waiting for them until the deadline", view.id,
-            view.active_leases, extra={**w._extra(view), "active_leases": view.active_leases},
-        )  # fmt: skip
-    hung = _HangCheck(w)
-    while not gone and view.active_leases > 0 and not w.drain_deadline_passed(view) and not w.stopping:
-        await w._sleep_or_kick(_LEASE_POLL_S)
-        w.kick_event.clear()  # before the read: a kick after it ends the next sleep at once
-        view = await w._db(w.registry.get, view.id)
-        if view.state is not PoolState.DRAINING:
-            return
-        eng = w.engine
-        if eng is not None and not w.runtime.launcher.is_alive(eng.pid, eng.start_time):
-            # The engine died mid-drain: its leases serve no one, so there is nothing left to wait for.
-            log.warning("pool %s: its engine pid %s ended during the drain; finishing it now", view.id, eng.pid,
-                        extra=w._extra(view, pid=eng.pid))  # fmt: skip
-            break
-        if await hung.now(view):
-            # A hung engine finishes no lease: waiting for the deadline would only keep the pool out longer.
-            log.warning("pool %s: its engine stopped answering during the drain (%s); stopping it now", view.id,
-                        hung.last, extra=w._extra(view, last_error=hung.last))  # fmt: skip
-            break
-    if w.stopping:
-        return
-    forced = view.active_leases > 0
-    await w._kill_recorded(view)
-    op = view.pending_op or {"op": "drain"}
-    started = _parse(op.get("started_at")) or view.updated_at
-    detail = {
-        "force_stopped": forced,
-        "duration_ms": int((w.clock.now() - started).total_seconds() * 1000),
-        "final_leases": view.active_leases,
-        "outcome": "forced" if forced else "drained",
-    }
-    common: dict[str, Any] = {"pid": None, "pid_start_time": None, "endpoint_url": None, "drain_deadline_at": None}
-    if op.get("op") == "reload":
-        new = PoolSpec.from_json({**view.spec.to_json(), "model": op["model"]})
-        await w.fire(
-            Trigger.RELOAD, view, clear_leases=True,
-            updates={**common, "spec": new.to_json(), "model": new.model},
-            event=EventData(kind="drained", reason=f"reload to {new.model}", correlation_id=op.get("correlation_id"),
-                            detail=detail),
-        )  # fmt: skip
-    else:
-        await w.fire(
-            Trigger.DRAIN_DONE, view, clear_leases=True,
-            updates={**common, "desired_state": DesiredState.STOPPED.value, "pending_op": None},
-            event=EventData(kind="drained", reason="drain finished", correlation_id=op.get("correlation_id"),
-                            detail=detail),
-        )  # fmt: skip
-    log.info(
-        "pool %s drained (forced=%s, %d ms, %d leases left)", view.id, forced, detail["duration_ms"],
-        view.active_leases, extra={**w._extra(view), "correlation_id": op.get("correlation_id"), **detail},
-    )  # fmt: skip
-    await asyncio.sleep(0)
+class Drainer:
+    def __init__(self, port: PoolPort) -> None:
+        self.port = port
+
+    async def run(
+        self, view: PoolView, eng: SpawnedEngine | None, *, engine_gone: bool
+    ) -> Drained | ReloadStarted | None:
+        """The effect that ends the drain, once it may end; None if the drain is no longer this part's (the pool
+        left `draining`, or poolmgr is shutting down)."""
+        port = self.port
+        if engine_gone:
+            log.warning("pool %s: its engine ended while poolmgr was not running; finishing the drain", view.id,
+                        extra=port.log_extra(view))  # fmt: skip
+        elif view.active_leases > 0:
+            log.warning(
+                "pool %s draining with %d lease(s) still held: waiting for them until the deadline", view.id,
+                view.active_leases, extra={**port.log_extra(view), "active_leases": view.active_leases},
+            )  # fmt: skip
+        waited = await self._wait(view, eng) if not engine_gone else view
+        if waited is None or port.stopping:
+            return None
+        return self._ending(waited)
+
+    async def _wait(self, view: PoolView, eng: SpawnedEngine | None) -> PoolView | None:
+        """Until no lease is held, the deadline passed, or the engine died or hung: the pool as it then is."""
+        port = self.port
+        hung = _HangCheck(port)
+        while view.active_leases > 0 and not self._deadline_passed(view) and not port.stopping:
+            await port.wait(_LEASE_POLL_S)
+            view = await port.read()
+            if view.state is not PoolState.DRAINING:
+                return None
+            if eng is not None and not port.runtime.launcher.is_alive(eng.pid, eng.start_time):
+                # The engine died mid-drain: its leases serve no one, so there is nothing left to wait for.
+                log.warning("pool %s: its engine pid %s ended during the drain; finishing it now", view.id, eng.pid,
+                            extra=port.log_extra(view, pid=eng.pid))  # fmt: skip
+                break
+            if await hung.now(view):
+                # A hung engine finishes no lease: waiting for the deadline would only keep the pool out longer.
+                log.warning("pool %s: its engine stopped answering during the drain (%s); stopping it now", view.id,
+                            hung.last, extra=port.log_extra(view, last_error=hung.last))  # fmt: skip
+                break
+        return view
+
+    def _deadline_passed(self, view: PoolView) -> bool:
+        return view.drain_deadline_at is not None and self.port.clock.now() >= view.drain_deadline_at
+
+    def _ending(self, view: PoolView) -> Drained | ReloadStarted:
+        op = view.pending_op
+        started = op.started_at if isinstance(op, Drain | Reload) else view.updated_at
+        forced = view.active_leases > 0
+        detail: dict[str, Any] = {
+            "force_stopped": forced,
+            "duration_ms": int((self.port.clock.now() - started).total_seconds() * 1000),
+            "final_leases": view.active_leases,
+            "outcome": "forced" if forced else "drained",
+        }
+        if isinstance(op, Reload):
+            return ReloadStarted(op, detail)
+        return Drained(detail)
 
 
 class _HangCheck:
     """Health probes of a draining engine at the usual interval; hung after the usual number of misses."""
 
-    def __init__(self, w: PoolWorker) -> None:
-        self.w = w
-        self.interval = w.runtime.cfg.health_check_interval_ms / 1000.0
-        self.threshold = w.runtime.cfg.health_failure_threshold
-        self.due = time.monotonic() + self.interval
+    def __init__(self, port: PoolPort) -> None:
+        cfg = port.runtime.cfg
+        self.port = port
+        self.interval = cfg.health_check_interval_ms / 1000.0
+        self.threshold = cfg.health_failure_threshold
+        self.due = port.clock.monotonic() + self.interval
         self.misses = 0
         self.last = ""
 
     async def now(self, view: PoolView) -> bool:
-        if not view.endpoint_url or time.monotonic() < self.due:
+        clock = self.port.clock
+        if not view.endpoint_url or clock.monotonic() < self.due:
             return False
-        self.due = time.monotonic() + self.interval
-        ok, self.last = await self.w.runtime.health_ok(view.endpoint_url)
+        self.due = clock.monotonic() + self.interval
+        ok, self.last = await self.port.runtime.health_ok(view.endpoint_url)
         self.misses = 0 if ok else self.misses + 1
         return self.misses >= self.threshold
 
 
-def _parse(value: Any) -> datetime | None:
-    if not value:
-        return None
-    return datetime.fromisoformat(str(value))
-
-
-__all__ = ["run_drain"]
+__all__ = ["Drainer"]

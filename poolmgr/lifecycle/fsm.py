@@ -1,8 +1,11 @@
 """The pool finite-state machine (`transitions`), persisted through the registry.
 
-One `Machine` serves every pool (`model=None`, `auto_transitions=False`); the state lives in the database.
-Firing a trigger re-reads the pool row inside a transaction, asks the machine whether the trigger is legal
-from the stored state, and writes the new state and one audit row together (see Registry.transition).
+One `transitions.Machine` holds the table (`model=None`, `auto_transitions=False`, every edge a named trigger).
+It is asked, never fired: the write path (Registry.apply) reads the pool row under its lock and asks
+`target(state, trigger)`, which looks the edge up with `Machine.get_transitions`. We deliberately keep no
+per-pool model object with a `state` attribute (the package's usual use): the database row is the state, and a
+second copy in memory is exactly what a lost race or a second node would make disagree with it. Slow work never
+runs in callbacks (there are none): the worker does it between triggers.
 
     discovered ─place→ placed ─start_preload→ preloading ─preload_ok→ ready ─drain→ draining ─drain_done→ stopped
                                                 │                      │            │  └─reload→ placed
@@ -16,14 +19,13 @@ from the stored state, and writes the new state and one audit row together (see 
 
 from __future__ import annotations
 
-import threading
-from typing import Any
+from collections.abc import Collection
 
-from transitions import Machine, MachineError
+from transitions import Machine
 
 from poolmgr.errors import IllegalTransition
 from poolmgr.states import ALL_STATES, PoolState, Trigger
-from poolmgr.store import Decision, EventData, PoolView, Registry
+from poolmgr.store import Effect, PoolView, Registry
 
 S = PoolState
 T = Trigger
@@ -47,19 +49,10 @@ EDGES: tuple[tuple[Trigger, tuple[PoolState, ...], PoolState], ...] = (
 )
 
 
-class _Probe:
-    """A throw-away model: the machine tells us the target state of a trigger from a given state."""
-
-    state: str
-
-    def __init__(self, state: str) -> None:
-        self.state = state
-
-
 class PoolMachine:
+    """The pool FSM (store.StateMachine): which state a trigger leads to from a stored state."""
+
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._models: dict[str, _Probe] = {}
         self._machine = Machine(
             model=None,
             states=[s.value for s in ALL_STATES],
@@ -68,64 +61,23 @@ class PoolMachine:
             ],
             initial=S.DISCOVERED.value,
             auto_transitions=False,
-            send_event=False,
         )
-
-    def _model(self, pool_id: str) -> _Probe:
-        # One long-lived model per pool (adding a model to the machine is the expensive part).
-        with self._lock:
-            probe = self._models.get(pool_id)
-            if probe is None:
-                probe = self._models[pool_id] = _Probe(S.DISCOVERED.value)
-                self._machine.add_model(probe, initial=S.DISCOVERED.value)
-            return probe
 
     def target(self, pool_id: str, state: PoolState, trigger: Trigger) -> PoolState:
         """The state `trigger` leads to from `state`; IllegalTransition when there is no such edge."""
-        probe = self._model(pool_id)
-        with self._lock:
-            self._machine.set_state(state.value, model=probe)
-            try:
-                getattr(probe, trigger.value)()
-            except (MachineError, AttributeError):
-                raise IllegalTransition(pool_id, trigger.value, state.value) from None
-            return PoolState(probe.state)
-
-    def allowed(self, state: PoolState) -> list[Trigger]:
-        return [t for t, src, _ in EDGES if state in src]
-
-    def fire(
-        self,
-        registry: Registry,
-        pool_id: str,
-        trigger: Trigger,
-        *,
-        event: EventData | None = None,
-        updates: dict[str, Any] | None = None,
-        expect_state: PoolState | None = None,
-        clear_leases: bool = False,
-    ) -> PoolView:
-        """Fire `trigger` on the stored pool; persist the new state + audit row atomically.
-
-        `expect_state`: only fire if the pool is still in this state (else IllegalTransition, nothing written).
-        """
-
-        def decide(view: PoolView) -> Decision:
-            if expect_state is not None and view.state is not expect_state:
-                raise IllegalTransition(pool_id, trigger.value, view.state.value)
-            dest = self.target(pool_id, view.state, trigger)
-            return Decision(
-                to_state=dest,
-                trigger=trigger.value,
-                updates=dict(updates or {}),
-                event=event or EventData(),
-                clear_leases=clear_leases,
-            )
-
-        view, _ = registry.transition(pool_id, decide)
-        return view
+        edges = self._machine.get_transitions(trigger=trigger.value, source=state.value)
+        if not edges:
+            raise IllegalTransition(pool_id, trigger.value, state.value)
+        return PoolState(edges[0].dest)
 
 
 MACHINE = PoolMachine()
 
-__all__ = ["EDGES", "MACHINE", "PoolMachine"]
+
+def fire(registry: Registry, pool_id: str, effect: Effect, *, expect: Collection[PoolState] | None = None) -> PoolView:
+    """Apply `effect` to a pool through the one write path, its trigger decided by this machine (synchronous:
+    for operator requests and tests; the workers go through RetryingRegistry.apply)."""
+    return registry.apply(pool_id, effect, machine=MACHINE, expect=expect)
+
+
+__all__ = ["EDGES", "MACHINE", "PoolMachine", "fire"]

@@ -35,14 +35,6 @@ class Placement:
     vram_free_bytes: int | None = None
     compute_capability: str | None = None
 
-    def registry_fields(self) -> dict[str, Any]:
-        return {
-            "split_plan": self.split_plan,
-            "vram_total_bytes": self.vram_total_bytes,
-            "vram_free_bytes": self.vram_free_bytes,
-            "compute_capability": self.compute_capability,
-        }
-
 
 CPU_PLACEMENT = Placement(env={"CUDA_VISIBLE_DEVICES": ""})
 

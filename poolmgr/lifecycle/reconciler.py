@@ -1,7 +1,6 @@
 """The reconciler: one PoolWorker task per pool of this node, plus housekeeping (leases, heartbeat, devices).
 
-Database calls run in threads and are retried with tenacity while the database is away (a PostgreSQL
-restart): poolmgr waits, says what it is waiting for, and loses nothing.
+Database calls go through RetryingRegistry (outage.py): in threads, retried while the database is away.
 """
 
 from __future__ import annotations
@@ -11,48 +10,24 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
-
-from sqlalchemy.exc import DBAPIError, OperationalError
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, wait_exponential
 
 from poolmgr.devices import Inventory, backend_from_env, discover
-from poolmgr.engines._logs import rotate_log_in_place
+from poolmgr.engines import rotate_log_in_place
 from poolmgr.errors import IllegalTransition, NotFoundError, PreloadFailed
-from poolmgr.lifecycle.fsm import MACHINE
+from poolmgr.lifecycle.effects import EngineForgotten, MarkedStopped, Stopped, VramRefreshed
+from poolmgr.lifecycle.outage import RetryingRegistry
 from poolmgr.lifecycle.placing import Placement, gpu_problem, place
 from poolmgr.lifecycle.policy import RestartPolicy
 from poolmgr.lifecycle.runtime import EngineRuntime
 from poolmgr.lifecycle.worker import PoolWorker
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
-from poolmgr.states import ENGINE_STATES, PoolState, Trigger
-from poolmgr.store import EventData, PoolView, Registry
+from poolmgr.states import ENGINE_STATES, DesiredState, PoolState
+from poolmgr.store import PoolView, Registry
 
 log = logging.getLogger("poolmgr.reconciler")
-_R = TypeVar("_R")
 _HOUSEKEEPING_S = 1.0
 _SHUTDOWN_DB_WAIT_S = 10.0  # at shutdown, how long a database call may wait before poolmgr exits without it
-
-
-def database_unavailable(exc: BaseException) -> bool:
-    """The database is away (restarting, unreachable, connection dropped): worth waiting for, not a bug."""
-    if isinstance(exc, OperationalError):
-        return True
-    return isinstance(exc, DBAPIError) and bool(exc.connection_invalidated)
-
-
-def _log_wait(what: str) -> Callable[[RetryCallState], None]:
-    def before_sleep(state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        first = str(exc).strip().splitlines()[0] if exc and str(exc).strip() else type(exc).__name__
-        delay = state.next_action.sleep if state.next_action else 0.0
-        log.warning(
-            "waiting for the database to answer %s (attempt %d, next try in %.1f s): %s",
-            what, state.attempt_number, delay, first,
-        )  # fmt: skip
-
-    return before_sleep
 
 
 class Reconciler:
@@ -67,7 +42,8 @@ class Reconciler:
     ) -> None:
         self.cfg = cfg
         self.registry = registry
-        self.runtime = runtime or EngineRuntime(cfg)
+        self.store = RetryingRegistry(registry)
+        self.runtime = runtime or EngineRuntime(cfg, clock=registry.clock)
         self.policy = policy or RestartPolicy(cfg)
         self._inventory_fn = inventory or (lambda: discover(backend_from_env(cfg.fake_nvml)))
         self.inventory: Inventory = Inventory()
@@ -76,30 +52,15 @@ class Reconciler:
         self._housekeeping: asyncio.Task[None] | None = None
         self.stopping = False
 
-    async def db(self, fn: Callable[..., _R], *args: Any, **kwargs: Any) -> _R:
-        what = getattr(fn, "__qualname__", None) or repr(fn)
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception(database_unavailable),
-            wait=wait_exponential(multiplier=0.2, max=5),
-            before_sleep=_log_wait(what),
-            reraise=True,
-        ):
-            with attempt:
-                result = await asyncio.to_thread(fn, *args, **kwargs)
-                if attempt.retry_state.attempt_number > 1:
-                    log.warning("the database answers again (%s, attempt %d)", what, attempt.retry_state.attempt_number)
-                return result
-        raise AssertionError("unreachable")  # pragma: no cover
-
     # -- start ----------------------------------------------------------------------------------------
     async def start(self, specs: Sequence[PoolSpec]) -> None:
-        await self.db(self.registry.heartbeat_node, socket.gethostname())
+        await self.store.call(self.registry.heartbeat_node, socket.gethostname())
         self.inventory = await asyncio.to_thread(self._inventory_fn)
         await self._store_devices()
         for spec in specs:
-            await self.db(self.registry.register, spec)
+            await self.store.call(self.registry.register, spec)
         known = {s.id for s in specs}
-        for view in await self.db(self.registry.pools, node_id=self.cfg.node_id):
+        for view in await self.store.call(self.registry.pools, node_id=self.cfg.node_id):
             if view.id not in known:
                 await self._retire(view)
         for spec in specs:
@@ -111,23 +72,21 @@ class Reconciler:
         recorded stopped, desired stopped. Its row and audit stay for orchestratord and for SQL audits."""
         if view.pid is not None and view.pid_start_time is not None:
             await self.runtime.stop(view.pid, view.pid_start_time)  # checks the start time: never a reused pid
-        updates = {"pid": None, "pid_start_time": None, "endpoint_url": None, "desired_state": "stopped"}
-        event = EventData(reason="pool removed from the pools file")
+        reason = "pool removed from the pools file"
         try:
-            await self.db(MACHINE.fire, self.registry, view.id, Trigger.STOP, updates=updates, event=event,
-                          clear_leases=True)  # fmt: skip
+            await self.store.apply(view.id, Stopped(reason, DesiredState.STOPPED))
         except IllegalTransition:
-            if view.state is not PoolState.STOPPED or view.desired_state.value != "stopped" or view.pid is not None:
-                await self.db(self.registry.update, view.id, event=event, **updates)
+            if view.desired_state is not DesiredState.STOPPED or view.pid is not None:
+                await self.store.apply(view.id, MarkedStopped(reason))
         log.warning(
             "pool %s is in the registry but no longer in the pools file: stopped", view.id, extra={"pool_id": view.id}
         )
 
     def _start_worker(self, pool_id: str) -> None:
         worker = PoolWorker(
-            pool_id, registry=self.registry, runtime=self.runtime, policy=self.policy, place=self._place, db=self.db
-        )
-        worker.gpu_check = self._gpu_check
+            pool_id, store=self.store, runtime=self.runtime, policy=self.policy, place=self._place,
+            gpu_check=self._gpu_check,
+        )  # fmt: skip
         self.workers[pool_id] = worker
         self._tasks[pool_id] = asyncio.create_task(self._run_worker(worker), name=f"pool:{pool_id}")
 
@@ -176,7 +135,7 @@ class Reconciler:
             for d in self.inventory.devices
         ]  # fmt: skip
         if rows:
-            await self.db(self.registry.upsert_devices, rows)
+            await self.store.call(self.registry.upsert_devices, rows)
 
     # -- housekeeping ---------------------------------------------------------------------------------
     async def _housekeep(self) -> None:
@@ -184,10 +143,10 @@ class Reconciler:
         while not self.stopping:
             await asyncio.sleep(_HOUSEKEEPING_S)
             with contextlib.suppress(Exception):
-                if await self.db(self.registry.reap_expired_leases):
+                if await self.store.call(self.registry.reap_expired_leases):
                     for pool_id in self.workers:
                         self.kick(pool_id)
-                await self.db(self.registry.heartbeat_node, socket.gethostname())
+                await self.store.call(self.registry.heartbeat_node, socket.gethostname())
                 now = asyncio.get_running_loop().time()
                 if now - last_devices >= self.cfg.vram_refresh_secs and self.inventory.available:
                     last_devices = now
@@ -203,21 +162,20 @@ class Reconciler:
     async def _refresh_pool_vram(self) -> None:
         """The pools' VRAM fields follow the devices they hold (B-REG: VRAM total/free of its devices)."""
         by_uuid = {d.uuid: d for d in self.inventory.devices}
-        for view in await self.db(self.registry.pools, node_id=self.cfg.node_id):
+        for view in await self.store.call(self.registry.pools, node_id=self.cfg.node_id):
             devs = [by_uuid[u] for u in (view.split_plan or {}).get("device_uuids", []) if u in by_uuid]
             if not devs:
                 continue
             total, free = sum(d.vram_total_bytes for d in devs), sum(d.vram_free_bytes for d in devs)
             if (total, free) != (view.vram_total_bytes, view.vram_free_bytes):
-                await self.db(self.registry.update, view.id, vram_total_bytes=total, vram_free_bytes=free)
+                await self.store.apply(view.id, VramRefreshed(total, free))
 
     # -- shutdown -------------------------------------------------------------------------------------
     async def shutdown(self, *, keep_engines: bool) -> None:
         """Stop the workers; then stop every engine (default) or leave them serving for the next poolmgr."""
         self.stopping = True
         for worker in self.workers.values():
-            worker.stopping = True
-            worker.kick()
+            worker.stop()
         tasks = [*self._tasks.values(), *([self._housekeeping] if self._housekeeping else [])]
         for task in tasks:
             task.cancel()
@@ -237,16 +195,16 @@ class Reconciler:
     async def _stop_pool(self, pool_id: str) -> None:
         worker = self.workers[pool_id]
         try:
-            view = await asyncio.wait_for(self.db(self.registry.get, pool_id), _SHUTDOWN_DB_WAIT_S)
+            view = await asyncio.wait_for(self.store.get(pool_id), _SHUTDOWN_DB_WAIT_S)
         except NotFoundError:
             return
         except TimeoutError:
             log.error(
                 "pool %s: the database is away: stopping its engine unrecorded", pool_id, extra={"pool_id": pool_id}
             )
-            await worker._stop_engine()
+            await worker.stop_engine()
             return
-        await worker._kill_recorded(view)
+        await worker.kill_recorded(view)
         await worker.stop_strays(view)
         try:
             await asyncio.wait_for(self._record_stop(pool_id), _SHUTDOWN_DB_WAIT_S)
@@ -254,14 +212,10 @@ class Reconciler:
             log.error("pool %s: the database is away: its stop is not recorded", pool_id, extra={"pool_id": pool_id})
 
     async def _record_stop(self, pool_id: str) -> None:
-        event = EventData(reason="poolmgr shutdown")
-        updates = {"pid": None, "pid_start_time": None, "endpoint_url": None}
         try:
-            await self.db(
-                MACHINE.fire, self.registry, pool_id, Trigger.STOP, updates=updates, event=event, clear_leases=True
-            )
+            await self.store.apply(pool_id, Stopped("poolmgr shutdown"))
         except IllegalTransition:
-            await self.db(self.registry.update, pool_id, **updates)
+            await self.store.apply(pool_id, EngineForgotten())
 
 
-__all__ = ["Reconciler", "database_unavailable"]
+__all__ = ["Reconciler"]

@@ -7,18 +7,29 @@ import contextlib
 import logging
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from poolmgr.engines import _procfs
-from poolmgr.engines._adapter import HealthStatus, StderrReason
-from poolmgr.engines._install import resolve_llama_server
-from poolmgr.engines._process import ExitInfo, LaunchRequest, ProcessLauncher, SpawnedEngine
-from poolmgr.engines.llamacpp import LlamaCppAdapter, api_key_headers
+from poolmgr.clock import Clock, SystemClock
+from poolmgr.engines import (
+    EngineAdapter,
+    ExitInfo,
+    HealthStatus,
+    Launcher,
+    LaunchRequest,
+    LlamaCppAdapter,
+    ProcessLauncher,
+    SpawnedEngine,
+    StderrReason,
+    read_stat,
+    resolve_llama_server,
+)
+from poolmgr.engines.llamacpp import api_key_headers
 from poolmgr.errors import ConfigError, EngineError, IsolationError, PreloadFailed
+from poolmgr.lifecycle.effects import ReadyInfo
 from poolmgr.lifecycle.placing import Placement
+from poolmgr.lifecycle.sandbox import sandbox_wrapper
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
 
@@ -32,13 +43,7 @@ _FAST_POLL_S = 0.002
 _FAST_PHASE_S = 2.0
 _EXIT_GRACE_S = 2.0
 _SLOW_POLL_S = 0.05
-
-
-@dataclass(frozen=True)
-class ReadyInfo:
-    endpoint_url: str
-    engine_version: str | None
-    slots_total: int
+_PORT_SLICE_S = 1.0  # the log is tailed this long at a time between looks at the (injected) clock
 
 
 class EngineRuntime:
@@ -46,13 +51,15 @@ class EngineRuntime:
         self,
         cfg: PoolManagerConfig,
         *,
-        launcher: ProcessLauncher | None = None,
-        adapter: LlamaCppAdapter | None = None,
+        launcher: Launcher | None = None,
+        adapter: EngineAdapter | None = None,
+        clock: Clock | None = None,
         isolate: bool = True,
     ) -> None:
         self.cfg = cfg
-        self.launcher = launcher or ProcessLauncher()
-        self.adapter = adapter or LlamaCppAdapter()
+        self.launcher: Launcher = launcher or ProcessLauncher()
+        self.adapter: EngineAdapter = adapter or LlamaCppAdapter()
+        self.clock: Clock = clock or SystemClock()
         self.isolate = isolate
         self.client = httpx.AsyncClient(trust_env=False)
         self.log_dir = cfg.state_dir / "logs"
@@ -79,6 +86,15 @@ class EngineRuntime:
         end = data.find(b"\n", header)
         return len(data) if end < 0 else end + 1
 
+    def adopted(self, pool_id: str, pid: int, start_time: int, whole_run: bool) -> SpawnedEngine:
+        """The handle of an engine that outlived the previous poolmgr. `whole_run`: its log is read from the start
+        of its run (a preload still waiting for its `listening on` line), else from now."""
+        path = self.log_path(pool_id)
+        offset = path.stat().st_size if path.exists() else 0
+        if whole_run:
+            offset = self.run_log_offset(pool_id)
+        return SpawnedEngine(pid=pid, start_time=start_time, log_path=path, log_offset=offset)
+
     # -- spawn ----------------------------------------------------------------------------------------
     def spawn(self, spec: PoolSpec, placement: Placement) -> SpawnedEngine:
         try:
@@ -94,8 +110,6 @@ class EngineRuntime:
         wrap = None
         cwd = self.work_dir / spec.id
         if self.isolate:
-            from poolmgr.lifecycle.sandbox import sandbox_wrapper
-
             try:
                 wrap, cwd = sandbox_wrapper(self.cfg, spec, binary=binary, workdir_root=self.work_dir)
             except PreloadFailed:
@@ -119,12 +133,12 @@ class EngineRuntime:
     # -- preload --------------------------------------------------------------------------------------
     async def wait_ready(self, spec: PoolSpec, eng: SpawnedEngine, *, expect_gpu: bool) -> ReadyInfo:
         """Until the engine answers /health 200: then its endpoint, version and slots. Raises PreloadFailed
-        (the engine is left to the caller to stop) with the engine's own stderr line where it has one."""
+        (the engine is left to the caller to stop) with the engine's own stderr line where it has one. The
+        preload timeout runs on the injected clock (`_poll_ready`)."""
         exit_task = asyncio.ensure_future(self.launcher.wait_exit(eng.pid, eng.start_time))
-        ready_task = asyncio.ensure_future(self._poll_ready(eng, api_key_headers(spec.extra_args)))
-        timeout = self.cfg.preload_timeout_ms / 1000.0
+        ready_task = asyncio.ensure_future(self._poll_ready(eng, api_key_headers(list(spec.extra_args))))
         try:
-            done, _ = await asyncio.wait({exit_task, ready_task}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({exit_task, ready_task}, return_when=asyncio.FIRST_COMPLETED)
             if ready_task in done and ready_task.exception() is not None and not exit_task.done():
                 # A failed readiness check is usually the engine dying: give its exit a moment to be seen, so
                 # the failure carries the engine's own reason (model_missing, …) rather than "not ready".
@@ -133,37 +147,32 @@ class EngineRuntime:
             for task in (exit_task, ready_task):
                 if not task.done():
                     task.cancel()
-        if ready_task in done and ready_task.exception() is None:
-            info = ready_task.result()
-            verdict = self.adapter.classify_stderr(self.read_log(eng), expect_gpu=expect_gpu)
-            if expect_gpu and verdict is not None and verdict.reason is StderrReason.CPU_SPILLOVER:
-                raise PreloadFailed("cpu_spillover", f"engine fell back to the CPU: {verdict.message}")
-            return info
         if exit_task in done:
             raise self.exit_failure(eng, exit_task.result(), expect_gpu=expect_gpu, when="preload")
-        if ready_task in done and ready_task.exception() is not None:
-            exc = ready_task.exception()
-            if isinstance(exc, PreloadFailed):
-                raise exc
-            raise PreloadFailed("health_failure", f"health check failed: {exc}")
-        raise PreloadFailed("timeout", f"health check failed: engine not ready within {timeout:g}s")
+        exc = ready_task.exception()
+        if exc is not None:
+            raise (
+                exc
+                if isinstance(exc, PreloadFailed)
+                else PreloadFailed("health_failure", f"health check failed: {exc}")
+            )
+        verdict = self.adapter.classify_stderr(self.read_log(eng), expect_gpu=expect_gpu)
+        if expect_gpu and verdict is not None and verdict.reason is StderrReason.CPU_SPILLOVER:
+            raise PreloadFailed("cpu_spillover", f"engine fell back to the CPU: {verdict.message}")
+        return ready_task.result()
 
     async def _poll_ready(self, eng: SpawnedEngine, headers: dict[str, str]) -> ReadyInfo:
-        deadline = time.monotonic() + self.cfg.preload_timeout_ms / 1000.0
-        port = await self.launcher.wait_listen_port(
-            eng.log_path, eng.log_offset, deadline, pid=eng.pid, start_time=eng.start_time
-        )
-        if port is None:
-            raise PreloadFailed("timeout", "health check failed: the engine never reported its listening port")
+        timeout_s = self.cfg.preload_timeout_ms / 1000.0
+        deadline = self.clock.monotonic() + timeout_s
+        port = await self._listen_port(eng, deadline)
         base = f"http://127.0.0.1:{port}"
-        started = time.monotonic()
+        started = self.clock.monotonic()
         probe_timeout = self.cfg.health_check_timeout_ms / 1000.0
-        while True:
-            res = await self.adapter.probe_health(self.client, base, probe_timeout)
-            if res.status is HealthStatus.OK:
-                break
-            fast = time.monotonic() - started < _FAST_PHASE_S
-            await asyncio.sleep(_FAST_POLL_S if fast else _SLOW_POLL_S)
+        while (await self.adapter.probe_health(self.client, base, probe_timeout)).status is not HealthStatus.OK:
+            if self.clock.monotonic() >= deadline:
+                raise PreloadFailed("timeout", f"health check failed: engine not ready within {timeout_s:g}s")
+            fast = self.clock.monotonic() - started < _FAST_PHASE_S
+            await self.clock.sleep(_FAST_POLL_S if fast else _SLOW_POLL_S)
         slots_res, version_res = await asyncio.gather(
             self.adapter.fetch_slots(self.client, base, probe_timeout, headers),
             self.adapter.fetch_version(self.client, base, probe_timeout, headers),
@@ -171,9 +180,21 @@ class EngineRuntime:
         )
         if isinstance(slots_res, BaseException):
             raise slots_res
-        slots = slots_res
         version = version_res if isinstance(version_res, str) else None
-        return ReadyInfo(endpoint_url=base, engine_version=version, slots_total=slots.total)
+        return ReadyInfo(endpoint_url=base, engine_version=version, slots_total=slots_res.total)
+
+    async def _listen_port(self, eng: SpawnedEngine, deadline: float) -> int:
+        """The port from the engine's `listening on` line: the log is tailed in short slices of real time, the
+        preload deadline is the injected clock's."""
+        while True:
+            slice_end = time.monotonic() + _PORT_SLICE_S
+            port = await self.launcher.wait_listen_port(
+                eng.log_path, eng.log_offset, slice_end, pid=eng.pid, start_time=eng.start_time
+            )
+            if port is not None:
+                return port
+            if self.clock.monotonic() >= deadline or time.monotonic() < slice_end:  # past the deadline, or exited
+                raise PreloadFailed("timeout", "health check failed: the engine never reported its listening port")
 
     def read_log(self, eng: SpawnedEngine, limit: int = 64_000) -> str:
         try:
@@ -218,7 +239,7 @@ class EngineRuntime:
                 continue
             with contextlib.suppress(OSError):
                 if markers <= set((entry / "environ").read_bytes().split(b"\0")):
-                    stat = _procfs.read_stat(int(entry.name))
+                    stat = read_stat(int(entry.name))
                     if stat is not None and stat.session == stat.pid and not stat.is_zombie:
                         found.append((stat.pid, stat.start_time))
         return found

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
+from poolmgr.engines import WrapFn
 from poolmgr.errors import PreloadFailed
 from poolmgr.isolation import DEFAULT_ENGINE_USER, build_isolation, prepare, wrap_command
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
-
-WrapFn = Callable[[list[str], dict[str, str]], tuple[list[str], dict[str, str]]]
 
 
 def engine_user(cfg: PoolManagerConfig) -> str:

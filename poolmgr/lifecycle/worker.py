@@ -1,7 +1,15 @@
-"""One sequential, level-triggered task per pool: read the stored state, act on the gap, fire one trigger.
+"""One pool's worker: a sequential, level-triggered task that owns its pool and its engine. It reads the stored
+state, acts on the gap to the desired state, and records what happened as one typed effect (effects.py) through
+the one write path (Registry.apply: lock, FSM decides, compare-and-swap, audit row).
 
-Slow work (spawn, health, kill) happens here, between triggers, never inside FSM callbacks. Every decision is
-re-made from the database after each step, so a restarted poolmgr resumes where the last one stopped.
+Slow work (spawn, health, kill) happens here, between effects, never while a row is locked. Every decision is
+re-made from the database after each step, so a restarted poolmgr resumes where the last one stopped. Watching a
+ready engine (watch.py) and draining it (drain.py) are parts of the worker that act through its `PoolPort`.
+
+A crash, followed from the pidfd to the `crashed` row: `ReadyWatch.run` awaits `launcher.wait_exit` (a pidfd
+readable in the event loop) → `runtime.exit_failure` classifies it → the watch returns a `Crashed` effect →
+`PoolWorker._on_ready` → `_crashed` → `fire` → `RetryingRegistry.apply` → `Registry.apply` → `apply_effect`
+(store/_write.py): row locked, `MACHINE.target(ready, crash)` = crashed, CAS update, `pool_events` row inserted.
 """
 
 from __future__ import annotations
@@ -9,78 +17,130 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from datetime import timedelta
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
 
-from poolmgr.engines._process import ExitInfo, SpawnedEngine
+from poolmgr.clock import Clock
+from poolmgr.engines import SpawnedEngine
 from poolmgr.errors import IllegalTransition, PreloadFailed
-from poolmgr.lifecycle.fsm import MACHINE
+from poolmgr.lifecycle import effects as fx
+from poolmgr.lifecycle.drain import Drainer
+from poolmgr.lifecycle.outage import RetryingRegistry
 from poolmgr.lifecycle.placing import Placement
 from poolmgr.lifecycle.policy import RestartPolicy
-from poolmgr.lifecycle.runtime import EngineRuntime, ReadyInfo
+from poolmgr.lifecycle.runtime import EngineRuntime
+from poolmgr.lifecycle.supervision import Supervisor
+from poolmgr.lifecycle.watch import GpuCheck, ReadyWatch
 from poolmgr.logfields import remember_pool
-from poolmgr.states import ENGINE_STATES, DesiredState, PoolState, Trigger
-from poolmgr.store import EventData, PoolView, Registry
+from poolmgr.states import ENGINE_STATES, DesiredState, PoolState
+from poolmgr.store import Effect, PoolView
 
 log = logging.getLogger("poolmgr.pool")
-S, T = PoolState, Trigger
-_R = TypeVar("_R")
+S = PoolState
+_RUNNING_DESIRED = DesiredState.RUNNING
 
 
 class PoolWorker:
+    """Owns one pool: the only writer of its row's lifecycle, the only one to spawn, adopt or stop its engine.
+
+    `engine` is the handle of the engine this worker spawned or adopted (its log offset, its pidfd watch); the
+    row's pid and start time are its durable record, compared with it on every read (`_adopt`)."""
+
     def __init__(
         self,
         pool_id: str,
         *,
-        registry: Registry,
+        store: RetryingRegistry,
         runtime: EngineRuntime,
         policy: RestartPolicy,
         place: Callable[[PoolView], Placement],
-        db: Callable[..., Awaitable[Any]],
+        gpu_check: GpuCheck | None = None,
     ) -> None:
-        self.pool_id = pool_id
-        self.registry = registry
-        self.runtime = runtime
-        self.policy = policy
+        self._pool_id = pool_id
+        self.store = store
+        self._runtime = runtime
         self._place = place
-        self._db = db
-        self.kick_event = asyncio.Event()
-        self.engine: SpawnedEngine | None = None  # the engine this worker spawned or adopted
-        self.stopping = False
-        self._placement: Placement | None = None
-        # NVML's verdict on a running engine (spillover, lost GPU); set by the reconciler.
-        self.gpu_check: Callable[[PoolView, int], PreloadFailed | None] | None = None
+        self._kick = asyncio.Event()
+        self._stopping = False
+        self.engine: SpawnedEngine | None = None
+        self._placement: Placement | None = None  # placed just now: no second placement before the spawn
         self._spawning: asyncio.Future[SpawnedEngine] | None = None  # spawn + pid record, shielded
         self._strays_checked = False  # /proc scanned for unrecorded engines since this worker started
         self._swept = False  # the first look at the pool after (re)start: no engine where none belongs
-        self._traced: set[str] = set()  # causes whose traceback is already in the log (once each, not per retry)
+        self._traced: set[str] = set()  # causes whose traceback is already in the log (once each)
+        self._watch = ReadyWatch(self, policy, gpu_check)
+        self._drain = Drainer(self)
+        self._supervisor = Supervisor(self, policy, store, preload=self.on_preloading)
         self._handlers: dict[PoolState, Callable[[PoolView], Awaitable[None]]] = {
             S.DISCOVERED: self._on_idle, S.STOPPED: self._on_idle, S.PLACED: self._on_placed,
-            S.PRELOADING: self._on_preloading, S.READY: self._on_ready, S.DRAINING: self._on_draining,
-            S.CRASHED: self._on_crashed, S.BACKOFF: self._on_backoff, S.BREAKER_OPEN: self._on_breaker_open,
+            S.PRELOADING: self.on_preloading, S.READY: self._on_ready, S.DRAINING: self._on_draining,
+            S.CRASHED: self._supervisor.on_crashed, S.BACKOFF: self._supervisor.on_backoff,
+            S.BREAKER_OPEN: self._supervisor.on_breaker_open,
         }  # fmt: skip
 
+    # -- PoolPort -------------------------------------------------------------------------------------
     @property
-    def clock(self) -> Any:
-        return self.registry.clock
+    def pool_id(self) -> str:
+        return self._pool_id
 
-    def kick(self) -> None:
-        self.kick_event.set()
+    @property
+    def clock(self) -> Clock:
+        return self._runtime.clock
 
-    def _extra(self, view: PoolView, **more: Any) -> dict[str, Any]:
-        cid = (view.pending_op or {}).get("correlation_id")  # the request that started this work, if any
+    @property
+    def runtime(self) -> EngineRuntime:
+        return self._runtime
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    async def read(self) -> PoolView:
+        # Cleared before the read, never after it: a kick that lands while the pool is read (an API request
+        # that commits meanwhile) is kept and ends the wait the stale read leads to (no lost wake-up).
+        self._kick.clear()
+        return await self.store.get(self._pool_id)
+
+    async def fire(self, effect: Effect, *, expect: Collection[PoolState]) -> PoolView:
+        return await self.store.apply(self._pool_id, effect, expect=expect)
+
+    async def stop_engine(self) -> None:
+        eng, self.engine = self.engine, None
+        if eng is not None:
+            await self._runtime.stop(eng.pid, eng.start_time)
+
+    async def wait(self, seconds: float | None) -> None:
+        """Sleep on the clock (None: until kicked), cut short by a kick, also one since the last read."""
+        kicked = asyncio.ensure_future(self._kick.wait())
+        waits: set[asyncio.Future[Any]] = {kicked}
+        if seconds is not None:
+            waits.add(asyncio.ensure_future(self.clock.sleep(seconds)))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for fut in waits:
+                fut.cancel()
+
+    def log_extra(self, view: PoolView, **more: Any) -> dict[str, Any]:
+        cid = view.correlation_id  # the request that started this work, if any
         return {
             "pool_id": view.id, "engine": view.engine, "engine_version": view.engine_version,
             "device_mask": view.device_mask, **({"correlation_id": cid} if cid else {}), **more,
         }  # fmt: skip
 
+    # -- the loop -------------------------------------------------------------------------------------
+    def kick(self) -> None:
+        self._kick.set()
+
+    def stop(self) -> None:
+        """poolmgr is shutting down: stop taking work (the reconciler cancels the task after this)."""
+        self._stopping = True
+        self._kick.set()
+
     async def run(self) -> None:
-        while not self.stopping:
-            # Cleared before the read, never after it: a kick that lands while the pool is read (an API request
-            # that commits meanwhile) is kept and ends the wait the stale read leads to (no lost wake-up).
-            self.kick_event.clear()
-            view = await self._db(self.registry.find, self.pool_id)
+        while not self._stopping:
+            self._kick.clear()
+            view = await self.store.find(self._pool_id)
             if view is None:
                 return
             remember_pool(view.id, engine=view.engine, engine_version=view.engine_version, device_mask=view.device_mask)
@@ -91,7 +151,7 @@ class PoolWorker:
                     continue
                 await self._handlers[view.state](view)
             except IllegalTransition as exc:
-                log.debug("pool %s: %s; re-reading", self.pool_id, exc)
+                log.debug("pool %s: %s; re-reading", self._pool_id, exc)
             except Exception as exc:  # a bug or an unforeseen OS error in one step never kills the worker
                 await self._failed_step(exc)
 
@@ -110,113 +170,92 @@ class PoolWorker:
         (reason internal_error), so the usual backoff → breaker path applies instead of an endless loop."""
         why = PreloadFailed("internal_error", f"internal error: {type(exc).__name__}: {exc}")
         why.__cause__ = exc
-        view = await self._db(self.registry.get, self.pool_id)
+        view = await self.store.get(self._pool_id)
         if view.state in (S.PLACED, S.PRELOADING):
-            await self._stop_engine()
-            await self._preload_failed(view, why)
+            await self.stop_engine()
+            await self.start_failed(view, why)
         elif view.state in (S.READY, S.DRAINING):
-            from poolmgr.lifecycle.watch import crash
-
-            await self._stop_engine()
-            await crash(self, view, why, ExitInfo())
+            await self.stop_engine()
+            await self.crashed(view, fx.Crashed(why))
         else:
             log.error(
-                "pool %s: %s", self.pool_id, why.message, exc_info=self.traceback_once(exc),
-                extra=self._extra(view, last_error=why.message, reason=why.reason),
+                "pool %s: %s", self._pool_id, why.message, exc_info=self.traceback_once(exc),
+                extra=self.log_extra(view, last_error=why.message, reason=why.reason),
             )  # fmt: skip
-            await self._db(self.registry.update, self.pool_id, last_error=why.message)
-            await self._sleep_or_kick(1.0)
+            await self.fire(fx.ErrorNoted(why.message), expect=[view.state])
+            await self.wait(1.0)
 
-    async def fire(self, trigger: Trigger, view: PoolView, **kw: Any) -> PoolView:
-        fired: PoolView = await self._db(
-            MACHINE.fire, self.registry, self.pool_id, trigger, expect_state=view.state, **kw
-        )
-        return fired
-
-    async def _wait_kick(self, timeout: float | None) -> None:
-        """Sleep until kicked (API, lease release, shutdown) or the timeout; a kick since the last read counts."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.kick_event.wait(), timeout)
-
-    # -- states ---------------------------------------------------------------------------------------
+    # -- the way up -----------------------------------------------------------------------------------
     async def _on_idle(self, view: PoolView) -> None:
-        if view.desired_state is DesiredState.RUNNING:
-            # placed → preloading straight on: no wake-up and re-read in between (preload latency)
-            await self._on_placed(await self.fire(T.PLACE, view))
-        else:
-            await self._wait_kick(None)
+        if view.desired_state is not _RUNNING_DESIRED:
+            await self.wait(None)
+            return
+        # placed → preloading straight on: no wake-up and re-read in between (preload latency)
+        await self._on_placed(await self.fire(fx.Placed(), expect=[view.state]))
 
     async def _on_placed(self, view: PoolView) -> None:
-        if view.desired_state is DesiredState.STOPPED:
-            await self.fire(T.STOP, view, event=EventData(reason="stopped by operator"))
+        if view.desired_state is not _RUNNING_DESIRED:
+            await self.fire(fx.Stopped(), expect=[S.PLACED])
             return
         try:
-            placement = await self._db(self._place, view)  # reads the registry: waits out an outage
+            placement = await self.store.call(self._place, view)  # reads the registry: waits out an outage
         except PreloadFailed as exc:
-            await self._preload_failed(view, exc)
+            await self.start_failed(view, exc)
             return
-        preloading = await self.fire(
-            T.START_PRELOAD, view, updates={"spawn_intent_at": self.clock.now(), **placement.registry_fields()}
-        )
+        preloading = await self.fire(fx.PreloadStarted(placement), expect=[S.PLACED])
         self._placement = placement
-        await self._on_preloading(preloading)
+        await self.on_preloading(preloading)
 
-    async def _on_preloading(self, view: PoolView) -> None:
-        from poolmgr.lifecycle.watch import adopt_if_alive
-
-        eng = None
-        if view.pid is not None or self.engine is not None:
-            # Caught mid-preload by a poolmgr restart: go on with the engine that outlived it (adopted: never a
-            # second one). One that has ended meanwhile failed its preload.
-            eng = await adopt_if_alive(self, view, whole_run=True)
-            if eng is None and view.pid is not None:
-                await self._preload_failed(view, PreloadFailed("exit", "engine exited while poolmgr was not running"))
-                return
+    async def on_preloading(self, view: PoolView) -> None:
+        """Spawn (or go on with an adopted engine), wait until it answers, record ready or the failure."""
+        eng = await self._engine_for_preload(view)
         if eng is None:
-            await self.stop_strays(view, once=True)
-            eng = await self._start(view)
-            if eng is None:
-                return
-        expect_gpu = not view.spec.is_cpu
+            return
         try:
-            ready = await self.runtime.wait_ready(view.spec, eng, expect_gpu=expect_gpu)
-            problem = await self.check_gpus(view, eng.pid)
+            ready = await self._runtime.wait_ready(view.spec, eng, expect_gpu=not view.spec.is_cpu)
+            problem = await self._watch.gpu_problem(view, eng.pid)
             if problem is not None:
                 raise problem
         except PreloadFailed as exc:
-            await self._stop_engine()
-            await self._preload_failed(view, exc)
+            await self.stop_engine()
+            await self.start_failed(view, exc)
             return
-        await self._preload_ok(view, ready)
+        ready_view = await self.fire(fx.PreloadSucceeded(ready), expect=[S.PRELOADING])
+        cid = {"correlation_id": view.correlation_id} if view.correlation_id else {}  # cleared by now
+        log.info("pool %s ready at %s", self._pool_id, ready.endpoint_url, extra=self.log_extra(ready_view, **cid))
 
-    async def check_gpus(self, view: PoolView, pid: int, *, reread: bool = True) -> PreloadFailed | None:
-        """NVML's verdict on the engine. `reread=False` when `view` was just read (the watch loop's health round):
-        no second read of the same row on that path."""
-        if self.gpu_check is None:
-            return None
-        if reread:
-            view = await self._db(self.registry.get, self.pool_id)  # the split plan stored at placement
-        return await asyncio.to_thread(self.gpu_check, view, pid)
+    async def _engine_for_preload(self, view: PoolView) -> SpawnedEngine | None:
+        if view.pid is not None or self.engine is not None:
+            # Caught mid-preload by a poolmgr restart: go on with the engine that outlived it (adopted: never a
+            # second one). One that has ended meanwhile failed its preload.
+            eng = await self._adopt(view, whole_run=True)
+            if eng is not None:
+                return eng
+            if view.pid is not None:
+                await self.start_failed(view, PreloadFailed("exit", "engine exited while poolmgr was not running"))
+                return None
+        await self._stop_strays(view, once=True)
+        return await self._start(view)
 
     async def _start(self, view: PoolView) -> SpawnedEngine | None:
-        """Place (unless just placed), spawn, record the pid; None when that failed (preload_failed fired).
+        """Place (unless just placed), spawn, record the pid; None when that failed (the failure recorded).
         Spawn and record are shielded: a shutdown that cancels this task still learns the engine (settle)."""
         placement, self._placement = self._placement, None
         try:
             if placement is None:
-                placement = await self._db(self._place, view)
+                placement = await self.store.call(self._place, view)
             self._spawning = asyncio.ensure_future(self._spawn_and_record(view, placement))
             eng = await asyncio.shield(self._spawning)
         except PreloadFailed as exc:
-            await self._preload_failed(view, exc)
+            await self.start_failed(view, exc)
             return None
-        log.info("pool %s: engine spawned pid %s", self.pool_id, eng.pid, extra=self._extra(view, pid=eng.pid))
+        log.info("pool %s: engine spawned pid %s", self._pool_id, eng.pid, extra=self.log_extra(view, pid=eng.pid))
         return eng
 
     async def _spawn_and_record(self, view: PoolView, placement: Placement) -> SpawnedEngine:
-        eng = await asyncio.to_thread(self.runtime.spawn, view.spec, placement)
+        eng = await asyncio.to_thread(self._runtime.spawn, view.spec, placement)
         self.engine = eng  # known before the record: a shutdown meanwhile still stops (or keeps) it
-        await self._db(self.registry.update, self.pool_id, pid=eng.pid, pid_start_time=eng.start_time)
+        await self.fire(fx.EngineRecorded(eng.pid, eng.start_time), expect=[view.state])
         return eng
 
     async def settle(self, timeout: float) -> None:
@@ -225,169 +264,84 @@ class PoolWorker:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(asyncio.shield(self._spawning), timeout)
 
-    async def _preload_ok(self, view: PoolView, ready: ReadyInfo) -> None:
-        op = view.pending_op or {}
-        detail: dict[str, Any] = {"endpoint_url": ready.endpoint_url}
-        if op.get("op") in ("reload", "rollback"):
-            detail["reload_outcome"] = "success" if op["op"] == "reload" else "rolled_back"
-        updates = {
-            "endpoint_url": ready.endpoint_url, "engine_version": ready.engine_version,
-            "slots_total": ready.slots_total, "ready_since": self.clock.now(), "consecutive_failures": 0,
-            "breaker_trial": False, "breaker_timeout_s": 0.0, "breaker_until": None, "last_error": None,
-            "heartbeat_at": self.clock.now(), "pending_op": None, "next_restart_at": None,
-        }  # fmt: skip
-        view = await self.fire(
-            T.PRELOAD_OK, view, updates=updates,
-            event=EventData(reason="ready", correlation_id=op.get("correlation_id"), detail=detail),
-        )  # fmt: skip
-        cid = {"correlation_id": op["correlation_id"]} if op.get("correlation_id") else {}  # pending_op is cleared now
-        log.info("pool %s ready at %s", self.pool_id, ready.endpoint_url, extra=self._extra(view, **cid))
-
-    async def _preload_failed(self, view: PoolView, exc: PreloadFailed) -> None:
+    async def start_failed(self, view: PoolView, exc: PreloadFailed) -> None:
         self.engine = None
-        op = view.pending_op or {}
-        await self.fire(
-            T.PRELOAD_FAILED, view,
-            updates={"pid": None, "pid_start_time": None, "endpoint_url": None, "last_error": exc.message,
-                     "consecutive_failures": view.consecutive_failures + 1},
-            event=EventData(kind="preload_failed", reason=exc.reason, correlation_id=op.get("correlation_id"),
-                            detail={"message": exc.message}),
-        )  # fmt: skip
-        log.warning(
-            "pool %s preload failed (%s): %s", self.pool_id, exc.reason, exc.message,
+        await self.fire(fx.StartFailed(exc), expect=[S.PLACED, S.PRELOADING])
+        level = logging.CRITICAL if exc.reason in _NEEDS_A_PERSON else logging.WARNING
+        log.log(
+            level, "pool %s preload failed (%s): %s", self._pool_id, exc.reason, exc.message,
             exc_info=self.traceback_once(exc) if exc.__cause__ is not None else None,
-            extra=self._extra(view, last_error=exc.message, reason=exc.reason),
+            extra=self.log_extra(view, last_error=exc.message, reason=exc.reason),
         )  # fmt: skip
 
+    # -- serving and draining -------------------------------------------------------------------------
     async def _on_ready(self, view: PoolView) -> None:
-        from poolmgr.lifecycle.watch import watch_ready
+        eng = await self._adopt(view)
+        if eng is None:
+            why = PreloadFailed("exit", "engine exited while poolmgr was not running")
+            await self.crashed(view, fx.Crashed(why))
+            return
+        outcome = await self._watch.run(view, eng)
+        if isinstance(outcome, fx.Crashed):
+            await self.crashed(view, outcome)
+        elif outcome is not None:
+            await self.fire(outcome, expect=[S.READY])
 
-        await watch_ready(self, view)
+    async def crashed(self, view: PoolView, crash: fx.Crashed) -> None:
+        self.engine = None
+        await self.fire(crash, expect=[view.state])
+        why, info = crash.why, crash.exit
+        uptime = (self.clock.now() - view.ready_since).total_seconds() if view.ready_since is not None else None
+        # What needs a person (the kernel killed it for memory, its GPU is gone) is critical; any other crash is
+        # handled by the restart policy and logged at error.
+        level = logging.CRITICAL if why.reason in _NEEDS_A_PERSON else logging.ERROR
+        log.log(
+            level, "pool %s engine crashed (%s): %s", view.id, why.reason, why.message,
+            exc_info=self.traceback_once(why) if why.__cause__ is not None else None,
+            extra=self.log_extra(
+                view, last_error=why.message, reason=why.reason, restart_count=view.restart_count,
+                exit_code=info.code, signal=info.signal, uptime_s=round(uptime, 3) if uptime is not None else None,
+            ),
+        )  # fmt: skip
 
     async def _on_draining(self, view: PoolView) -> None:
-        from poolmgr.lifecycle.drain import run_drain
-
-        await run_drain(self, view)
-
-    async def _on_crashed(self, view: PoolView) -> None:
-        op = view.pending_op or {}
-        if view.desired_state is DesiredState.STOPPED:
-            await self.fire(T.STOP, view, event=EventData(reason="stopped by operator"))
+        # After a poolmgr restart: go on draining the engine that outlived it. One that ended meanwhile (the
+        # previous poolmgr stopped it, most likely) leaves nothing to wait for: the drain finishes at once.
+        gone = view.pid is not None and await self._adopt(view) is None
+        effect = await self._drain.run(view, self.engine, engine_gone=gone)
+        if effect is None:
             return
-        if op.get("op") == "reload" and op.get("old_spec"):
-            await self._rollback(view, op)
-            return
-        now = self.clock.now()
-        window = self.policy.storm_window_start(now)
-        restarts = await self._db(self.registry.count_events, self.pool_id, trigger=T.RETRY.value, since=window)
-        decision = self.policy.on_crash(view, now, restarts_in_window=restarts)
-        if decision.action == "back_off":
-            backing = await self.fire(
-                T.BACK_OFF, view,
-                updates={"backoff_step": view.backoff_step + 1, "next_restart_at": decision.next_restart_at},
-                event=EventData(reason=decision.reason, backoff_ms=decision.delay_ms),
-            )  # fmt: skip
-            log.info(
-                "pool %s backing off %d ms", self.pool_id, decision.delay_ms,
-                extra=self._extra(
-                    view, backoff_ms=decision.delay_ms, restart_count=view.restart_count, last_error=view.last_error,
-                    next_restart_at=decision.next_restart_at.isoformat() if decision.next_restart_at else None,
-                ),
-            )  # fmt: skip
-            if decision.delay_ms == 0:
-                await self._on_backoff(backing)  # no delay: restart without a wake-up and re-read
-            return
-        if decision.storm:
-            from poolmgr.lifecycle.watch import record_once
-
-            await self._db(
-                record_once, self.registry, self.pool_id,
-                EventData(kind="restart_storm", reason=decision.reason, detail={"restarts_in_window": restarts}),
-            )  # fmt: skip
-            log.critical(
-                "pool %s: %s", self.pool_id, decision.reason,
-                extra=self._extra(view, restart_count=view.restart_count, last_error=view.last_error),
-            )  # fmt: skip
-        await self.fire(
-            T.OPEN_BREAKER, view,
-            updates={"breaker_until": decision.breaker_until, "breaker_timeout_s": decision.breaker_timeout_s,
-                     "breaker_trial": False, "next_restart_at": None},
-            event=EventData(reason=decision.reason, detail={"timeout_s": decision.breaker_timeout_s}),
-        )  # fmt: skip
-        log.critical(
-            "pool %s circuit breaker open: %s", self.pool_id, decision.reason,
-            extra=self._extra(
-                view, last_error=view.last_error, restart_count=view.restart_count, from_state=view.state.value,
-                to_state=S.BREAKER_OPEN.value, consecutive_failures=view.consecutive_failures,
-            ),
-        )  # fmt: skip
-
-    async def _rollback(self, view: PoolView, op: dict[str, Any]) -> None:
-        old = op["old_spec"]
-        await self.fire(
-            T.ROLLBACK, view,
-            updates={"spec": old, "model": old["model"], "pending_op": {**op, "op": "rollback"}},
-            event=EventData(reason=f"reload to {op.get('model')} failed: restarting {old['model']}",
-                            correlation_id=op.get("correlation_id"), detail={"reload_outcome": "rolled_back"}),
-        )  # fmt: skip
-        log.warning("pool %s reload failed; rolling back to %s", self.pool_id, old["model"], extra=self._extra(view))
-
-    async def _on_backoff(self, view: PoolView) -> None:
-        if view.desired_state is DesiredState.STOPPED:
-            await self.fire(T.STOP, view, event=EventData(reason="stopped by operator"))
-            return
-        due = view.next_restart_at or self.clock.now()
-        wait_s = (due - self.clock.now()).total_seconds()
-        if wait_s > 0:
-            await self._sleep_or_kick(wait_s)
-            return
-        retried = await self.fire(
-            T.RETRY, view,
-            updates={"restart_count": view.restart_count + 1, "spawn_intent_at": self.clock.now()},
-            event=EventData(reason="restart after backoff"),
-        )  # fmt: skip
-        log.info("pool %s restarting", self.pool_id, extra=self._extra(view, restart_count=view.restart_count + 1))
-        await self._on_preloading(retried)
-
-    async def _on_breaker_open(self, view: PoolView) -> None:
-        if view.desired_state is DesiredState.STOPPED:
-            await self.fire(T.STOP, view, event=EventData(reason="stopped by operator"))
-            return
-        due = view.breaker_until or self.clock.now()
-        wait_s = (due - self.clock.now()).total_seconds()
-        if wait_s > 0:
-            await self._sleep_or_kick(wait_s)
-            return
-        await self.fire(
-            T.TRIAL_START, view,
-            updates={"breaker_trial": True, "restart_count": view.restart_count + 1,
-                     "spawn_intent_at": self.clock.now()},
-            event=EventData(reason="breaker half-open: one trial start"),
-        )  # fmt: skip
+        await self.kill_recorded(view)
+        await self.fire(effect, expect=[S.DRAINING])
+        detail = effect.detail
         log.info(
-            "pool %s breaker half-open: trial start", self.pool_id,
-            extra=self._extra(
-                view, restart_count=view.restart_count + 1, from_state=view.state.value,
-                to_state=S.PRELOADING.value, consecutive_failures=view.consecutive_failures,
-            ),
+            "pool %s drained (forced=%s, %d ms, %d leases left)", view.id, detail["force_stopped"],
+            detail["duration_ms"], detail["final_leases"],
+            extra={**self.log_extra(view), "correlation_id": view.correlation_id, **detail},
         )  # fmt: skip
 
-    async def _sleep_or_kick(self, seconds: float) -> None:
-        """Wait on the injected clock, cut short by a kick (a fake clock advances at once), also one that came
-        since the last read (run() clears the event before it reads the pool)."""
-        sleeper = asyncio.ensure_future(self.clock.sleep(seconds))
-        kicked = asyncio.ensure_future(self.kick_event.wait())
-        try:
-            await asyncio.wait({sleeper, kicked}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            sleeper.cancel()
-            kicked.cancel()
-
-    # -- engine ---------------------------------------------------------------------------------------
-    async def _stop_engine(self) -> None:
-        eng, self.engine = self.engine, None
-        if eng is not None:
-            await self.runtime.stop(eng.pid, eng.start_time)
+    # -- the engine -----------------------------------------------------------------------------------
+    async def _adopt(self, view: PoolView, *, whole_run: bool = False) -> SpawnedEngine | None:
+        """The pool's engine: the one this worker holds, or the recorded one re-adopted after a poolmgr restart
+        (same pid AND start time; watched by pidfd; one `adopted` audit row). None when it no longer runs.
+        `whole_run`: read the adopted engine's log from the start of its run (a preload still waiting for its
+        `listening on` line), not from now."""
+        if self.engine is not None:
+            if (self.engine.pid, self.engine.start_time) == (view.pid, view.pid_start_time):
+                return self.engine
+            await self.stop_engine()  # not the recorded engine: never two for one pool
+        if view.pid is None or view.pid_start_time is None:
+            return None
+        if not self._runtime.launcher.is_alive(view.pid, view.pid_start_time):
+            return None
+        self.engine = await asyncio.to_thread(self._runtime.adopted, view.id, view.pid, view.pid_start_time, whole_run)
+        await self.store.note_once(view.id, fx.adoption_event(view.pid, view.pid_start_time))
+        log.info(
+            "pool %s: adopted running engine pid %s (%s)", view.id, view.pid, view.state.value,
+            extra=self.log_extra(view, pid=view.pid),
+        )  # fmt: skip
+        await self._stop_strays(view)
+        return self.engine
 
     async def _sweep(self, view: PoolView) -> None:
         """When this worker starts: a pool in a state that has no engine runs none (invariant 3)."""
@@ -395,40 +349,39 @@ class PoolWorker:
             return
         if view.pid is not None:
             log.warning(
-                "pool %s is %s but records engine pid %s: stopping it", self.pool_id, view.state.value, view.pid,
-                extra=self._extra(view, pid=view.pid),
+                "pool %s is %s but records engine pid %s: stopping it", self._pool_id, view.state.value, view.pid,
+                extra=self.log_extra(view, pid=view.pid),
             )  # fmt: skip
-            await self._kill_recorded(view)
-            await self._db(self.registry.update, self.pool_id, pid=None, pid_start_time=None, endpoint_url=None)
-        await self.stop_strays(view)
+            await self.kill_recorded(view)
+            await self.fire(fx.EngineForgotten(), expect=[view.state])
+        await self._stop_strays(view)
 
-    async def stop_strays(self, view: PoolView, *, once: bool = False) -> None:
-        """Stop this pool's engines other than the one it holds: spawned, never recorded (poolmgr died).
-        `once`: skip the /proc scan if this worker already made one; its own spawns are always recorded."""
+    async def stop_strays(self, view: PoolView) -> None:
+        """Stop this pool's engines other than the one it holds: spawned, never recorded (poolmgr died)."""
+        await self._stop_strays(view)
+
+    async def _stop_strays(self, view: PoolView, *, once: bool = False) -> None:
+        """`once`: skip the /proc scan if this worker already made one; its own spawns are always recorded."""
         if once and self._strays_checked:
             return
         self._strays_checked = True
         keep = self.engine.pid if self.engine is not None else None
-        for pid, start in await asyncio.to_thread(self.runtime.find_unrecorded, self.pool_id):
+        for pid, start in await asyncio.to_thread(self._runtime.find_unrecorded, self._pool_id):
             if pid != keep:
-                log.warning("pool %s: stopping unrecorded engine pid %s", self.pool_id, pid, extra=self._extra(view))
-                await self.runtime.stop(pid, start)
+                log.warning(
+                    "pool %s: stopping unrecorded engine pid %s", self._pool_id, pid, extra=self.log_extra(view)
+                )
+                await self._runtime.stop(pid, start)
 
-    async def _kill_recorded(self, view: PoolView) -> None:
+    async def kill_recorded(self, view: PoolView) -> None:
+        """Stop the pool's engine: the one held, else the recorded one (never a pid now owned by another program:
+        stop() checks the start time)."""
         if self.engine is not None:
-            await self._stop_engine()
+            await self.stop_engine()
         elif view.pid is not None and view.pid_start_time is not None:
-            # stop() checks the start time: a pid now owned by another program is never signalled.
-            await self.runtime.stop(view.pid, view.pid_start_time)
+            await self._runtime.stop(view.pid, view.pid_start_time)
 
-    def stable_reset_due(self, view: PoolView) -> bool:
-        return view.backoff_step > 0 and self.policy.stable(view, self.clock.now())
 
-    def drain_deadline_passed(self, view: PoolView) -> bool:
-        return view.drain_deadline_at is not None and self.clock.now() >= view.drain_deadline_at
-
-    def since(self, moment: Any) -> timedelta:
-        return self.clock.now() - moment  # type: ignore[no-any-return]
-
+_NEEDS_A_PERSON = frozenset({"host_oom", "driver_error"})
 
 __all__ = ["PoolWorker"]

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
-from poolmgr.api._context import CORRELATION_ID
+from poolmgr.correlation import CORRELATION_ID
 from poolmgr.logfields import PoolFieldsFilter
 from poolmgr.observability._engines import engine_api_keys
 from poolmgr.poolsfile import PoolSpec

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from itertools import accumulate
 from typing import Any
 
-from poolmgr.devices._snapshot import DeviceSnapshot
+from poolmgr.devices import DeviceSnapshot
 from poolmgr.errors import ConfigError, DeviceError, InsufficientVram
 from poolmgr.placement._layer_split import (
     format_ratios,

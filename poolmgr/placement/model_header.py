@@ -63,10 +63,6 @@ class ModelHeader:
     def n_embd_v_gqa(self) -> int:
         return (self.head_dim_v or self.n_embd // self.n_head) * self.n_head_kv
 
-    @property
-    def weight_bytes(self) -> int:
-        return sum(self.layer_bytes) + self.input_bytes + self.output_bytes
-
 
 def _scalar(fields: dict[str, Any], key: str, default: int | None = None) -> int:
     field = fields.get(key)

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from poolmgr.devices._snapshot import DeviceSnapshot
+from poolmgr.devices import DeviceSnapshot
 from poolmgr.placement.hetero_split import SplitPlan, engine_gpu_flags, format_bytes
 from poolmgr.placement.vram import (
     DEFAULT_CUDA_OVERHEAD_BYTES,

@@ -149,12 +149,6 @@ class VramNeed:
             + self.cuda_overhead_bytes
         )
 
-    def device_bytes(self, first_layer: int, n_layers: int, *, has_output: bool, pipeline_copies: int = 1) -> int:
-        """What the engine allocates on a device holding layers first_layer..first_layer+n_layers-1
-        (headroom not included)."""
-        weights = sum(self.per_layer_bytes[first_layer : first_layer + n_layers])
-        return weights + self.device_extra_bytes(n_layers, has_output=has_output, pipeline_copies=pipeline_copies)
-
     def breakdown(self) -> list[tuple[str, int]]:
         """(part, bytes) for one device holding everything offloaded; the parts sum to `total_bytes`."""
         return [

@@ -63,12 +63,13 @@ class Node(Base):
 
 
 class Pool(Base):
+    """One pool. What can be derived is not stored: ready / draining / live follow `state`, active_leases and
+    slots_free are counted from `leases` (the pool_registry view and PoolView compute them)."""
+
     __tablename__ = "pools"
     __table_args__ = (
         CheckConstraint(STATE_CHECK, name="ck_pools_state"),
         CheckConstraint(DESIRED_CHECK, name="ck_pools_desired_state"),
-        CheckConstraint("slots_free >= 0 AND slots_free <= slots_total", name="ck_pools_slots"),
-        CheckConstraint("active_leases >= 0", name="ck_pools_leases"),
     )
 
     id: Mapped[str] = mapped_column(String(255), primary_key=True)
@@ -79,15 +80,10 @@ class Pool(Base):
     device_mask: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(32))
     desired_state: Mapped[str] = mapped_column(String(16), default=DesiredState.RUNNING.value)
-    live: Mapped[bool] = mapped_column(Boolean, default=False)
-    ready: Mapped[bool] = mapped_column(Boolean, default=False)
-    draining: Mapped[bool] = mapped_column(Boolean, default=False)
     last_error: Mapped[str | None] = mapped_column(Text)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     engine_version: Mapped[str | None] = mapped_column(String(128))
     slots_total: Mapped[int] = mapped_column(Integer, default=0)
-    slots_free: Mapped[int] = mapped_column(Integer, default=0)
-    active_leases: Mapped[int] = mapped_column(Integer, default=0)
     restart_count: Mapped[int] = mapped_column(Integer, default=0)
     endpoint_url: Mapped[str | None] = mapped_column(Text)
     pid: Mapped[int | None] = mapped_column(Integer)

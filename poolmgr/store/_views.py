@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any
 
+from poolmgr.inflight import Operation, operation_from_json, public_json
 from poolmgr.poolsfile import PoolSpec
-from poolmgr.states import DesiredState, PoolState
-from poolmgr.store._models import Lease, Pool, PoolEvent
+from poolmgr.states import ENGINE_STATES, DesiredState, PoolState
+from poolmgr.store._models import Lease, PoolEvent
+
+_PARSED = frozenset({"spec", "state", "desired_state", "pending_op"})
 
 
 @dataclass(frozen=True)
@@ -18,9 +22,6 @@ class PoolView:
     spec: PoolSpec
     state: PoolState
     desired_state: DesiredState
-    live: bool
-    ready: bool
-    draining: bool
     last_error: str | None
     heartbeat_at: datetime | None
     engine: str
@@ -28,8 +29,7 @@ class PoolView:
     model: str
     device_mask: str
     slots_total: int
-    slots_free: int
-    active_leases: int
+    active_leases: int  # counted from the leases table at read time
     restart_count: int
     endpoint_url: str | None
     pid: int | None
@@ -46,21 +46,46 @@ class PoolView:
     vram_free_bytes: int | None
     compute_capability: str | None
     split_plan: dict[str, Any] | None
-    pending_op: dict[str, Any] | None
+    pending_op: Operation | None
     drain_deadline_at: datetime | None
     version: int
     created_at: datetime
     updated_at: datetime
 
     @classmethod
-    def of(cls, row: Pool) -> PoolView:
-        data = {k: getattr(row, k) for k in cls.__dataclass_fields__ if k not in ("spec", "state", "desired_state")}
+    def of(cls, row: Mapping[str, Any]) -> PoolView:
+        """From a pools row (column name → value) plus its `active_leases` count."""
+        data = {k: row[k] for k in cls.__dataclass_fields__ if k not in _PARSED}
         return cls(
-            spec=PoolSpec.from_json(row.spec),
-            state=PoolState(row.state),
-            desired_state=DesiredState(row.desired_state),
+            spec=PoolSpec.from_json(row["spec"]),
+            state=PoolState(row["state"]),
+            desired_state=DesiredState(row["desired_state"]),
+            pending_op=operation_from_json(row["pending_op"]),
             **data,
         )
+
+    # Derived, never stored (the pool_registry view computes the same from the same columns).
+    @property
+    def ready(self) -> bool:
+        return self.state is PoolState.READY
+
+    @property
+    def draining(self) -> bool:
+        return self.state is PoolState.DRAINING
+
+    @property
+    def live(self) -> bool:
+        """An engine runs (or is starting) for the pool."""
+        return self.state in ENGINE_STATES
+
+    @property
+    def slots_free(self) -> int:
+        return max(0, self.slots_total - self.active_leases) if self.ready else 0
+
+    @property
+    def correlation_id(self) -> str | None:
+        """The id of the request whose work is in flight on the pool, if any."""
+        return self.pending_op.correlation_id if self.pending_op is not None else None
 
     def status(self) -> dict[str, Any]:
         """The public status document (API and `poolmgr pools --json`)."""
@@ -89,7 +114,7 @@ class PoolView:
             "vram_total_bytes": self.vram_total_bytes,
             "vram_free_bytes": self.vram_free_bytes,
             "split_plan": self.split_plan,
-            "pending_op": _public_op(self.pending_op),
+            "pending_op": public_json(self.pending_op),
             "registry_version": self.version,
         }
 
@@ -140,13 +165,6 @@ class LeaseView:
             "created_at": _iso(self.created_at),
             "expires_at": _iso(self.expires_at),
         }
-
-
-def _public_op(op: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The operation in progress, without the stored specs (their extra_args may hold an engine API key)."""
-    if not op:
-        return None
-    return {k: op[k] for k in ("op", "model", "started_at", "correlation_id", "deadline_ms") if k in op}
 
 
 def _iso(value: datetime | None) -> str | None:

@@ -49,23 +49,10 @@ def restart_count_matches(pool: PoolView, events: list[EventView]) -> bool:
 
 
 def ledger_problems(ledger: Ledger, events: list[EventView]) -> list[str]:
-    problems = []
-    by_cid: Counter[tuple[str | None, str]] = Counter()
-    for ev in events:
-        key = ev.trigger or ev.kind
-        by_cid[(ev.correlation_id, key)] += 1
-    for cid in ledger.drains:
-        n = by_cid[(cid, "drain")] + by_cid[(cid, "stop_requested")]
-        if n != 1:
-            problems.append(f"drain {cid}: {n} audit rows (want 1)")
-        if by_cid[(cid, "drain_done")] > 1:
-            problems.append(f"drain {cid}: finished {by_cid[(cid, 'drain_done')]} times")
-    for cid in ledger.preloads:
-        if by_cid[(cid, "preload_requested")] != 1:
-            problems.append(f"preload {cid}: {by_cid[(cid, 'preload_requested')]} audit rows (want 1)")
-    for cid in ledger.resets:
-        if by_cid[(cid, "reset_breaker")] != 1:
-            problems.append(f"breaker reset {cid}: {by_cid[(cid, 'reset_breaker')]} audit rows (want 1)")
+    by_cid: Counter[tuple[str | None, str]] = Counter((ev.correlation_id, ev.trigger or ev.kind) for ev in events)
+    problems = _drain_problems(ledger.drains, by_cid)
+    problems += _once_each("preload", ledger.preloads, "preload_requested", by_cid)
+    problems += _once_each("breaker reset", ledger.resets, "reset_breaker", by_cid)
     allocated = Counter(
         str((ev.detail or {}).get("lease_id")) for ev in events if ev.kind == "lease_allocated"
     )  # fmt: skip
@@ -73,6 +60,22 @@ def ledger_problems(ledger: Ledger, events: list[EventView]) -> list[str]:
         if allocated[lease_id] != 1:
             problems.append(f"lease {lease_id}: {allocated[lease_id]} lease_allocated rows (want 1)")
     return problems
+
+
+def _drain_problems(drains: list[str], by_cid: Counter[tuple[str | None, str]]) -> list[str]:
+    problems = []
+    for cid in drains:
+        n = by_cid[(cid, "drain")] + by_cid[(cid, "stop_requested")]
+        if n != 1:
+            problems.append(f"drain {cid}: {n} audit rows (want 1)")
+        if by_cid[(cid, "drain_done")] > 1:
+            problems.append(f"drain {cid}: finished {by_cid[(cid, 'drain_done')]} times")
+    return problems
+
+
+def _once_each(what: str, cids: list[str], key: str, by_cid: Counter[tuple[str | None, str]]) -> list[str]:
+    """Each acknowledged request left exactly one `key` audit row."""
+    return [f"{what} {cid}: {by_cid[(cid, key)]} audit rows (want 1)" for cid in cids if by_cid[(cid, key)] != 1]
 
 
 def adoption_problems(events: list[EventView]) -> list[str]:

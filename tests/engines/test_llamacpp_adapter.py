@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from poolmgr.engines import LlamaCppAdapter, StderrReason, classify_stderr, get_adapter, parse_listen_port
+from poolmgr.engines import LlamaCppAdapter, StderrReason, classify_stderr, parse_listen_port
 from poolmgr.errors import EngineError
 from poolmgr.poolsfile import PoolSpec
 
@@ -57,12 +57,6 @@ def test_cpu_pool_with_gpu_flags_is_refused() -> None:
 def test_port_out_of_range_is_refused() -> None:
     with pytest.raises(EngineError, match="out of range"):
         ADAPTER.command(PoolSpec(id="t", model="m"), binary="x", model_path="m", port=70000)
-
-
-def test_engine_name_selects_the_llamacpp_adapter_and_unknown_names_fail() -> None:
-    assert isinstance(get_adapter("llamacpp"), LlamaCppAdapter)
-    with pytest.raises(EngineError, match="unknown engine 'vllm'"):
-        get_adapter("vllm")
 
 
 @pytest.mark.parametrize(

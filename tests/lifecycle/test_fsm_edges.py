@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 from poolmgr.errors import IllegalTransition
-from poolmgr.lifecycle.fsm import EDGES, MACHINE
+from poolmgr.lifecycle.fsm import EDGES, fire
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.states import ALL_STATES, PoolState, Trigger
-from poolmgr.store import EventData, Registry
+from poolmgr.store import Registry
+from tests.pool_steps import EFFECT_FOR, step
 
 S = PoolState
 T = Trigger
@@ -29,8 +30,7 @@ PATH_TO: dict[PoolState, list[Trigger]] = {
 
 def _pool_in(registry: Registry, state: PoolState) -> str:
     registry.register(PoolSpec(id="p1", model="/m.gguf"))
-    for trig in PATH_TO[state]:
-        MACHINE.fire(registry, "p1", trig)
+    step(registry, "p1", *PATH_TO[state])
     assert registry.get("p1").state is state
     return "p1"
 
@@ -51,7 +51,10 @@ def test_transition_edge_persists_state_and_one_audit_row(
     pid = _pool_in(registry, src)
     before = registry.get(pid)
     n_events = len(registry.events(pool_id=pid))
-    after = MACHINE.fire(registry, pid, trig, event=EventData(reason="because", correlation_id="corr-1", backoff_ms=5))
+    effect = EFFECT_FOR[trig]()
+    assert effect.trigger is trig
+    audit = effect.audit(before)
+    after = fire(registry, pid, effect)
     assert after.state is dest
     assert after.version == before.version + 1
     assert registry.get(pid).state is dest
@@ -59,7 +62,8 @@ def test_transition_edge_persists_state_and_one_audit_row(
     assert len(events) == n_events + 1
     ev = events[-1]
     assert (ev.from_state, ev.to_state, ev.trigger) == (src.value, dest.value, trig.value)
-    assert (ev.reason, ev.correlation_id, ev.backoff_ms) == ("because", "corr-1", 5)
+    if audit is not None:  # the audit row says what the effect says
+        assert (ev.reason, ev.correlation_id, ev.backoff_ms) == (audit.reason, audit.correlation_id, audit.backoff_ms)
     assert after.ready is (dest is S.READY)
     assert after.draining is (dest is S.DRAINING)
 
@@ -81,7 +85,7 @@ def test_illegal_trigger_raises_and_writes_nothing(sqlite_url: str, src: PoolSta
     before = registry.get(pid)
     n_events = len(registry.events(pool_id=pid))
     with pytest.raises(IllegalTransition, match=f"trigger '{trig.value}' is not allowed from state '{src.value}'"):
-        MACHINE.fire(registry, pid, trig)
+        fire(registry, pid, EFFECT_FOR[trig]())
     assert registry.get(pid) == before
     assert len(registry.events(pool_id=pid)) == n_events
     registry.close()

@@ -5,23 +5,29 @@ from __future__ import annotations
 import pytest
 
 from poolmgr.errors import ConflictError
-from poolmgr.lifecycle.fsm import MACHINE
+from poolmgr.lifecycle.effects import Stopped
+from poolmgr.lifecycle.fsm import fire
 from poolmgr.lifecycle.operations import request_preload
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.states import DesiredState, Trigger
 from poolmgr.store import Registry
+from tests.pool_steps import step
 
 
 def _pool(registry: Registry, *triggers: Trigger) -> None:
     registry.register(PoolSpec(id="p", model="/m.gguf"))
-    for trig in triggers:
-        MACHINE.fire(registry, "p", trig)
+    step(registry, "p", *triggers)
 
 
 def test_preload_of_a_stopped_pool_clears_the_failure_memory_of_earlier_runs(registry: Registry) -> None:
     _pool(registry, Trigger.PLACE, Trigger.START_PRELOAD, Trigger.PRELOAD_FAILED, Trigger.OPEN_BREAKER)
-    registry.update("p", consecutive_failures=5, breaker_timeout_s=600.0, breaker_trial=True, backoff_step=4)
-    MACHINE.fire(registry, "p", Trigger.STOP)
+    # a history of failures: five failed starts, backoff step 4, an open breaker, stopped mid half-open trial
+    for _ in range(4):
+        step(registry, "p", Trigger.TRIAL_START, Trigger.PRELOAD_FAILED, Trigger.BACK_OFF, Trigger.OPEN_BREAKER)
+    failing = step(registry, "p", Trigger.TRIAL_START)
+    assert (failing.consecutive_failures, failing.breaker_trial, failing.backoff_step) == (5, True, 4)
+    assert failing.breaker_timeout_s > 0
+    fire(registry, "p", Stopped())
     view = request_preload(registry, "p", correlation_id="op-1")
     assert view.desired_state is DesiredState.RUNNING
     assert (view.consecutive_failures, view.breaker_timeout_s, view.breaker_trial, view.backoff_step) == (

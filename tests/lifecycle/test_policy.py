@@ -9,12 +9,12 @@ from datetime import timedelta
 import pytest
 
 from poolmgr.clock import FakeClock
-from poolmgr.lifecycle.fsm import MACHINE
 from poolmgr.lifecycle.policy import RestartPolicy, breaker_state
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
 from poolmgr.states import PoolState, Trigger
 from poolmgr.store import PoolView, Registry
+from tests.pool_steps import step
 
 
 def _policy(**kw: int) -> RestartPolicy:
@@ -24,18 +24,16 @@ def _policy(**kw: int) -> RestartPolicy:
 def _crashed_pool(sqlite_url: str, clock: FakeClock) -> PoolView:
     reg = Registry(sqlite_url, node_id="n", clock=clock)
     reg.register(PoolSpec(id="p", model="/m.gguf"))
-    for trig in (Trigger.PLACE, Trigger.START_PRELOAD, Trigger.PRELOAD_FAILED):
-        MACHINE.fire(reg, "p", trig)
-    view = reg.get("p")
+    view = step(reg, "p", Trigger.PLACE, Trigger.START_PRELOAD, Trigger.PRELOAD_FAILED)
     reg.close()
     return view
 
 
 def test_backoff_starts_at_initial_doubles_and_caps_within_ten_percent_jitter() -> None:
     policy = _policy(backoff_initial_ms=1000, backoff_max_ms=60_000)
-    for step, base in enumerate([1000, 2000, 4000, 8000, 16_000, 32_000, 60_000, 60_000]):
+    for n, base in enumerate([1000, 2000, 4000, 8000, 16_000, 32_000, 60_000, 60_000]):
         for _ in range(20):
-            delay = policy.backoff_delay_ms(step)
+            delay = policy.backoff_delay_ms(n)
             assert base * 0.9 - 1 <= delay <= min(base * 1.1 + 1, 60_000), (step, delay)
 
 
@@ -88,13 +86,10 @@ def test_more_restarts_than_the_limit_in_the_window_is_a_storm(sqlite_url: str, 
 def test_storm_window_counts_retry_audit_rows_sliding(sqlite_url: str, clock: FakeClock) -> None:
     reg = Registry(sqlite_url, node_id="n", clock=clock)
     reg.register(PoolSpec(id="p", model="/m.gguf"))
-    for trig in (Trigger.PLACE, Trigger.START_PRELOAD, Trigger.PRELOAD_FAILED):
-        MACHINE.fire(reg, "p", trig)
+    step(reg, "p", Trigger.PLACE, Trigger.START_PRELOAD, Trigger.PRELOAD_FAILED)
     policy = _policy(restart_window_secs=60)
     for _ in range(4):
-        MACHINE.fire(reg, "p", Trigger.BACK_OFF)
-        MACHINE.fire(reg, "p", Trigger.RETRY)
-        MACHINE.fire(reg, "p", Trigger.PRELOAD_FAILED)
+        step(reg, "p", Trigger.BACK_OFF, Trigger.RETRY, Trigger.PRELOAD_FAILED)
         clock.advance(20)
     # restarts at t=0, 20, 40, 60 → at t=80 the window [20, 80] holds three of them
     assert reg.count_events("p", trigger="retry", since=policy.storm_window_start(clock.now())) == 3

@@ -7,24 +7,25 @@ import subprocess
 from pathlib import Path
 
 from poolmgr.engines._procfs import read_start_time
-from poolmgr.lifecycle.fsm import MACHINE
+from poolmgr.lifecycle.effects import EngineRecorded
+from poolmgr.lifecycle.fsm import fire
 from poolmgr.lifecycle.reconciler import Reconciler
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
 from poolmgr.states import DesiredState, PoolState, Trigger
 from poolmgr.store import Registry
+from tests.pool_steps import step
 
 
 def test_a_pool_no_longer_in_the_file_is_stopped_and_its_engine_ended(sqlite_url: str, tmp_path: Path) -> None:
     cfg = PoolManagerConfig(state_dir=tmp_path / "state", stop_grace_ms=1000)
     registry = Registry(sqlite_url, node_id=cfg.node_id)
     registry.register(PoolSpec(id="gone", model="/m.gguf"))
-    for trig in (Trigger.PLACE, Trigger.START_PRELOAD, Trigger.PRELOAD_OK):
-        MACHINE.fire(registry, "gone", trig)
+    step(registry, "gone", Trigger.PLACE, Trigger.START_PRELOAD, Trigger.PRELOAD_OK)
     engine = subprocess.Popen(["sleep", "60"], start_new_session=True)  # an engine left by an earlier poolmgr
     start = read_start_time(engine.pid)
     assert start is not None
-    registry.update("gone", pid=engine.pid, pid_start_time=start)
+    fire(registry, "gone", EngineRecorded(engine.pid, start))
 
     async def scenario() -> None:
         rec = Reconciler(cfg, registry)

@@ -14,12 +14,14 @@ from typing import Any
 import pytest
 
 from poolmgr.lifecycle import operations
+from poolmgr.lifecycle.effects import StopRequested
+from poolmgr.lifecycle.fsm import fire
 from poolmgr.lifecycle.reconciler import Reconciler
 from poolmgr.lifecycle.runtime import EngineRuntime
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
-from poolmgr.states import DesiredState, PoolState
-from poolmgr.store import Registry
+from poolmgr.states import PoolState
+from poolmgr.store import PoolView, Registry
 from tests.e2e.conftest import kill_engines
 from tests.lifecycle.conftest import MakeEngineDir
 
@@ -93,7 +95,7 @@ def test_an_engine_crash_ends_its_leases(sqlite_url: str, engine_dir: Path) -> N
         await _until(lambda: registry.get("crashy").state is PoolState.BACKOFF, 5, "crashy backing off")
         # (checked before shutdown, whose recorded stop ends every lease anyway)
         assert [e.kind for e in registry.events(pool_id="crashy") if e.kind == "crashed"] == ["crashed"]
-        assert registry.leases("crashy") == []
+        assert registry.active_leases("crashy") == 0
         assert registry.get("crashy").active_leases == 0
 
     _run(_cfg(engine_dir), sqlite_url, spec, body).close()
@@ -137,25 +139,26 @@ def test_a_preload_that_lands_while_the_worker_reads_the_pool_is_not_lost(sqlite
     spec = PoolSpec(id="idle", model=str(engine_dir / "tiny.gguf"))
 
     def stopped(registry: Registry) -> None:
-        registry.update("idle", desired_state=DesiredState.STOPPED.value)
+        fire(registry, "idle", StopRequested())
 
     async def body(rec: Reconciler, registry: Registry) -> None:
         worker = rec.workers["idle"]
         await asyncio.sleep(0.2)  # the worker has looked and now waits for a kick
         assert registry.get("idle").state is PoolState.DISCOVERED
-        real_db = worker._db
+        store = worker.store
+        real_find = store.find
         injected = False
 
-        async def racing_db(fn: Callable[..., Any], *args: Any, **kw: Any) -> Any:
+        async def racing_find(pool_id: str) -> PoolView | None:
             nonlocal injected
-            result = await real_db(fn, *args, **kw)
-            if not injected and fn == registry.find:
+            result = await real_find(pool_id)
+            if not injected:
                 injected = True  # the request commits and kicks after the worker's read, before it waits
                 await asyncio.to_thread(operations.request_preload, registry, "idle", correlation_id="req-1")
                 worker.kick()
             return result
 
-        worker._db = racing_db
+        store.find = racing_find  # type: ignore[method-assign]
         worker.kick()  # a spurious wake-up (a lease reaped, say): the worker reads the pool again
         await _until(lambda: registry.get("idle").state is PoolState.READY, 5, "idle started after preload")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,9 @@ def engine_dir(make_engine_dir: MakeEngineDir) -> Path:
 
 
 def _run(
-    cfg: PoolManagerConfig, url: str, clock: FakeClock, spec: PoolSpec, until: str, times: int = 1
-) -> list[EventView]:
+    cfg: PoolManagerConfig, url: str, clock: FakeClock, spec: PoolSpec, until: str, times: int = 1,
+    also: Callable[[], bool] = lambda: True,
+) -> list[EventView]:  # fmt: skip
     """Run the reconciler until `times` audit rows with trigger `until` appear; the events up to the last one.
     (On a fake clock the pool races on at once: the breaker's timeout, say, passes instantly.)"""
     registry = Registry(url, node_id=cfg.node_id, clock=clock)
@@ -42,7 +44,7 @@ def _run(
         await rec.start([spec])
         try:
             for _ in range(600):
-                if sum(e.trigger == until for e in registry.events(pool_id=spec.id)) >= times:
+                if sum(e.trigger == until for e in registry.events(pool_id=spec.id)) >= times and also():
                     return
                 await asyncio.sleep(0.05)
             raise AssertionError(f"{spec.id} never fired {until}: {registry.get(spec.id)}")
@@ -75,8 +77,10 @@ def test_crashing_pool_backs_off_doubling_then_a_restart_storm_opens_the_breaker
     )  # fmt: skip
     clock = FakeClock()
     with caplog.at_level(logging.INFO, logger="poolmgr.pool"):
+        # (the breaker's line is logged right after its row commits: wait for both)
+        logged = lambda: any("circuit breaker open" in r.getMessage() for r in caplog.records)  # noqa: E731
         events = _run(cfg, sqlite_url, clock, PoolSpec(id="crashy", model=str(engine_dir / "crashy.gguf")),
-                      until="open_breaker")  # fmt: skip
+                      until="open_breaker", also=logged)  # fmt: skip
     # What needs a person is critical: the storm and the breaker it opened; plain crashes are not.
     critical = [r.getMessage() for r in caplog.records if r.levelno == logging.CRITICAL]
     assert critical == ["pool crashy: restart storm: 3 restarts in 60s", "pool crashy circuit breaker open: "

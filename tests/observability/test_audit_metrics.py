@@ -5,23 +5,45 @@ all at once, after a restart, and while the database is away."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from poolmgr.clock import FakeClock
 from poolmgr.devices import Inventory
-from poolmgr.lifecycle.fsm import MACHINE
+from poolmgr.engines import ExitInfo
+from poolmgr.errors import PreloadFailed
+from poolmgr.inflight import Drain, Reload
+from poolmgr.lifecycle.effects import (
+    BackedOff,
+    BreakerOpened,
+    BreakerReset,
+    Crashed,
+    DrainRequested,
+    Noted,
+    Placed,
+    PreloadStarted,
+    PreloadSucceeded,
+    ReadyInfo,
+    ReloadRequested,
+    ReloadStarted,
+    Retried,
+    StartFailed,
+    TrialStarted,
+)
+from poolmgr.lifecycle.fsm import fire
+from poolmgr.lifecycle.placing import CPU_PLACEMENT
 from poolmgr.observability._audit import AuditTally, Tally
 from poolmgr.observability.metrics import MetricsEndpoint, PoolMetricsCollector
 from poolmgr.poolsfile import PoolSpec
-from poolmgr.states import PoolState, Trigger
+from poolmgr.states import PoolState
 from poolmgr.store import EventData, PoolView, Registry
 from poolmgr.store._models import PoolEvent
 
 from ._stack import Scrape
 
-T = Trigger
+READY = PreloadSucceeded(ReadyInfo("http://127.0.0.1:9", None, 2))
 
 
 def _endpoint(registry: Registry, **kw: float) -> MetricsEndpoint:
@@ -41,21 +63,36 @@ def _scrape(endpoint: MetricsEndpoint) -> Scrape:
     return Scrape(body.decode())
 
 
+def _starting(registry: Registry, pool_id: str, slots: int = 1) -> None:
+    registry.register(PoolSpec(id=pool_id, model="/m.gguf", slots=slots))
+    fire(registry, pool_id, Placed())
+    fire(registry, pool_id, PreloadStarted(CPU_PLACEMENT))
+
+
 def _ready(registry: Registry, pool_id: str) -> PoolView:
-    registry.register(PoolSpec(id=pool_id, model="/m.gguf", slots=2))
-    for trig in (T.PLACE, T.START_PRELOAD):
-        MACHINE.fire(registry, pool_id, trig)
-    return MACHINE.fire(registry, pool_id, T.PRELOAD_OK, updates={"slots_total": 2}, event=EventData(reason="ready"))
+    _starting(registry, pool_id, slots=2)
+    return fire(registry, pool_id, READY)
+
+
+def _crashed(reason: str, code: int | None = None) -> Crashed:
+    return Crashed(PreloadFailed(reason, f"engine died: {reason}"), ExitInfo(code=code))
+
+
+def _failed(reason: str) -> StartFailed:
+    return StartFailed(PreloadFailed(reason, f"preload failed: {reason}"))
+
+
+def _backed_off(clock: FakeClock, backoff_ms: int, reason: str = "backoff step 1") -> BackedOff:
+    return BackedOff(backoff_ms, clock.now() + timedelta(milliseconds=backoff_ms), reason)
 
 
 def _crash(registry: Registry, clock: FakeClock, pool_id: str, reason: str, backoff_ms: int) -> None:
     """What the worker writes for a crash of a serving engine, its backoff and the restart after it."""
-    MACHINE.fire(registry, pool_id, T.CRASH, event=EventData(kind="crashed", reason=reason, exit_code=1))
-    MACHINE.fire(registry, pool_id, T.BACK_OFF, event=EventData(reason="backoff step 1", backoff_ms=backoff_ms))
+    fire(registry, pool_id, _crashed(reason, code=1))
+    fire(registry, pool_id, _backed_off(clock, backoff_ms))
     clock.advance(backoff_ms / 1000)
-    view = registry.get(pool_id)
-    MACHINE.fire(registry, pool_id, T.RETRY, updates={"restart_count": view.restart_count + 1})
-    MACHINE.fire(registry, pool_id, T.PRELOAD_OK, event=EventData(reason="ready"))
+    fire(registry, pool_id, Retried())
+    fire(registry, pool_id, READY)
 
 
 def test_driver_errors_count_as_crashes_and_driver_resets(
@@ -66,13 +103,13 @@ def test_driver_errors_count_as_crashes_and_driver_resets(
     clock.advance(5)
     _crash(registry, clock, "gpu", "vram_oom", 90)
     # a failed preload whose engine died of a driver error is a crash too; a missing model is not
-    MACHINE.fire(registry, "gpu", T.CRASH, event=EventData(kind="crashed", reason="exit"))
-    MACHINE.fire(registry, "gpu", T.BACK_OFF, event=EventData(backoff_ms=150))
-    MACHINE.fire(registry, "gpu", T.RETRY)
-    MACHINE.fire(registry, "gpu", T.PRELOAD_FAILED, event=EventData(kind="preload_failed", reason="driver_error"))
-    MACHINE.fire(registry, "gpu", T.BACK_OFF, event=EventData(backoff_ms=300))
-    MACHINE.fire(registry, "gpu", T.RETRY)
-    MACHINE.fire(registry, "gpu", T.PRELOAD_FAILED, event=EventData(kind="preload_failed", reason="model_missing"))
+    fire(registry, "gpu", _crashed("exit"))
+    fire(registry, "gpu", _backed_off(clock, 150))
+    fire(registry, "gpu", Retried())
+    fire(registry, "gpu", _failed("driver_error"))
+    fire(registry, "gpu", _backed_off(clock, 300))
+    fire(registry, "gpu", Retried())
+    fire(registry, "gpu", _failed("model_missing"))
     s = _scrape(metrics)
     assert s.value("driver_reset_total", pool_id="gpu") == 2
     crashes = {x.labels["reason"]: x.value for x in s.series("engine_crash_total", pool_id="gpu")}
@@ -94,27 +131,27 @@ def test_the_breaker_gauge_is_open_then_half_open_during_the_trial_then_closed(
     registry: Registry, clock: FakeClock, metrics: MetricsEndpoint
 ) -> None:
     _ready(registry, "p")
-    MACHINE.fire(registry, "p", T.CRASH, event=EventData(kind="crashed", reason="signal"))
-    MACHINE.fire(registry, "p", T.OPEN_BREAKER, event=EventData(reason="5 consecutive failed starts"))
+    fire(registry, "p", _crashed("signal"))
+    fire(registry, "p", BreakerOpened(clock.now() + timedelta(seconds=30), 30.0, "5 consecutive failed starts"))
     assert _scrape(metrics).value("circuit_breaker_state", pool_id="p") == 1
-    MACHINE.fire(registry, "p", T.TRIAL_START, updates={"breaker_trial": True, "restart_count": 1})
+    fire(registry, "p", TrialStarted())  # breaker_trial, restart_count 1
     half_open = _scrape(metrics)
     assert half_open.value("circuit_breaker_state", pool_id="p") == 2
     assert half_open.value("pool_restart_total", pool_id="p", reason="signal") == 1
-    MACHINE.fire(registry, "p", T.PRELOAD_OK, updates={"breaker_trial": False})
+    fire(registry, "p", READY)  # closes the breaker: breaker_trial False
     closed = _scrape(metrics)
     assert closed.value("circuit_breaker_state", pool_id="p") == 0
     assert closed.value("circuit_breaker_open_total", pool_id="p") == 1
     assert closed.value("pool_preload_success_total", pool_id="p", engine="llamacpp") == 2
 
 
-def test_an_operator_reset_is_a_restart_labelled_operator_reset(registry: Registry, metrics: MetricsEndpoint) -> None:
-    registry.register(PoolSpec(id="p", model="/m.gguf"))
-    for trig in (T.PLACE, T.START_PRELOAD):
-        MACHINE.fire(registry, "p", trig)
-    MACHINE.fire(registry, "p", T.PRELOAD_FAILED, event=EventData(kind="preload_failed", reason="timeout"))
-    MACHINE.fire(registry, "p", T.OPEN_BREAKER)
-    MACHINE.fire(registry, "p", T.RESET_BREAKER)
+def test_an_operator_reset_is_a_restart_labelled_operator_reset(
+    registry: Registry, clock: FakeClock, metrics: MetricsEndpoint
+) -> None:
+    _starting(registry, "p")
+    fire(registry, "p", _failed("timeout"))
+    fire(registry, "p", BreakerOpened(clock.now() + timedelta(seconds=30), 30.0, "breaker opened"))
+    fire(registry, "p", BreakerReset())
     s = _scrape(metrics)
     assert s.value("pool_restart_total", pool_id="p", reason="operator_reset") == 1
     assert s.series("engine_crash_total", pool_id="p") == []  # a timeout is a failed preload, not a crash
@@ -124,17 +161,16 @@ def test_an_operator_reset_is_a_restart_labelled_operator_reset(registry: Regist
 def test_a_drain_aborted_by_a_crash_and_a_reload_are_counted_with_their_durations(
     registry: Registry, clock: FakeClock, metrics: MetricsEndpoint
 ) -> None:
-    _ready(registry, "p")
-    MACHINE.fire(registry, "p", T.DRAIN, event=EventData(kind="reload_requested"))
+    old = _ready(registry, "p").spec
+    reload = Reload("/m2.gguf", old, clock.now(), 30_000, "cid-reload")
+    fire(registry, "p", ReloadRequested(reload))
     clock.advance(0.4)
-    MACHINE.fire(
-        registry, "p", T.RELOAD, event=EventData(kind="drained", detail={"duration_ms": 400, "outcome": "drained"})
-    )
-    MACHINE.fire(registry, "p", T.START_PRELOAD)
+    fire(registry, "p", ReloadStarted(reload, {"duration_ms": 400, "outcome": "drained"}))
+    fire(registry, "p", PreloadStarted(CPU_PLACEMENT))
     clock.advance(1.1)
-    MACHINE.fire(registry, "p", T.PRELOAD_OK, event=EventData(detail={"reload_outcome": "success"}))
-    MACHINE.fire(registry, "p", T.DRAIN)
-    MACHINE.fire(registry, "p", T.CRASH, event=EventData(kind="crashed", reason="signal"))
+    fire(registry, "p", READY)  # the Reload in flight: detail.reload_outcome = "success"
+    fire(registry, "p", DrainRequested(Drain(clock.now(), 30_000, "cid-drain")))
+    fire(registry, "p", _crashed("signal"))
     s = _scrape(metrics)
     assert s.value("pool_reload_total", pool_id="p", outcome="success") == 1
     assert s.value("pool_reload_duration_ms_sum", pool_id="p") == pytest.approx(1500)
@@ -152,7 +188,7 @@ def _history(registry: Registry, clock: FakeClock) -> None:
         clock.advance(7)
         _crash(registry, clock, "a" if n % 2 else "b", ("signal", "exit", "host_oom")[n % 3], 100 * (n + 1))
         if n == 4:
-            registry.record_event("a", EventData(kind="restart_storm"))
+            fire(registry, "a", Noted(EventData(kind="restart_storm")))
 
 
 def _totals(tally: Tally) -> tuple[object, ...]:

@@ -15,10 +15,13 @@ from typing import Any
 import pytest
 from pytest_bdd import given, parsers, scenarios, then, when
 
-from poolmgr.lifecycle.fsm import MACHINE
+from poolmgr.engines import ExitInfo
+from poolmgr.errors import PreloadFailed
+from poolmgr.lifecycle.effects import Crashed, Placed, PreloadStarted, PreloadSucceeded, ReadyInfo
+from poolmgr.lifecycle.fsm import fire
+from poolmgr.lifecycle.placing import CPU_PLACEMENT
 from poolmgr.poolsfile import PoolSpec
-from poolmgr.states import Trigger
-from poolmgr.store import EventData, EventView, migrate
+from poolmgr.store import EventView, migrate
 
 from ._stack import H100_SNAPSHOT, EngineFiles, Scrape, Stack, kill_engines, make_config
 
@@ -89,12 +92,10 @@ def driver_error(stack: Stack, pool_id: str) -> None:
     reg = stack.registry
     assert reg is not None
     reg.register(PoolSpec(id=pool_id, model="/models/gpu.gguf", device_mask="0"))
-    for trig in (Trigger.PLACE, Trigger.START_PRELOAD, Trigger.PRELOAD_OK):
-        MACHINE.fire(reg, pool_id, trig)
-    detail = {"message": "CUDA error: unspecified launch failure"}
-    MACHINE.fire(
-        reg, pool_id, Trigger.CRASH, event=EventData(kind="crashed", reason="driver_error", exit_code=1, detail=detail)
-    )
+    for effect in (Placed(), PreloadStarted(CPU_PLACEMENT), PreloadSucceeded(ReadyInfo("http://127.0.0.1:9", None, 1))):
+        fire(reg, pool_id, effect)
+    why = PreloadFailed("driver_error", "CUDA error: unspecified launch failure")  # detail: {"message": ...}
+    fire(reg, pool_id, Crashed(why, ExitInfo(code=1)))
     assert reg.get(pool_id).state.value == "crashed"
 
 

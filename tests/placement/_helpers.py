@@ -11,7 +11,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
 from poolmgr.devices._snapshot import DeviceSnapshot
-from poolmgr.placement import ModelHeader
+from poolmgr.placement import ModelHeader, VramNeed
 
 VRAM_FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "vram"
 VRAM_TABLE = VRAM_FIXTURES / "vram-table.json"
@@ -180,3 +180,10 @@ def reference_layer_counts(ratios: list[float], n_units: int) -> list[int]:
         x = f32(f32(il) / f32(n_units))
         counts[next(i for i, s in enumerate(splits) if s > x)] += 1
     return counts
+
+
+def device_bytes(need: VramNeed, first_layer: int, n_layers: int, *, has_output: bool, pipeline_copies: int = 1) -> int:
+    """What llama.cpp allocates on a device holding layers first_layer..first_layer+n_layers-1 (headroom not
+    included), from the need's parts: the oracle the split's own per-device bytes are checked against."""
+    weights = sum(need.per_layer_bytes[first_layer : first_layer + n_layers])
+    return weights + need.device_extra_bytes(n_layers, has_output=has_output, pipeline_copies=pipeline_copies)

@@ -27,6 +27,7 @@ from ._helpers import (
     HETERO_SNAPSHOT,
     LLAMA_70B,
     device,
+    device_bytes,
     devices_from_snapshot,
     llama_header,
     reference_layer_counts,
@@ -50,7 +51,7 @@ def _check_against_llama_cpp(plan: SplitPlan, need: VramNeed, devices: list[Devi
     for i, count in enumerate(counts):
         n_layers = max(min(count, need.n_layer - start), 0)
         has_output = count > 0 and start + count > need.n_layer
-        used = need.device_bytes(start, n_layers, has_output=has_output, pipeline_copies=copies)
+        used = device_bytes(need, start, n_layers, has_output=has_output, pipeline_copies=copies)
         assert plan.per_device_bytes[i] == used
         assert plan.layers_per_device[i] == n_layers
         assert used + need.headroom_bytes <= devices[i].vram_free_bytes

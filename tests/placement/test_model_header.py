@@ -22,7 +22,8 @@ def test_tiny_model_header_counts_layer_input_and_output_bytes(tmp_path: Path) -
     assert header.layer_bytes == (per_layer, per_layer)
     assert header.input_bytes == 320 * n_embd * f32  # token_embd stays on the CPU
     assert header.output_bytes == 320 * n_embd * f32 + n_embd * f32
-    assert header.weight_bytes + 9088 == path.stat().st_size  # all tensor bytes + the 9,088-byte header
+    weight_bytes = sum(header.layer_bytes) + header.input_bytes + header.output_bytes
+    assert weight_bytes + 9088 == path.stat().st_size  # all tensor bytes + the 9,088-byte header
     assert (header.n_head, header.n_head_kv, header.n_vocab, header.n_ctx_train) == (4, 2, 320, 2048)
     assert header.n_embd_k_gqa == header.n_embd_v_gqa == 32
 

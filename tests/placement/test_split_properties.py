@@ -14,7 +14,7 @@ from poolmgr.placement import ModelHeader, SplitPlan, VramNeed, estimate_vram_fr
 from poolmgr.placement._layer_split import format_ratios, parse_ratios
 from poolmgr.placement.vram import SCHED_MAX_COPIES
 
-from ._helpers import GIB, MIB, device, reference_layer_counts
+from ._helpers import GIB, MIB, device, device_bytes, reference_layer_counts
 
 PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -76,7 +76,7 @@ def _bytes_as_llama_cpp_places(need: VramNeed, counts: list[int], split: bool) -
         n_layers = max(min(count, need.n_layer - start), 0)
         has_output = count > 0 and start + count > need.n_layer
         out.append(
-            (need.device_bytes(start, n_layers, has_output=has_output, pipeline_copies=copies), n_layers, has_output)
+            (device_bytes(need, start, n_layers, has_output=has_output, pipeline_copies=copies), n_layers, has_output)
         )
         start += count
     return out

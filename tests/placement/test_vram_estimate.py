@@ -18,7 +18,7 @@ from poolmgr.placement import (
     read_model_header,
 )
 
-from ._helpers import LLAMA_7B, LLAMA_70B, MIB, VRAM_FIXTURES, VRAM_TABLE, llama_header, load_json
+from ._helpers import LLAMA_7B, LLAMA_70B, MIB, VRAM_FIXTURES, VRAM_TABLE, device_bytes, llama_header, load_json
 
 TABLE = load_json(VRAM_TABLE)
 READY_RUNS = [run for run in TABLE["runs"] if "nvml_used_mib" in run]
@@ -130,7 +130,7 @@ def test_breakdown_parts_sum_to_the_total() -> None:
 
 def test_single_device_bytes_are_the_total_less_headroom() -> None:
     need = estimate_vram_from_header(llama_header(**LLAMA_70B), ctx_size=8192, slots=1)
-    on_one = need.device_bytes(0, need.n_layer, has_output=True)
+    on_one = device_bytes(need, 0, need.n_layer, has_output=True)
     assert on_one == need.total_bytes - need.headroom_bytes
 
 

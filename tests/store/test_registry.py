@@ -7,19 +7,38 @@ import threading
 import pytest
 from sqlalchemy import text
 
-from poolmgr.clock import FakeClock
+from poolmgr.clock import FakeClock, utcnow
 from poolmgr.errors import IllegalTransition, LeaseRefused, NotFoundError
-from poolmgr.lifecycle.fsm import MACHINE
+from poolmgr.inflight import Drain
+from poolmgr.lifecycle.effects import (
+    DrainRequested,
+    ErrorNoted,
+    Healthy,
+    Placed,
+    PreloadStarted,
+    PreloadSucceeded,
+    ReadyInfo,
+)
+from poolmgr.lifecycle.fsm import fire
+from poolmgr.lifecycle.placing import CPU_PLACEMENT
 from poolmgr.poolsfile import PoolSpec
-from poolmgr.states import PoolState, Trigger
-from poolmgr.store import Registry
+from poolmgr.states import PoolState
+from poolmgr.store import PoolView, Registry
+
+
+def _preloading(registry: Registry, pool_id: str = "p1", slots: int = 2) -> PoolView:
+    registry.register(PoolSpec(id=pool_id, model="/m.gguf", slots=slots))
+    fire(registry, pool_id, Placed())
+    return fire(registry, pool_id, PreloadStarted(CPU_PLACEMENT))
 
 
 def _ready_pool(registry: Registry, pool_id: str = "p1", slots: int = 2) -> None:
-    registry.register(PoolSpec(id=pool_id, model="/m.gguf", slots=slots))
-    for trig in (Trigger.PLACE, Trigger.START_PRELOAD):
-        MACHINE.fire(registry, pool_id, trig)
-    MACHINE.fire(registry, pool_id, Trigger.PRELOAD_OK, updates={"slots_total": slots})
+    _preloading(registry, pool_id, slots)
+    fire(registry, pool_id, PreloadSucceeded(ReadyInfo("http://127.0.0.1:9", None, slots)))
+
+
+def _drain() -> DrainRequested:
+    return DrainRequested(Drain(utcnow(), 30_000))
 
 
 def test_register_creates_discovered_pool_with_audit_row(registry: Registry) -> None:
@@ -32,7 +51,7 @@ def test_register_creates_discovered_pool_with_audit_row(registry: Registry) -> 
 
 def test_register_twice_keeps_state_and_updates_spec(registry: Registry) -> None:
     registry.register(PoolSpec(id="p1", model="/a.gguf"))
-    MACHINE.fire(registry, "p1", Trigger.PLACE)
+    fire(registry, "p1", Placed())
     view = registry.register(PoolSpec(id="p1", model="/b.gguf"))
     assert view.state is PoolState.PLACED
     assert view.model == "/b.gguf"
@@ -50,7 +69,7 @@ def test_unknown_pool_is_not_found_never_a_crash(registry: Registry) -> None:
     with pytest.raises(NotFoundError, match="pool 'nope' not found"):
         registry.get("nope")
     with pytest.raises(NotFoundError):
-        MACHINE.fire(registry, "nope", Trigger.PLACE)
+        fire(registry, "nope", Placed())
     with pytest.raises(NotFoundError):
         registry.deregister("nope")
     assert registry.active_leases("nope") == 0
@@ -62,18 +81,35 @@ def test_snapshots_are_sorted_by_pool_id(registry: Registry) -> None:
     assert [p.id for p in registry.pools()] == ["alpha", "mid", "zeta"]
 
 
+def _free_in_view(registry: Registry, pool_id: str) -> int:
+    with registry.engine.connect() as conn:
+        q = text("SELECT slots_free FROM pool_registry WHERE pool_id = :p")
+        return int(conn.execute(q, {"p": pool_id}).scalar_one())
+
+
 def test_slots_are_clamped_to_zero_and_total(registry: Registry) -> None:
+    """slots_free is derived (total minus leases while ready, else 0): never above the total, never below zero,
+    in the PoolView and in the pool_registry view alike."""
     registry.register(PoolSpec(id="p1", model="/m.gguf", slots=4))
-    assert registry.set_slots("p1", total=4, free=9).slots_free == 4
-    assert registry.set_slots("p1", total=4, free=-3).slots_free == 0
-    assert registry.set_slots("p1", total=2, free=2).slots_free == 2
+    assert registry.get("p1").slots_free == 0 == _free_in_view(registry, "p1")  # not ready: nothing free
+    _ready_pool(registry, "p1", slots=4)
+    assert registry.get("p1").slots_free == 4 == _free_in_view(registry, "p1")
+    for _ in range(4):
+        registry.allocate_lease("p1", ttl_s=30)
+    with pytest.raises(LeaseRefused, match="no free slot"):
+        registry.allocate_lease("p1", ttl_s=30)
+    assert registry.get("p1").slots_free == 0 == _free_in_view(registry, "p1")
+    _ready_pool(registry, "p2", slots=2)
+    assert registry.get("p2").slots_free == 2 == _free_in_view(registry, "p2")
 
 
 def test_health_and_last_error_are_recorded(registry: Registry, clock: FakeClock) -> None:
-    registry.register(PoolSpec(id="p1", model="/m.gguf"))
-    view = registry.set_health("p1", live=True)
+    _preloading(registry)
+    clock.advance(1)
+    view = fire(registry, "p1", Healthy())
     assert view.live is True and view.heartbeat_at == clock.now()
-    assert registry.set_last_error("p1", "health check failed: boom").last_error == "health check failed: boom"
+    assert registry.get("p1") == view
+    assert fire(registry, "p1", ErrorNoted("health check failed: boom")).last_error == "health check failed: boom"
 
 
 def test_lease_allocate_and_release_follow_slots(registry: Registry) -> None:
@@ -90,7 +126,7 @@ def test_lease_allocate_and_release_follow_slots(registry: Registry) -> None:
 def test_lease_refused_while_draining_and_count_unchanged(registry: Registry) -> None:
     _ready_pool(registry)
     registry.allocate_lease("p1", ttl_s=30)
-    MACHINE.fire(registry, "p1", Trigger.DRAIN)
+    fire(registry, "p1", _drain())
     with pytest.raises(LeaseRefused, match="draining"):
         registry.allocate_lease("p1", ttl_s=30)
     assert registry.get("p1").active_leases == 1
@@ -128,7 +164,7 @@ def test_two_writers_racing_on_one_pool_one_wins_no_lost_or_doubled_event(db_url
         reg = Registry(db_url, node_id="node-a")
         barrier.wait()
         try:
-            MACHINE.fire(reg, "p1", Trigger.DRAIN)
+            fire(reg, "p1", _drain())
             outcomes.append("won")
         except IllegalTransition:
             outcomes.append("lost")

@@ -12,9 +12,11 @@ from sqlalchemy import text
 
 from poolmgr.clock import FakeClock
 from poolmgr.errors import LeaseRefused, NotFoundError
-from poolmgr.lifecycle.fsm import MACHINE
+from poolmgr.inflight import Drain
+from poolmgr.lifecycle.effects import DrainRequested, Placed, PreloadStarted, PreloadSucceeded, ReadyInfo
+from poolmgr.lifecycle.fsm import fire
+from poolmgr.lifecycle.placing import CPU_PLACEMENT
 from poolmgr.poolsfile import PoolSpec
-from poolmgr.states import Trigger
 from poolmgr.store import Registry
 
 scenarios("registry/registry.feature")
@@ -59,13 +61,22 @@ def register(ctx: Ctx, pool: str, slots: int, mask: str) -> None:
     ctx.reg.register(PoolSpec(id=pool, model="/m.gguf", slots=slots, device_mask=mask))
 
 
+def _make_ready(reg: Registry, pool: str, slots: int) -> None:
+    fire(reg, pool, Placed())
+    fire(reg, pool, PreloadStarted(CPU_PLACEMENT))
+    fire(reg, pool, PreloadSucceeded(ReadyInfo("http://127.0.0.1:9", None, slots)))
+    assert reg.get(pool).ready
+
+
 @given(parsers.parse('a ready pool "{pool}" with {slots:d} slots'))
 def ready_pool(ctx: Ctx, pool: str, slots: int) -> None:
     ctx.reg.register(PoolSpec(id=pool, model="/m.gguf", slots=slots))
-    for trig in (Trigger.PLACE, Trigger.START_PRELOAD):
-        MACHINE.fire(ctx.reg, pool, trig)
-    MACHINE.fire(ctx.reg, pool, Trigger.PRELOAD_OK, updates={"slots_total": slots})
-    assert ctx.reg.get(pool).ready
+    _make_ready(ctx.reg, pool, slots)
+
+
+@when(parsers.parse('pool "{pool}" becomes ready'))
+def becomes_ready(ctx: Ctx, pool: str) -> None:
+    _make_ready(ctx.reg, pool, ctx.reg.get(pool).spec.slots)
 
 
 @given(parsers.parse('a lease on "{pool}"'))
@@ -83,14 +94,15 @@ def deregister(ctx: Ctx, pool: str) -> None:
     ctx.reg.deregister(pool)
 
 
-@when(parsers.parse('the slots of "{pool}" are set to {total:d} total and {free:d} free'))
-def set_slots(ctx: Ctx, pool: str, total: int, free: int) -> None:
-    ctx.reg.set_slots(pool, total=total, free=free)
+@when(parsers.parse('{n:d} leases are taken on "{pool}"'))
+def take_leases(ctx: Ctx, n: int, pool: str) -> None:
+    for _ in range(n):
+        ctx.lease_ids.append(ctx.reg.allocate_lease(pool, ttl_s=300).id)
 
 
 @when(parsers.parse('pool "{pool}" starts draining'))
 def start_draining(ctx: Ctx, pool: str) -> None:
-    MACHINE.fire(ctx.reg, pool, Trigger.DRAIN)
+    fire(ctx.reg, pool, DrainRequested(Drain(ctx.clock.now(), 30_000)))
 
 
 @when("the lease is released twice")
@@ -144,6 +156,12 @@ def free_slots(ctx: Ctx, pool: str, n: int) -> None:
 @then(parsers.parse('a lease on "{pool}" is refused because it is draining'))
 def refused(ctx: Ctx, pool: str) -> None:
     with pytest.raises(LeaseRefused, match="draining"):
+        ctx.reg.allocate_lease(pool, ttl_s=30)
+
+
+@then(parsers.parse('a lease on "{pool}" is refused because it has no free slot'))
+def refused_full(ctx: Ctx, pool: str) -> None:
+    with pytest.raises(LeaseRefused, match="no free slot"):
         ctx.reg.allocate_lease(pool, ttl_s=30)
 
 

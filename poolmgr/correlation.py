@@ -1,4 +1,8 @@
-"""The correlation id of the request (or job) at hand, carried into log lines and audit rows."""
+"""The correlation id of the request (or job) at hand, carried into log lines and audit rows.
+
+Layer 1 (imports nothing of poolmgr): the API sets it, observability's log formatters read it, and any layer
+that starts work may carry it on.
+"""
 
 from __future__ import annotations
 

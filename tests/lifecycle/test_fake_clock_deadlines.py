@@ -1,0 +1,148 @@
+"""Health cadence, drain deadlines and preload timeouts run on the injected clock: the real reconciler and
+worker with a fake clock and a real (fake llama-server) engine. Real time never decides any of them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from poolmgr.clock import FakeClock
+from poolmgr.lifecycle import operations
+from poolmgr.lifecycle.reconciler import Reconciler
+from poolmgr.poolsfile import PoolSpec
+from poolmgr.settings import PoolManagerConfig
+from poolmgr.states import PoolState
+from poolmgr.store import Registry
+from tests.e2e.conftest import kill_engines
+from tests.lifecycle.conftest import MakeEngineDir
+
+INTERVAL_MS = 1000
+THRESHOLD = 3
+
+
+def _cfg(engine_dir: Path, **kw: Any) -> PoolManagerConfig:
+    base: dict[str, Any] = {
+        "state_dir": engine_dir / "state", "llama_server": str(engine_dir / "llama-server"),
+        "health_check_interval_ms": INTERVAL_MS, "health_failure_threshold": THRESHOLD,
+        "health_check_timeout_ms": 200, "backoff_initial_ms": 3_600_000, "backoff_max_ms": 3_600_000,
+        "stop_grace_ms": 300,
+    }  # fmt: skip
+    return PoolManagerConfig(**{**base, **kw})
+
+
+async def _until(pred: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        await asyncio.sleep(0.02)
+
+
+def _run(
+    cfg: PoolManagerConfig, url: str, clock: FakeClock, spec: PoolSpec,
+    body: Callable[[Registry], Awaitable[None]],
+) -> Registry:  # fmt: skip
+    registry = Registry(url, node_id=cfg.node_id, clock=clock)
+
+    async def scenario() -> None:
+        rec = Reconciler(cfg, registry)
+        await rec.start([spec])
+        try:
+            await body(registry)
+        finally:
+            await rec.shutdown(keep_engines=False)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        kill_engines([spec.id])
+    return registry
+
+
+def test_a_hung_engine_is_found_after_exactly_interval_times_threshold_of_clock_time(
+    sqlite_url: str, make_engine_dir: MakeEngineDir
+) -> None:
+    engine_dir = make_engine_dir()
+    spec = PoolSpec(id="hangs", model=str(engine_dir / "tiny.gguf"))
+    stopped: list[int] = []
+    after: list[Any] = []
+
+    async def body(registry: Registry) -> None:
+        await _until(lambda: registry.get("hangs").state is PoolState.READY, 20, "ready")
+        pid = registry.get("hangs").pid
+        assert pid is not None
+        await asyncio.sleep(0.3)  # a few healthy rounds (each one interval of clock time)
+        os.kill(pid, signal.SIGSTOP)  # alive to the pidfd, silent to /health: a hang
+        stopped.append(pid)
+        await _until(lambda: registry.get("hangs").state is not PoolState.READY, 20, "the hang found")
+        after.append(registry.get("hangs"))  # before a restart (its backoff passes at once) writes a new heartbeat
+
+    registry = _run(_cfg(engine_dir), sqlite_url, FakeClock(), spec, body)
+    try:
+        (crash,) = [e for e in registry.events(pool_id="hangs") if e.kind == "crashed"]
+        assert crash.reason == "health_failure" and f"{THRESHOLD} times in a row" in (crash.detail or {})["message"]
+        (view,) = after
+        assert view.state is not PoolState.READY and view.heartbeat_at is not None
+        # The last good round wrote the heartbeat; the misses came one interval apart on the clock.
+        assert crash.at - view.heartbeat_at == timedelta(milliseconds=INTERVAL_MS * THRESHOLD)
+    finally:
+        registry.close()
+        for pid in stopped:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)  # the hung engine was stopped (killed), not left behind
+
+
+def test_a_drain_whose_lease_is_never_released_ends_at_its_deadline_on_the_clock(
+    sqlite_url: str, make_engine_dir: MakeEngineDir
+) -> None:
+    engine_dir = make_engine_dir()
+    spec = PoolSpec(id="holds", model=str(engine_dir / "tiny.gguf"))
+    deadline_ms = 20_000  # more clock time than this test may take in real time
+
+    async def body(registry: Registry) -> None:
+        await _until(lambda: registry.get("holds").state is PoolState.READY, 20, "ready")
+        registry.allocate_lease("holds", ttl_s=3600)
+        started = time.monotonic()
+        operations.request_drain(registry, "holds", deadline_ms=deadline_ms, correlation_id="drain-9")
+        await _until(lambda: registry.get("holds").state is PoolState.STOPPED, 15, "drained at the deadline")
+        assert time.monotonic() - started < deadline_ms / 1000
+
+    registry = _run(_cfg(engine_dir), sqlite_url, FakeClock(), spec, body)
+    try:
+        (drained,) = [e for e in registry.events(pool_id="holds") if e.kind == "drained"]
+        detail = drained.detail or {}
+        assert detail["force_stopped"] is True and detail["final_leases"] == 1 and detail["outcome"] == "forced"
+        # Ended at the first look at the clock past the deadline (the drain looks every 50 ms).
+        assert deadline_ms <= detail["duration_ms"] < deadline_ms + 100
+        assert registry.get("holds").active_leases == 0
+    finally:
+        registry.close()
+
+
+def test_a_preload_times_out_on_the_clock_not_on_the_wall(sqlite_url: str, make_engine_dir: MakeEngineDir) -> None:
+    engine_dir = make_engine_dir(env="FAKE_ENGINE_MODE=hang")  # never reports its port, never answers 200
+    spec = PoolSpec(id="slow", model=str(engine_dir / "tiny.gguf"))
+    clock = FakeClock()
+
+    async def body(registry: Registry) -> None:
+        await _until(lambda: registry.get("slow").pid is not None, 20, "spawned")
+        await asyncio.sleep(1.5)  # three times the preload timeout of real time: the clock has not moved
+        view = registry.get("slow")
+        assert view.state is PoolState.PRELOADING and view.consecutive_failures == 0
+        clock.advance(0.6)
+        failed = lambda: any(e.kind == "preload_failed" for e in registry.events(pool_id="slow"))  # noqa: E731
+        await _until(failed, 5, "timed out")
+
+    registry = _run(_cfg(engine_dir, preload_timeout_ms=500), sqlite_url, clock, spec, body)
+    try:
+        failed = [e for e in registry.events(pool_id="slow") if e.kind == "preload_failed"]
+        assert failed and {e.reason for e in failed} == {"timeout"}
+    finally:
+        registry.close()
