@@ -47,6 +47,7 @@ class PoolManagerConfig:
     restart_window_secs: int = 60
     stop_grace_ms: int = 5000
     vram_refresh_secs: int = 10
+    audit_retention_days: int = 90
     llama_server: str = ""
     log_format: str = "json"
     log_level: str = "INFO"
@@ -116,6 +117,7 @@ class PoolManagerConfig:
             "restart_rate_limit",
             "restart_window_secs",
             "vram_refresh_secs",
+            "audit_retention_days",
         )
         for name in positive:
             value = getattr(self, name)

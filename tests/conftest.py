@@ -74,7 +74,7 @@ def _truncate_pg(url: str) -> None:
     import psycopg
 
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute("TRUNCATE pool_events, leases, pools, nodes, devices RESTART IDENTITY CASCADE")
+        conn.execute("TRUNCATE pool_events, audit_rollup, leases, pools, nodes, devices RESTART IDENTITY CASCADE")
 
 
 @pytest.fixture

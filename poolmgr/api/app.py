@@ -7,6 +7,7 @@ route but /health and /metrics needs `Authorization: Bearer <token>` (compared i
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -90,9 +91,12 @@ def _add_node_routes(
 
 
 def _add_pool_routes(app: FastAPI, registry: Registry, kick: Callable[[str], None]) -> None:
-    @app.get("/pools")
-    async def pools() -> list[dict[str, Any]]:
-        return [p.status() for p in await _db(registry.pools)]
+    @app.get("/pools", response_model=list[dict[str, Any]])
+    async def pools() -> Response:
+        # The status documents are plain JSON already: serialised directly, not walked by FastAPI's encoder
+        # (most of the time of this route at 200 pools).
+        docs = [p.status() for p in await _db(registry.pools)]
+        return Response(json.dumps(docs, separators=(",", ":")), media_type="application/json")
 
     @app.get("/pools/{pool_id}/status")
     async def status(pool_id: str) -> dict[str, Any]:

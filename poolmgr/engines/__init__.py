@@ -30,6 +30,7 @@ from poolmgr.engines._install import (
     resolve_llama_server,
 )
 from poolmgr.engines._logs import rotate_log, rotate_log_in_place
+from poolmgr.engines._prober import Address, HealthProber
 from poolmgr.engines._process import (
     ExitInfo,
     Launcher,
@@ -43,8 +44,10 @@ from poolmgr.engines.llamacpp import LlamaCppAdapter, classify_stderr, parse_lis
 
 __all__ = [
     "BUILD_NUMBER",
+    "Address",
     "EngineAdapter",
     "ExitInfo",
+    "HealthProber",
     "HealthResult",
     "HealthStatus",
     "InstalledEngine",

@@ -5,7 +5,7 @@ them the same way: lock the row, let the machine decide, compare-and-swap, inser
     transitions                                     facts (no state change)
     Placed             discovered|stopped → placed  EngineRecorded   pid + start time, right after the spawn
     PreloadStarted     placed → preloading          EngineForgotten  no engine recorded any more
-    PreloadSucceeded   preloading → ready           Healthy          heartbeat (+ backoff reset when stable)
+    PreloadSucceeded   preloading → ready
     StartFailed        placed|preloading → crashed  ErrorNoted       last_error of a failed step
     Crashed            ready|draining → crashed     Noted            an audit row only (adopted, restart_storm)
     BackedOff          crashed → backoff            StopRequested    desired stopped (drain of a non-ready pool)
@@ -119,19 +119,6 @@ class StartFailed(Effect):
                          detail={"message": self.why.message})  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Healthy(Effect):
-    """A health check answered: the heartbeat, and the backoff step reset once the engine proved stable."""
-
-    reset_backoff: bool = False
-
-    def columns(self, before: PoolView, now: datetime) -> PoolColumns:
-        cols: PoolColumns = {"heartbeat_at": now}
-        if self.reset_backoff:
-            cols["backoff_step"] = 0
-        return cols
-
-
 # -- the way down --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Crashed(Effect):
@@ -141,9 +128,13 @@ class Crashed(Effect):
     clears_leases: ClassVar[bool] = True
     why: PreloadFailed
     exit: ExitInfo = field(default_factory=ExitInfo)
+    stable: bool = False  # it had served BACKOFF_STABLE_SECS: the backoff starts over (decided at the crash)
 
     def columns(self, before: PoolView, now: datetime) -> PoolColumns:
-        return {**NO_ENGINE, "last_error": self.why.message, "ready_since": None}
+        cols: PoolColumns = {**NO_ENGINE, "last_error": self.why.message, "ready_since": None}
+        if self.stable:
+            cols["backoff_step"] = 0
+        return cols
 
     def audit(self, before: PoolView) -> EventData:
         return EventData(kind="crashed", reason=self.why.reason, exit_code=self.exit.code, signal=self.exit.signal,
@@ -423,7 +414,6 @@ __all__ = [
     "EngineForgotten",
     "EngineRecorded",
     "ErrorNoted",
-    "Healthy",
     "MarkedStopped",
     "Noted",
     "Placed",

@@ -41,8 +41,9 @@ class PoolPort(Protocol):
         """Stop the engine this worker holds, if any (TERM → KILL; never a pid now owned by another program)."""
         ...
 
-    async def wait(self, seconds: float) -> None:
-        """Sleep on the injected clock, cut short by a kick (an API request, a lease release, shutdown)."""
+    async def wait(self, seconds: float | None) -> None:
+        """Sleep on the injected clock (None: until kicked), cut short by a kick (an API request, a lease
+        release, shutdown)."""
         ...
 
     def log_extra(self, view: PoolView, **more: Any) -> dict[str, Any]:

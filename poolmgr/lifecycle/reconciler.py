@@ -10,13 +10,14 @@ import contextlib
 import logging
 import socket
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 
 from poolmgr.devices import Inventory, backend_from_env, discover
-from poolmgr.engines import rotate_log_in_place
+from poolmgr.engines import SpawnedEngine, rotate_log_in_place
 from poolmgr.errors import IllegalTransition, NotFoundError, PreloadFailed
-from poolmgr.lifecycle.effects import EngineForgotten, MarkedStopped, Stopped, VramRefreshed
+from poolmgr.lifecycle.effects import EngineForgotten, MarkedStopped, Stopped, VramRefreshed, adoption_event
 from poolmgr.lifecycle.outage import RetryingRegistry
-from poolmgr.lifecycle.placing import Placement, gpu_problem, place
+from poolmgr.lifecycle.placing import CPU_PLACEMENT, Placement, gpu_problem, place
 from poolmgr.lifecycle.policy import RestartPolicy
 from poolmgr.lifecycle.runtime import EngineRuntime
 from poolmgr.lifecycle.worker import PoolWorker
@@ -27,6 +28,9 @@ from poolmgr.store import PoolView, Registry
 
 log = logging.getLogger("poolmgr.reconciler")
 _HOUSEKEEPING_S = 1.0
+_AUDIT_PRUNE_S = 3600.0  # audit retention runs hourly (POOL_MANAGERD_AUDIT_RETENTION_DAYS) ...
+_AUDIT_PRUNE_ROWS = 1000  # ... at most this many rows a round, so the heartbeat never waits long
+_LOG_ROTATE_CHECK_S = 10.0  # engine logs are checked for rotation this often (a stat per pool)
 _SHUTDOWN_DB_WAIT_S = 10.0  # at shutdown, how long a database call may wait before poolmgr exits without it
 
 
@@ -54,18 +58,42 @@ class Reconciler:
 
     # -- start ----------------------------------------------------------------------------------------
     async def start(self, specs: Sequence[PoolSpec]) -> None:
+        """Register every pool in one transaction, look at /proc once for engines of a previous poolmgr, re-adopt
+        every live recorded engine in one pass (one audit transaction), then start all workers at once."""
         await self.store.call(self.registry.heartbeat_node, socket.gethostname())
         self.inventory = await asyncio.to_thread(self._inventory_fn)
         await self._store_devices()
-        for spec in specs:
-            await self.store.call(self.registry.register, spec)
+        await self.store.call(self.registry.register_all, list(specs))
         known = {s.id for s in specs}
-        for view in await self.store.call(self.registry.pools, node_id=self.cfg.node_id):
+        views = await self.store.call(self.registry.pools, node_id=self.cfg.node_id)
+        for view in views:
             if view.id not in known:
                 await self._retire(view)
+        await asyncio.to_thread(self.runtime.snapshot_unrecorded)
+        adopted = await self._adopt_all([v for v in views if v.id in known])
         for spec in specs:
-            self._start_worker(spec.id)
+            self._start_worker(spec.id, adopted.get(spec.id))
         self._housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
+
+    async def _adopt_all(self, views: Sequence[PoolView]) -> dict[str, SpawnedEngine]:
+        """The engines that outlived the previous poolmgr, re-adopted together (same pid AND start time): their
+        handles for the workers, and one `adopted` audit row each, written in one transaction."""
+        handles: dict[str, SpawnedEngine] = {}
+        for view in views:
+            pid, start = view.pid, view.pid_start_time
+            if view.state in ENGINE_STATES and pid and start and self.runtime.launcher.is_alive(pid, start):
+                whole_run = view.state is PoolState.PRELOADING
+                handles[view.id] = await asyncio.to_thread(self.runtime.adopted, view.id, pid, start, whole_run)
+        notes = [(pool_id, adoption_event(h.pid, h.start_time)) for pool_id, h in handles.items()]
+        if notes:
+            await self.store.call(self.registry.note_all, notes)
+        for view in views:
+            if view.id in handles:
+                log.info(
+                    "pool %s: adopted running engine pid %s (%s)", view.id, view.pid, view.state.value,
+                    extra={"pool_id": view.id, "pid": view.pid},
+                )  # fmt: skip
+        return handles
 
     async def _retire(self, view: PoolView) -> None:
         """A pool no longer in the pools file: its engine (if one still runs) is stopped and the pool is
@@ -82,10 +110,10 @@ class Reconciler:
             "pool %s is in the registry but no longer in the pools file: stopped", view.id, extra={"pool_id": view.id}
         )
 
-    def _start_worker(self, pool_id: str) -> None:
+    def _start_worker(self, pool_id: str, adopted: SpawnedEngine | None = None) -> None:
         worker = PoolWorker(
             pool_id, store=self.store, runtime=self.runtime, policy=self.policy, place=self._place,
-            gpu_check=self._gpu_check,
+            gpu_check=_NvmlCheck(self), adopted=adopted,
         )  # fmt: skip
         self.workers[pool_id] = worker
         self._tasks[pool_id] = asyncio.create_task(self._run_worker(worker), name=f"pool:{pool_id}")
@@ -110,12 +138,17 @@ class Reconciler:
 
     # -- placement ------------------------------------------------------------------------------------
     def _place(self, view: PoolView) -> Placement:
+        if view.spec.is_cpu:
+            return CPU_PLACEMENT  # nothing to share: no read of the other pools (N pools starting: not N² rows)
         others = [
             (p.id, p.device_mask, p.spec.share_devices)
             for p in self.registry.pools(node_id=self.cfg.node_id)
             if p.id != view.id and (p.state in ENGINE_STATES or p.state is PoolState.PLACED)
         ]
         return place(view.spec, self.inventory, others=others)
+
+    def _gpu_applies(self, view: PoolView) -> bool:
+        return not view.spec.is_cpu or self.inventory.available
 
     def _gpu_check(self, view: PoolView, pid: int) -> PreloadFailed | None:
         """NVML's view of a running engine (a fresh snapshot: which processes are on which GPU)."""
@@ -139,7 +172,11 @@ class Reconciler:
 
     # -- housekeeping ---------------------------------------------------------------------------------
     async def _housekeep(self) -> None:
-        last_devices = asyncio.get_running_loop().time()
+        """Once a second: expired leases, the node's heartbeat (its only steady write); less often: devices,
+        engine logs, and hourly the audit retention. Nothing here writes unless something changed (or aged), but
+        for the heartbeat."""
+        timer = asyncio.get_running_loop().time
+        last = {"devices": timer(), "logs": timer(), "audit": timer() - _AUDIT_PRUNE_S}
         while not self.stopping:
             await asyncio.sleep(_HOUSEKEEPING_S)
             with contextlib.suppress(Exception):
@@ -147,13 +184,21 @@ class Reconciler:
                     for pool_id in self.workers:
                         self.kick(pool_id)
                 await self.store.call(self.registry.heartbeat_node, socket.gethostname())
-                now = asyncio.get_running_loop().time()
-                if now - last_devices >= self.cfg.vram_refresh_secs and self.inventory.available:
-                    last_devices = now
+                if timer() - last["devices"] >= self.cfg.vram_refresh_secs and self.inventory.available:
+                    last["devices"] = timer()
                     self.inventory = await asyncio.to_thread(self._inventory_fn)
                     await self._store_devices()
                     await self._refresh_pool_vram()
-                await asyncio.to_thread(self._rotate_engine_logs)
+                if timer() - last["logs"] >= _LOG_ROTATE_CHECK_S:
+                    last["logs"] = timer()
+                    await asyncio.to_thread(self._rotate_engine_logs)
+                if timer() - last["audit"] >= _AUDIT_PRUNE_S:  # retention: hourly, on every round while behind
+                    cutoff = self.registry.clock.now() - timedelta(days=self.cfg.audit_retention_days)
+                    pruned = await self.store.call(
+                        self.registry.prune_audit, cutoff, max_rows=_AUDIT_PRUNE_ROWS,
+                        window_s=float(self.cfg.restart_window_secs),
+                    )  # fmt: skip
+                    last["audit"] = timer() - (_AUDIT_PRUNE_S if pruned >= _AUDIT_PRUNE_ROWS else 0.0)
 
     def _rotate_engine_logs(self) -> None:
         for pool_id in self.workers:
@@ -216,6 +261,19 @@ class Reconciler:
             await self.store.apply(pool_id, Stopped("poolmgr shutdown"))
         except IllegalTransition:
             await self.store.apply(pool_id, EngineForgotten())
+
+
+class _NvmlCheck:
+    """The reconciler's NVML verdict on a running engine, as the ready watch asks it (watch.GpuCheck)."""
+
+    def __init__(self, rec: Reconciler) -> None:
+        self._rec = rec
+
+    def applies(self, view: PoolView) -> bool:
+        return self._rec._gpu_applies(view)
+
+    def __call__(self, view: PoolView, pid: int) -> PreloadFailed | None:
+        return self._rec._gpu_check(view, pid)
 
 
 __all__ = ["Reconciler"]

@@ -1,37 +1,57 @@
-"""Watching a ready pool, a part of its worker: the engine's exit is seen at once (pidfd), health misses and
-hangs are counted on the injected clock, NVML's verdict on its GPUs is asked at each health round. The watch
-writes only heartbeats itself; how the watch ended (a crash, a stop) it returns as an effect for the worker."""
+"""Watching a ready pool, a part of its worker: the engine's exit is seen at once (pidfd), a hang is reported by
+the runtime's HealthProber (probes on the injected clock's cadence), NVML's verdict on GPU pools is asked each
+health interval. A healthy engine costs no database read or write; how the watch ended (a crash, a stop) it
+returns as an effect for the worker."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
-from poolmgr.engines import ExitInfo, SpawnedEngine
+from poolmgr.engines import Address, ExitInfo, SpawnedEngine
 from poolmgr.errors import PreloadFailed
-from poolmgr.lifecycle.effects import Crashed, Healthy, Stopped
-from poolmgr.lifecycle.policy import RestartPolicy
+from poolmgr.lifecycle.effects import Crashed, Stopped
 from poolmgr.lifecycle.port import PoolPort
 from poolmgr.states import DesiredState, PoolState
 from poolmgr.store import PoolView
 
 log = logging.getLogger("poolmgr.pool")
-# NVML's verdict on a running engine (spillover, a lost GPU): runs in a thread, None when all is well.
-GpuCheck = Callable[[PoolView, int], PreloadFailed | None]
 Outcome = Crashed | Stopped | None
 
 
+class GpuCheck(Protocol):
+    """NVML's verdict on a running engine (spillover, a lost GPU): runs in a thread, None when all is well."""
+
+    def applies(self, view: PoolView) -> bool:
+        """Whether the pool's engine needs NVML rounds at all (a GPU pool, or any pool on a host with a driver)."""
+        ...
+
+    def __call__(self, view: PoolView, pid: int) -> PreloadFailed | None: ...
+
+
+def engine_address(endpoint_url: str) -> Address:
+    """Where the engine answers: `http://HOST:PORT` → (HOST, PORT)."""
+    url = urlsplit(endpoint_url)
+    if url.hostname is None or url.port is None:
+        raise ValueError(f"not an engine endpoint: {endpoint_url!r}")
+    return (url.hostname, url.port)
+
+
 class ReadyWatch:
-    def __init__(self, port: PoolPort, policy: RestartPolicy, gpu_check: GpuCheck | None) -> None:
+    """Waits, costing nothing meanwhile, for whichever comes first: the engine's exit (pidfd), the prober's word
+    that it hung (engines.HealthProber: `threshold` unanswered probes, one per interval on the clock), a kick
+    (a request changed the pool: re-read it), an NVML round (GPU pools). Nothing is written while the engine is
+    healthy; whether it served long enough to restart its backoff is decided when it crashes."""
+
+    def __init__(self, port: PoolPort, gpu_check: GpuCheck | None) -> None:
         self.port = port
-        self.policy = policy
         self.gpu_check = gpu_check
 
     async def gpu_problem(self, view: PoolView, pid: int) -> PreloadFailed | None:
         """NVML's verdict on the engine, from the split plan stored in `view`."""
-        if self.gpu_check is None:
+        if self.gpu_check is None or not self.gpu_check.applies(view):
             return None
         return await asyncio.to_thread(self.gpu_check, view, pid)
 
@@ -39,24 +59,44 @@ class ReadyWatch:
         """Until the engine ends (Crashed), the pool is to stop (Stopped, engine stopped) or another part takes
         over (None: drained, reloaded, shutdown)."""
         exit_task = asyncio.ensure_future(self.port.runtime.launcher.wait_exit(eng.pid, eng.start_time))
+        hung = self._watch_health(view)
         try:
-            return await self._loop(view, eng, exit_task)
+            return await self._loop(view, eng, exit_task, hung)
         finally:
-            if not exit_task.done():
-                exit_task.cancel()
+            self.port.runtime.prober.unwatch(view.id)
+            for fut in (exit_task, hung):
+                if not fut.done():
+                    fut.cancel()
 
-    async def _loop(self, view: PoolView, eng: SpawnedEngine, exit_task: asyncio.Future[ExitInfo]) -> Outcome:
-        port, clock = self.port, self.port.clock
-        interval = port.runtime.cfg.health_check_interval_ms / 1000.0
-        due = clock.monotonic() + interval  # the next health check: kicks (lease releases, say) never postpone it
-        misses = 0
+    def _watch_health(self, view: PoolView) -> asyncio.Future[str]:
+        loop = asyncio.get_running_loop()
+        hung: asyncio.Future[str] = loop.create_future()
+
+        def settle(text: str) -> None:
+            if not hung.done():
+                hung.set_result(text)
+
+        def on_hung(text: str) -> None:  # called from the prober's thread
+            loop.call_soon_threadsafe(settle, text)
+
+        self.port.runtime.prober.watch(view.id, engine_address(view.endpoint_url or ""), on_hung)
+        return hung
+
+    async def _loop(
+        self, view: PoolView, eng: SpawnedEngine, exit_task: asyncio.Future[ExitInfo], hung: asyncio.Future[str]
+    ) -> Outcome:
+        port = self.port
+        rounds = _Rounds(self, view)
         while not port.stopping:
-            waiter = asyncio.ensure_future(port.wait(max(0.0, due - clock.monotonic())))
-            either: list[asyncio.Future[Any]] = [exit_task, waiter]
+            waiter = asyncio.ensure_future(port.wait(rounds.next_in()))
+            either: list[asyncio.Future[Any]] = [exit_task, hung, waiter]
             done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
             if exit_task in done:
                 return await self._exited(view, eng, exit_task.result())
+            if hung in done:
+                await port.stop_engine()
+                return Crashed(PreloadFailed("health_failure", hung.result()))
             fresh = await port.read()
             if fresh.state is not PoolState.READY or fresh.pid != eng.pid:
                 return None
@@ -64,10 +104,7 @@ class ReadyWatch:
                 # stopped while it was still preloading: it must not go on serving now that it is ready
                 await port.stop_engine()
                 return Stopped()
-            if clock.monotonic() < due:
-                continue
-            due = clock.monotonic() + interval
-            outcome, misses = await self._health_round(fresh, eng, misses)
+            outcome = await rounds.due(fresh, eng)
             if outcome is not None:
                 return outcome
         return None
@@ -83,24 +120,33 @@ class ReadyWatch:
             return None
         return Crashed(why, info)
 
-    async def _health_round(self, view: PoolView, eng: SpawnedEngine, misses: int) -> tuple[Outcome, int]:
-        problem = await self.gpu_problem(view, eng.pid)
-        if problem is not None:
-            await self.port.stop_engine()
-            return Crashed(problem), misses
-        ok, text = await self.port.runtime.health_ok(view.endpoint_url or "")
-        if ok:
-            stable = view.backoff_step > 0 and self.policy.stable(view, self.port.clock.now())
-            await self.port.fire(Healthy(reset_backoff=stable), expect=[PoolState.READY])
-            return None, 0
-        misses += 1
-        threshold = self.port.runtime.cfg.health_failure_threshold
-        extra: dict[str, Any] = self.port.log_extra(view)
-        log.warning("pool %s health check missed (%d/%d): %s", view.id, misses, threshold, text, extra=extra)
-        if misses < threshold:
-            return None, misses
-        await self.port.stop_engine()
-        return Crashed(PreloadFailed("health_failure", f"health check failed {misses} times in a row: {text}")), misses
+
+class _Rounds:
+    """NVML rounds of a GPU pool's engine, each health interval on the clock (None for a CPU pool on a host
+    without a driver: nothing timed at all)."""
+
+    def __init__(self, watch: ReadyWatch, view: PoolView) -> None:
+        self.watch = watch
+        self.interval = watch.port.runtime.cfg.health_check_interval_ms / 1000.0
+        gpu = watch.gpu_check is not None and watch.gpu_check.applies(view)
+        self.next_gpu = watch.port.clock.monotonic() + self.interval if gpu else None
+
+    def next_in(self) -> float | None:
+        """Seconds until the next NVML round (None: only an exit, a hang or a kick can end the wait)."""
+        if self.next_gpu is None:
+            return None
+        return max(0.0, self.next_gpu - self.watch.port.clock.monotonic())
+
+    async def due(self, view: PoolView, eng: SpawnedEngine) -> Outcome:
+        now = self.watch.port.clock.monotonic()
+        if self.next_gpu is None or now < self.next_gpu:
+            return None
+        self.next_gpu = now + self.interval
+        problem = await self.watch.gpu_problem(view, eng.pid)
+        if problem is None:
+            return None
+        await self.watch.port.stop_engine()
+        return Crashed(problem)
 
 
-__all__ = ["GpuCheck", "ReadyWatch"]
+__all__ = ["GpuCheck", "ReadyWatch", "engine_address"]

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import replace
 from typing import Any
 
 from poolmgr.clock import Clock
@@ -55,6 +56,7 @@ class PoolWorker:
         policy: RestartPolicy,
         place: Callable[[PoolView], Placement],
         gpu_check: GpuCheck | None = None,
+        adopted: SpawnedEngine | None = None,
     ) -> None:
         self._pool_id = pool_id
         self.store = store
@@ -62,13 +64,14 @@ class PoolWorker:
         self._place = place
         self._kick = asyncio.Event()
         self._stopping = False
-        self.engine: SpawnedEngine | None = None
+        self.engine: SpawnedEngine | None = adopted  # re-adopted by the reconciler at start (already audited)
         self._placement: Placement | None = None  # placed just now: no second placement before the spawn
         self._spawning: asyncio.Future[SpawnedEngine] | None = None  # spawn + pid record, shielded
         self._strays_checked = False  # /proc scanned for unrecorded engines since this worker started
         self._swept = False  # the first look at the pool after (re)start: no engine where none belongs
         self._traced: set[str] = set()  # causes whose traceback is already in the log (once each)
-        self._watch = ReadyWatch(self, policy, gpu_check)
+        self._watch = ReadyWatch(self, gpu_check)
+        self._policy = policy
         self._drain = Drainer(self)
         self._supervisor = Supervisor(self, policy, store, preload=self.on_preloading)
         self._handlers: dict[PoolState, Callable[[PoolView], Awaitable[None]]] = {
@@ -289,7 +292,8 @@ class PoolWorker:
 
     async def crashed(self, view: PoolView, crash: fx.Crashed) -> None:
         self.engine = None
-        await self.fire(crash, expect=[view.state])
+        stable = view.backoff_step > 0 and self._policy.stable(view, self.clock.now())
+        await self.fire(replace(crash, stable=stable), expect=[view.state])
         why, info = crash.why, crash.exit
         uptime = (self.clock.now() - view.ready_since).total_seconds() if view.ready_since is not None else None
         # What needs a person (the kernel killed it for memory, its GPU is gone) is critical; any other crash is

@@ -1,26 +1,36 @@
-"""Scraping each serving engine's own /metrics (llamacpp:*) and re-labelling it with the pool's id.
+"""Each serving engine's own /metrics (llamacpp:*), re-labelled with the pool's id and fetched in the background.
 
-Engines are asked concurrently, with one short deadline for all of them: a stuck engine (stopped, wedged,
-trickling bytes) costs the scrape at most that deadline and shows as `pool_engine_metrics_up 0`, never a
-stalled /metrics. Only `llamacpp:` families are passed on, so an engine cannot shadow poolmgr's own names.
+`EngineMetrics` fetches every ready or draining engine on its own cadence (every `interval_s`, the engines spread
+over it, at most `concurrency` at once) and keeps the last answer of each, already written in the text format;
+a /metrics scrape only serves that cache, with `pool_engine_metrics_up` saying whether the last fetch worked. A
+stuck engine (stopped, wedged, trickling bytes) costs one background worker its deadline and shows as down;
+it never stalls /metrics. Only `llamacpp:` families are passed on, so an engine cannot shadow poolmgr's names.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
-from collections.abc import Iterable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from poolmgr.poolsfile import PoolSpec
 
+log = logging.getLogger("poolmgr.metrics")
+
 ENGINE_PREFIX = "llamacpp:"
 DEFAULT_TIMEOUT_S = 1.0
+DEFAULT_INTERVAL_S = 15.0  # Prometheus' usual scrape interval: an engine's numbers are at most this old
 # OpenMetrics counters end in _total; llama.cpp types a few gauges as counters (llamacpp:n_tokens_max). The
 # parser would rename those samples to `<name>_total`: we keep the engine's name and call the type unknown.
 _COUNTER_TYPE_RE = re.compile(r"^# TYPE (\S+) counter\s*$", re.MULTILINE)
@@ -108,7 +118,7 @@ class EngineScraper:
         """(re-labelled families, pool_id → whether its engine answered in time)."""
         if not targets:
             return [], {}
-        futures: dict[Future[list[Metric]], EngineTarget] = {self._executor.submit(self._fetch, t): t for t in targets}
+        futures: dict[Future[list[Metric]], EngineTarget] = {self._executor.submit(self.fetch, t): t for t in targets}
         done, pending = wait(futures, timeout=self.timeout_s)
         for fut in pending:
             fut.cancel()
@@ -120,10 +130,204 @@ class EngineScraper:
                 up[futures[fut].pool_id] = True
         return merge(results[pool_id] for pool_id in sorted(results)), up
 
-    def _fetch(self, target: EngineTarget) -> list[Metric]:
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._executor.submit(fn)
+
+    def fetch(self, target: EngineTarget) -> list[Metric]:
         resp = self._client.get(f"{target.base_url}/metrics", headers=target.headers)
         resp.raise_for_status()
         return relabel(resp.text, target.pool_id)
 
 
-__all__ = ["ENGINE_PREFIX", "EngineScraper", "EngineTarget", "engine_api_keys", "merge", "relabel", "target_for"]
+@dataclass(frozen=True)
+class _Block:
+    """One family of one engine, written: its # HELP / # TYPE lines and its samples."""
+
+    header: str
+    kind: str
+    samples: str
+
+
+def written(families: list[Metric]) -> dict[str, _Block]:
+    """An engine's families in the text format, per exposed name (as generate_latest writes them)."""
+
+    class _Fixed:
+        def collect(self) -> Iterator[Metric]:
+            yield from families
+
+    reg = CollectorRegistry(auto_describe=False)
+    reg.register(_Fixed())  # type: ignore[arg-type]
+    blocks: dict[str, list[str]] = {}
+    for line in generate_latest(reg).decode().splitlines(keepends=True):
+        if line.startswith("# HELP "):
+            blocks[line.split(" ", 3)[2]] = [line]
+        elif blocks:
+            blocks[next(reversed(blocks))].append(line)
+    return {
+        name: _Block("".join(lines[:2]), lines[1].split()[-1], "".join(lines[2:])) for name, lines in blocks.items()
+    }
+
+
+@dataclass
+class _Fetched:
+    up: bool
+    blocks: dict[str, _Block]
+
+
+class EngineMetrics:
+    """The engines' own metrics, fetched in a background thread; `text()` and `up()` serve the last answers."""
+
+    def __init__(
+        self,
+        targets: Callable[[], list[EngineTarget]],
+        *,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        concurrency: int = 8,
+    ) -> None:
+        self.interval_s = interval_s
+        self._read_targets = targets
+        self._scraper = EngineScraper(timeout_s=timeout_s, max_workers=concurrency)
+        self._lock = threading.Lock()
+        self._targets: dict[str, EngineTarget] = {}
+        self._due: dict[str, float] = {}  # pool_id -> when its next fetch starts (time.monotonic)
+        self._inflight: set[str] = set()
+        self._fetched: dict[str, _Fetched] = {}
+        self._text: str | None = ""  # the merged families; None: to be merged again
+        self._wake = threading.Event()
+        self._refresh = True
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="engine-metrics", daemon=True)
+
+    # -- what a scrape asks --------------------------------------------------------------------------
+    def serving(self, endpoints: Mapping[str, str]) -> None:
+        """The pools serving now and their engines' URLs, as the scrape read them: the others are forgotten at
+        once; a new one (or one whose engine moved) is fetched without waiting for the next round."""
+        with self._lock:
+            for pool_id in [p for p in self._fetched if p not in endpoints]:
+                del self._fetched[pool_id]
+                self._text = None
+            unknown = any(
+                pool_id not in self._targets or self._targets[pool_id].base_url != url.rstrip("/")
+                for pool_id, url in endpoints.items()
+            )
+        if unknown:
+            self._refresh = True
+            self._wake.set()
+
+    def up(self) -> dict[str, bool]:
+        with self._lock:
+            return {pool_id: f.up for pool_id, f in self._fetched.items()}
+
+    def text(self) -> str:
+        """The `llamacpp:*` families of every engine at its last fetch, one family per name."""
+        with self._lock:
+            if self._text is None:
+                self._text = _merge_written(self._fetched)
+            return self._text
+
+    # -- the background thread -----------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        self._scraper.close()
+
+    def fetch_now(self) -> None:
+        """Read the targets and fetch every engine once, waiting for the answers (tests; a first fill)."""
+        self._sync(time.monotonic())
+        with self._lock:
+            targets = list(self._targets.values())
+        for target in targets:
+            self._fetch(target)
+
+    def _run(self) -> None:
+        next_sync = 0.0
+        while not self._stopped:
+            now = time.monotonic()
+            if self._refresh or now >= next_sync:
+                self._refresh = False
+                next_sync = now + self.interval_s
+                self._sync(now)
+            until = min(self._dispatch(now), next_sync)
+            self._wake.wait(max(0.0, until - time.monotonic()))
+            self._wake.clear()
+
+    def _sync(self, now: float) -> None:
+        """Take the current targets: forget pools that stopped serving, spread new ones over the interval."""
+        try:
+            targets = {t.pool_id: t for t in self._read_targets()}
+        except Exception as exc:  # the database away: keep fetching what was known
+            log.debug("engine metrics: could not read the pools: %s", exc)
+            return
+        with self._lock:
+            new = [pool_id for pool_id in targets if pool_id not in self._targets]
+            for pool_id in [p for p, t in self._targets.items() if targets.get(p) != t]:  # gone, or moved
+                if self._fetched.pop(pool_id, None) is not None:
+                    self._text = None
+                if pool_id in targets:
+                    self._due[pool_id] = now
+                else:
+                    self._due.pop(pool_id, None)
+            for i, pool_id in enumerate(new):
+                self._due[pool_id] = now + self.interval_s * i / len(new)
+            self._targets = targets
+
+    def _dispatch(self, now: float) -> float:
+        """Start the fetches that are due; when the next one is."""
+        with self._lock:
+            due = [p for p, at in self._due.items() if at <= now and p not in self._inflight]
+            for pool_id in due:
+                self._inflight.add(pool_id)
+                self._due[pool_id] = max(self._due[pool_id] + self.interval_s, now)
+            targets = [self._targets[p] for p in due]
+            waiting = [at for p, at in self._due.items() if p not in self._inflight]
+            next_due = min(waiting, default=now + self.interval_s)  # a fetch that ends wakes the loop
+        for target in targets:
+            self._scraper.submit(functools.partial(self._fetch, target))
+        return next_due
+
+    def _fetch(self, target: EngineTarget) -> None:
+        try:
+            fetched = _Fetched(True, written(self._scraper.fetch(target)))
+        except Exception:  # refused, timed out, not the text format: down until the next fetch
+            fetched = _Fetched(False, {})
+        with self._lock:
+            self._inflight.discard(target.pool_id)
+            if self._targets.get(target.pool_id) == target:
+                self._fetched[target.pool_id] = fetched
+                self._text = None
+        self._wake.set()
+
+
+def _merge_written(fetched: dict[str, _Fetched]) -> str:
+    """One family per name across pools (an exposition may name a family once); two engine builds that
+    disagree on a family's type: the first pool's type is kept, the other's samples left out."""
+    merged: dict[str, tuple[_Block, list[str]]] = {}
+    for pool_id in sorted(fetched):
+        for name, block in fetched[pool_id].blocks.items():
+            into = merged.get(name)
+            if into is None:
+                merged[name] = (block, [block.samples])
+            elif into[0].kind == block.kind:
+                into[1].append(block.samples)
+    return "".join(block.header + "".join(samples) for block, samples in merged.values())
+
+
+__all__ = [
+    "DEFAULT_INTERVAL_S",
+    "DEFAULT_TIMEOUT_S",
+    "ENGINE_PREFIX",
+    "EngineMetrics",
+    "EngineScraper",
+    "EngineTarget",
+    "engine_api_keys",
+    "merge",
+    "relabel",
+    "target_for",
+    "written",
+]

@@ -1,32 +1,39 @@
 """Prometheus metrics (B-METRICS-001..010, OC-POOL-3030), served on GET /metrics of the API port.
 
-One custom collector on its own CollectorRegistry (never the process-global one) computes everything at
-scrape time, so nothing is counted in memory that the database does not also know:
-- counters and histograms from the audit table `pool_events` (see _audit.py): they equal what the rows say,
-  and a restarted poolmgr reports the same totals;
-- gauges from this node's `pools` rows and from the device inventory;
-- every serving llama.cpp engine's own `llamacpp:*` metrics, re-labelled with pool_id (see _engines.py).
+A scrape costs O(pools), whatever the size of the audit table and however many engines serve:
+- counters and histograms are running totals of the audit (see _audit.py): the rollup of pruned rows plus
+  the rows of `pool_events`, read once at start and then only after a cursor;
+- gauges come from a few columns of this node's `pools` rows and from the device inventory;
+- every serving llama.cpp engine's own `llamacpp:*` metrics are fetched in the background on their own
+  cadence (see _engines.py): the scrape serves the last answers;
+- the text is written directly (_exposition.py); a histogram appears for a pool once it has an observation.
 docs/metrics.md lists every name, label and how it is derived.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+import threading
+from collections.abc import Callable, Hashable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client import CollectorRegistry
 from prometheus_client.metrics_core import Metric
 from sqlalchemy.exc import SQLAlchemyError
 
 from poolmgr.devices import Inventory
-from poolmgr.lifecycle.policy import breaker_state
 from poolmgr.observability import _audit as A
-from poolmgr.observability._engines import DEFAULT_TIMEOUT_S, EngineScraper, EngineTarget, target_for
-from poolmgr.states import ALL_STATES, DesiredState, PoolState
-from poolmgr.store import PoolView, Registry
+from poolmgr.observability._engines import (
+    DEFAULT_INTERVAL_S,
+    DEFAULT_TIMEOUT_S,
+    EngineMetrics,
+    EngineTarget,
+    target_for,
+)
+from poolmgr.observability._exposition import esc, family, fmt, parse, pool_label
+from poolmgr.states import ALL_STATES, DesiredState
+from poolmgr.store import PoolGauge, Registry
 
 if TYPE_CHECKING:
     from poolmgr.lifecycle.reconciler import Reconciler
@@ -34,7 +41,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("poolmgr.metrics")
 
 POOL = ("pool_id",)
-# What generate_latest() writes: the classic text format, which every Prometheus (2.x included) reads.
+# The classic text format, which every Prometheus (2.x included) reads.
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -65,11 +72,13 @@ HISTOGRAMS: tuple[_Family, ...] = (
     _Family(A.BACKOFF_DELAY, "Backoff delay before a restart, in milliseconds", POOL),
     _Family(A.RESTART_RATE, "Restarts per minute in the storm window, observed at each restart", POOL),
 )
-_SERVING = frozenset({PoolState.READY, PoolState.DRAINING})
+_LE = {name: [repr(float(b)) for b in bounds] + ["+Inf"] for name, bounds in A.BUCKETS.items()}
+_SERVING = frozenset({"ready", "draining"})
+_STATES = tuple(s.value for s in ALL_STATES)
 
 
 class PoolMetricsCollector:
-    """A prometheus_client collector: registered on a CollectorRegistry, asked on every scrape."""
+    """Writes the exposition (`render`); also a prometheus_client collector (`collect`) for any registry."""
 
     def __init__(
         self,
@@ -79,7 +88,7 @@ class PoolMetricsCollector:
         inventory: Callable[[], Inventory],
         window_s: float = 60.0,
         lag_s: float = 60.0,
-        scraper: EngineScraper | None = None,
+        engines: EngineMetrics | None = None,
     ) -> None:
         self._registry = registry
         self._node_id = node_id
@@ -87,99 +96,120 @@ class PoolMetricsCollector:
         self._audit = A.AuditTally(registry, node_id=node_id, window_s=window_s, lag_s=lag_s)
         self._last = A.Tally(window_s=window_s)
         self._engines: dict[str, str] = {}  # pool_id → engine of the last rows read
-        self.scraper = scraper or EngineScraper()
+        self._lock = threading.Lock()
+        self._written = _Written()
+        self.engines = engines
 
     def describe(self) -> list[Metric]:
         return []  # the families depend on the database: nothing to check at registration
 
     def collect(self) -> Iterator[Metric]:
-        db_up = 1.0
+        yield from parse(self.render())
+
+    def prime(self) -> None:
+        """Read the audit history now (at start), so that the first scrape does not."""
         try:
-            pools = self._registry.pools(node_id=self._node_id)
-            self._last = tally = self._audit.snapshot()
-            self._engines = {p.id: p.engine for p in pools}
+            with self._lock:
+                self._audit.read()
+        except SQLAlchemyError as exc:
+            log.warning("metrics: the audit history could not be read yet: %s", str(exc).strip().splitlines()[0])
+
+    def render(self) -> str:
+        """The exposition, in the Prometheus text format."""
+        with self._lock:
+            pools, tally, db_up = self._read()
+            out: list[str] = []
+            family(out, "poolmgr_metrics_db_up", "gauge", "1 when the last scrape could read the registry database",
+                   [f"poolmgr_metrics_db_up {fmt(db_up)}\n"])  # fmt: skip
+            _pool_gauges(out, pools, self._written)
+            _device_gauges(out, self._inventory())
+            known = sorted(set(self._engines) | _pools_in(tally))
+            _counters(out, tally, self._engines, known, self._written)
+            _histograms(out, tally, self._written)
+            self._written.turn()
+            self._engine_metrics(out, pools if db_up else None)
+            return "".join(out)
+
+    def _read(self) -> tuple[list[PoolGauge], A.Tally, float]:
+        try:
+            pools = self._registry.audit.pool_gauges(self._node_id)
+            self._last = tally = self._audit.read()
         except SQLAlchemyError as exc:
             # Counters keep their last totals (and labels); gauges are left out rather than shown stale.
             log.warning("metrics: the database is unavailable: %s", str(exc).strip().splitlines()[0])
-            pools, tally, db_up = [], self._last, 0.0
-        yield _gauge(
-            "poolmgr_metrics_db_up", "1 when the last scrape could read the registry database", (), [((), db_up)]
-        )
-        yield from _pool_gauges(pools)
-        yield from _device_gauges(self._inventory())
-        known = sorted(set(self._engines) | _pools_in(tally))
-        yield from _counters(tally, self._engines, known)
-        yield from _histograms(tally, known)
-        targets = [target_for(p.id, p.endpoint_url or "", p.spec) for p in pools if _scrapable(p)]
-        yield from self._engine_metrics(targets)
+            return [], self._last, 0.0
+        self._engines = {p.id: p.engine for p in pools}
+        return pools, tally, 1.0
 
-    def _engine_metrics(self, targets: list[EngineTarget]) -> Iterator[Metric]:
-        families, up = self.scraper.scrape(targets)
-        yield _gauge(
-            "pool_engine_metrics_up",
-            "1 when the pool's engine answered /metrics within the scrape deadline",
-            POOL,
-            [((pool_id,), 1.0 if ok else 0.0) for pool_id, ok in sorted(up.items())],
-        )
-        yield from families
+    def _engine_metrics(self, out: list[str], pools: list[PoolGauge] | None) -> None:
+        up: dict[str, bool] = {}
+        text = ""
+        if self.engines is not None:
+            if pools is not None:  # a scrape that could not read the pools forgets none
+                self.engines.serving({p.id: p.endpoint_url or "" for p in pools if _scrapable(p)})
+            up, text = self.engines.up(), self.engines.text()
+        doc = "1 when the pool's engine answered its last /metrics fetch"
+        _gauge(out, "pool_engine_metrics_up", doc, ((pool_label(p), float(ok)) for p, ok in sorted(up.items())))
+        out.append(text)
 
 
-def _scrapable(p: PoolView) -> bool:
+def _scrapable(p: PoolGauge) -> bool:
     return p.state in _SERVING and bool(p.endpoint_url) and p.engine == "llamacpp"
 
 
-def _gauge(name: str, doc: str, labels: tuple[str, ...], values: Iterable[tuple[tuple[str, ...], float]]) -> Metric:
-    fam = GaugeMetricFamily(name, doc, labels=list(labels))
-    for label_values, value in values:
-        fam.add_metric(list(label_values), value)
-    return fam
+def _breaker_state(p: PoolGauge) -> float:
+    """0 closed, 1 open, 2 half-open (the one trial start is running)."""
+    return 1.0 if p.state == "breaker-open" else 2.0 if p.breaker_trial else 0.0
 
 
-def _pool_gauges(pools: list[PoolView]) -> Iterator[Metric]:
-    def per_pool(fn: Callable[[PoolView], float]) -> list[tuple[tuple[str, ...], float]]:
-        return [((p.id,), float(fn(p))) for p in pools]
+def _pool_gauges(out: list[str], pools: list[PoolGauge], written: _Written) -> None:
+    labels = [pool_label(p.id) for p in pools]
 
-    yield _gauge("pool_slots_total", "Slots of the pool's engine", POOL, per_pool(lambda p: p.slots_total))
-    yield _gauge("pool_slots_free", "Slots free for a new lease", POOL, per_pool(lambda p: p.slots_free))
-    yield _gauge("pool_active_leases", "Leases held on the pool", POOL, per_pool(lambda p: p.active_leases))
-    yield _gauge(
-        "circuit_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open", POOL, per_pool(breaker_state)
+    def per_pool(name: str, doc: str, values: Iterable[float]) -> None:
+        family(out, name, "gauge", doc, [f"{name}{{{lab}}} {fmt(v)}\n" for lab, v in zip(labels, values, strict=True)])
+
+    running = DesiredState.RUNNING.value
+    per_pool("pool_slots_total", "Slots of the pool's engine", [p.slots_total for p in pools])
+    per_pool("pool_slots_free", "Slots free for a new lease", [p.slots_free for p in pools])
+    per_pool("pool_active_leases", "Leases held on the pool", [p.active_leases for p in pools])
+    per_pool("circuit_breaker_state", "Circuit breaker: 0 closed, 1 open, 2 half-open", map(_breaker_state, pools))
+    per_pool("pool_ready", "1 when the pool is ready to serve", [p.state == "ready" for p in pools])
+    per_pool("pool_desired_running", "1 when the pool should run (0 after a drain or a stop)",
+             [p.desired_state == running for p in pools])  # fmt: skip
+    family(out, "pool_state", "gauge", "1 for the state the pool's FSM is in", [
+        written.get(("pool_state", p.id), p.state, _state_lines, lab, p.state)
+        for lab, p in zip(labels, pools, strict=True)
+    ])  # fmt: skip
+    family(out, "pool_info", "gauge", "Always 1: the pool's engine, engine version and device mask as labels", [
+        written.get(("pool_info", p.id), (p.engine, p.engine_version, p.device_mask), _info_line, lab, p)
+        for lab, p in zip(labels, pools, strict=True)
+    ])  # fmt: skip
+
+
+def _state_lines(label: str, state: str) -> str:
+    return "".join(f'pool_state{{{label},state="{s}"}} {"1.0" if s == state else "0.0"}\n' for s in _STATES)
+
+
+def _info_line(label: str, p: PoolGauge) -> str:
+    return (
+        f'pool_info{{device_mask="{esc(p.device_mask)}",engine="{esc(p.engine)}",'
+        f'engine_version="{esc(p.engine_version or "")}",{label}}} 1.0\n'
     )
-    yield _gauge("pool_ready", "1 when the pool is ready to serve", POOL, per_pool(lambda p: p.ready))
-    yield _gauge(
-        "pool_desired_running",
-        "1 when the pool should run (0 after a drain or a stop)",
-        POOL,
-        per_pool(lambda p: p.desired_state is DesiredState.RUNNING),
-    )
-    yield _gauge(
-        "pool_state",
-        "1 for the state the pool's FSM is in",
-        ("pool_id", "state"),
-        [((p.id, s.value), float(p.state is s)) for p in pools for s in ALL_STATES],
-    )
-    yield _gauge(
-        "pool_info",
-        "Always 1: the pool's engine, engine version and device mask as labels",
-        ("pool_id", "engine", "engine_version", "device_mask"),
-        [((p.id, p.engine, p.engine_version or "", p.device_mask), 1.0) for p in pools],
-    )
 
 
-def _device_gauges(inventory: Inventory) -> Iterator[Metric]:
+def _device_gauges(out: list[str], inventory: Inventory) -> None:
     devices = inventory.devices  # GPUs and MIG instances alike: device_id (the uuid) tells them apart
-    yield _gauge(
-        "device_vram_total_bytes",
-        "VRAM of the device (GPU or MIG instance) in bytes",
-        ("device_id",),
-        [((d.device_id,), float(d.vram_total_bytes)) for d in devices],
-    )
-    yield _gauge(
-        "device_vram_free_bytes",
-        "Free VRAM of the device in bytes (NVML, refreshed every POOL_MANAGERD_VRAM_REFRESH_SECS)",
-        ("device_id",),
-        [((d.device_id,), float(d.vram_free_bytes)) for d in devices],
-    )
+    labels = [f'device_id="{esc(d.device_id)}"' for d in devices]
+    _gauge(out, "device_vram_total_bytes", "VRAM of the device (GPU or MIG instance) in bytes",
+           zip(labels, (float(d.vram_total_bytes) for d in devices), strict=True))  # fmt: skip
+    _gauge(out, "device_vram_free_bytes",
+           "Free VRAM of the device in bytes (NVML, refreshed every POOL_MANAGERD_VRAM_REFRESH_SECS)",
+           zip(labels, (float(d.vram_free_bytes) for d in devices), strict=True))  # fmt: skip
+
+
+def _gauge(out: list[str], name: str, doc: str, series: Iterable[tuple[str, float]]) -> None:
+    """A gauge family; `series`: (labels as written, value) pairs."""
+    family(out, name, "gauge", doc, (f"{name}{{{labels}}} {fmt(value)}\n" for labels, value in series))
 
 
 def _pools_in(tally: A.Tally) -> set[str]:
@@ -187,28 +217,68 @@ def _pools_in(tally: A.Tally) -> set[str]:
     return found | {pool_id for per_pool in tally.histograms.values() for pool_id in per_pool}
 
 
-def _counters(tally: A.Tally, engines: dict[str, str], known: list[str]) -> Iterator[Metric]:
+def _counters(out: list[str], tally: A.Tally, engines: dict[str, str], known: list[str], written: _Written) -> None:
+    """Each sample's line is written again only when its value (or its pool's engine) changed."""
     for fam in COUNTERS:
-        out = CounterMetricFamily(fam.name, fam.help, labels=list(fam.labels))
-        series = dict(tally.counter(fam.name))
+        series = tally.counter(fam.name)
         if fam.name in _ZERO_FILLED:
-            for pool_id in known:
-                series.setdefault((pool_id,), 0.0)
-        for labels, value in sorted(series.items()):
-            if fam.name in _ENGINE_LABELLED:
-                labels = (labels[0], engines.get(labels[0], "unknown"), *labels[1:])
-            out.add_metric(list(labels), value)
-        yield out
+            series = {**dict.fromkeys([(p,) for p in known], 0.0), **series}
+        with_engine = fam.name in _ENGINE_LABELLED
+        lines = [
+            written.get((fam.name, labels), (value, engine), _counter_line, fam, labels, engine, value)
+            for labels, value in sorted(series.items())
+            for engine in (engines.get(labels[0], "unknown") if with_engine else "",)
+        ]
+        family(out, fam.name, "counter", fam.help, lines)
 
 
-def _histograms(tally: A.Tally, known: list[str]) -> Iterator[Metric]:
+def _counter_line(fam: _Family, labels: tuple[str, ...], engine: str, value: float) -> str:
+    """A counter's sample, its labels sorted by name (as generate_latest writes them); the engine label of the
+    families that have one comes from the pool's row."""
+    values = (labels[0], engine, *labels[1:]) if fam.name in _ENGINE_LABELLED else labels
+    text = ",".join(f'{n}="{esc(v)}"' for n, v in sorted(zip(fam.labels, values, strict=True)))
+    return f"{fam.name}{{{text}}} {fmt(value)}\n"
+
+
+def _histograms(out: list[str], tally: A.Tally, written: _Written) -> None:
+    """Only pools with at least one observation: a pool's 16 zero series per histogram say nothing. A pool's
+    histogram changes only when it observes something: its lines are written again only then."""
     for fam in HISTOGRAMS:
-        out = HistogramMetricFamily(fam.name, fam.help, labels=list(fam.labels))
-        observed = tally.histogram(fam.name)
-        for pool_id in known:
-            hist = observed.get(pool_id) or A.Histogram(A.BUCKETS[fam.name])
-            out.add_metric([pool_id], hist.buckets(), sum_value=hist.total)
-        yield out
+        lines = []
+        for pool_id, hist in sorted(tally.histogram(fam.name).items()):
+            key = (hist.total, *hist.counts)
+            lines.append(written.get((fam.name, pool_id), key, _histogram_lines, fam.name, pool_id, hist))
+        family(out, fam.name, "histogram", fam.help, lines)
+
+
+def _histogram_lines(name: str, pool_id: str, hist: A.Histogram) -> str:
+    lab, running, lines = pool_label(pool_id), 0, []
+    for le, n in zip(_LE[name], hist.counts, strict=True):
+        running += n
+        lines.append(f'{name}_bucket{{le="{le}",{lab}}} {fmt(running)}\n')
+    lines.append(f"{name}_count{{{lab}}} {fmt(running)}\n")
+    lines.append(f"{name}_sum{{{lab}}} {fmt(hist.total)}\n")
+    return "".join(lines)
+
+
+class _Written:
+    """Text written at an earlier scrape, kept while what it was written from is unchanged (one scrape's worth:
+    entries not asked for again are dropped at the next `turn`)."""
+
+    def __init__(self) -> None:
+        self._kept: dict[Hashable, tuple[object, str]] = {}
+        self._used: dict[Hashable, tuple[object, str]] = {}
+
+    def get(self, where: Hashable, key: object, write: Callable[..., str], *args: Any) -> str:
+        """The text at `where`, written by `write(*args)` unless it was written from the same `key` before."""
+        found = self._kept.get(where)
+        if found is None or found[0] != key:
+            found = (key, write(*args))
+        self._used[where] = found
+        return found[1]
+
+    def turn(self) -> None:
+        self._kept, self._used = self._used, {}
 
 
 class MetricsEndpoint:
@@ -220,24 +290,42 @@ class MetricsEndpoint:
         self.registry.register(collector)
 
     def __call__(self) -> tuple[bytes, str]:
-        return generate_latest(self.registry), CONTENT_TYPE
+        return self.collector.render().encode(), CONTENT_TYPE
 
     def close(self) -> None:
-        self.collector.scraper.close()
+        if self.collector.engines is not None:
+            self.collector.engines.close()
 
 
 def build_metrics(
-    reconciler: Reconciler, *, engine_timeout_s: float = DEFAULT_TIMEOUT_S, lag_s: float = 60.0
+    reconciler: Reconciler,
+    *,
+    engine_timeout_s: float = DEFAULT_TIMEOUT_S,
+    lag_s: float = 60.0,
+    engine_interval_s: float = DEFAULT_INTERVAL_S,
 ) -> MetricsEndpoint:
-    """The /metrics callable of a running daemon (see poolmgr.daemon)."""
+    """The /metrics callable of a running daemon (see poolmgr.daemon): starts the engine fetcher and reads the
+    audit history in the background; `close()` stops them."""
+    registry, node_id = reconciler.registry, reconciler.cfg.node_id
+
+    def targets() -> list[EngineTarget]:
+        return [
+            target_for(p.id, p.endpoint_url or "", p.spec)
+            for p in registry.pools(node_id=node_id)
+            if p.state in _SERVING and p.endpoint_url and p.engine == "llamacpp"
+        ]
+
+    engines = EngineMetrics(targets, timeout_s=engine_timeout_s, interval_s=engine_interval_s)
     collector = PoolMetricsCollector(
-        reconciler.registry,
-        node_id=reconciler.cfg.node_id,
+        registry,
+        node_id=node_id,
         inventory=lambda: reconciler.inventory,
         window_s=float(reconciler.cfg.restart_window_secs),
         lag_s=lag_s,
-        scraper=EngineScraper(timeout_s=engine_timeout_s),
+        engines=engines,
     )
+    engines.start()
+    threading.Thread(target=collector.prime, name="metrics-history", daemon=True).start()
     return MetricsEndpoint(collector)
 
 

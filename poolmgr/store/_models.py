@@ -111,7 +111,13 @@ class PoolEvent(Base):
     """Append-only audit of every state change and notable event. No FK: events outlive a deregistered pool."""
 
     __tablename__ = "pool_events"
-    __table_args__ = (Index("ix_pool_events_pool_at", "pool_id", "at"),)
+    __table_args__ = (
+        Index("ix_pool_events_pool_at", "pool_id", "at"),
+        Index("ix_pool_events_node_id", "node_id", "id"),  # /metrics after a cursor; retention, oldest first
+        Index("ix_pool_events_pool_trigger_at", "pool_id", "trigger", "at"),
+        Index("ix_pool_events_kind_at", "kind", "at"),
+        Index("ix_pool_events_correlation_id", "correlation_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     pool_id: Mapped[str] = mapped_column(String(255))
@@ -128,6 +134,21 @@ class PoolEvent(Base):
     correlation_id: Mapped[str | None] = mapped_column(String(128))
     node_id: Mapped[str | None] = mapped_column(String(255))
     detail: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class AuditRollup(Base):
+    """Per node, the metric totals folded from audit rows that retention deleted (store/_tally.py): one row per
+    counter series (`value`), per histogram (`value` its sum, `data` its bucket counts) and per piece of a
+    pool's context (`data`). `labels` is the JSON list of the series' labels after pool_id."""
+
+    __tablename__ = "audit_rollup"
+
+    node_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    pool_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    labels: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[float] = mapped_column(Float)
+    data: Mapped[Any] = mapped_column(JSON, nullable=True)
 
 
 class Lease(Base):
@@ -154,4 +175,4 @@ class Device(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
-__all__ = ["Base", "Device", "Lease", "Node", "Pool", "PoolEvent"]
+__all__ = ["AuditRollup", "Base", "Device", "Lease", "Node", "Pool", "PoolEvent"]

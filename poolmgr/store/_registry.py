@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import secrets
 import sqlite3
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
@@ -25,16 +25,28 @@ from poolmgr.clock import Clock, SystemClock
 from poolmgr.errors import LeaseRefused, NotFoundError
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.states import DesiredState, PoolState
+from poolmgr.store._audit_read import AuditReader
 from poolmgr.store._db import make_engine, make_sessionmaker
 from poolmgr.store._effect import Effect, EventData, StateMachine
-from poolmgr.store._models import Device, Lease, Node, Pool, PoolEvent
+from poolmgr.store._models import Device, Lease, Pool, PoolEvent
+from poolmgr.store._retention import DEFAULT_BATCH, prune_audit
 from poolmgr.store._views import EventView, LeaseView, PoolView
-from poolmgr.store._write import LEASE_COUNT, POOLS, CoreTx, SqliteStatements, SqliteTx, WriteTx, apply_effect
+from poolmgr.store._write import (
+    LEASE_COUNT,
+    NODE_HEARTBEAT,
+    NODES,
+    POOLS,
+    CoreTx,
+    SqliteStatements,
+    SqliteTx,
+    WriteTx,
+    apply_effect,
+)
 
 log = logging.getLogger("poolmgr.store")
 
 _MAX_CAS_RETRIES = 20
-_READ_POOLS = select(POOLS, LEASE_COUNT)
+_READ_POOLS = select(POOLS, LEASE_COUNT, NODE_HEARTBEAT)
 
 
 class _LostRace(Exception):
@@ -49,6 +61,7 @@ class Registry:
         self.engine = make_engine(url)
         self._sessions = make_sessionmaker(self.engine)
         self._sqlite = SqliteStatements(self.engine) if self.engine.dialect.name == "sqlite" else None
+        self.audit = AuditReader(self.engine)  # what /metrics reads (store/_audit_read.py)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -77,45 +90,57 @@ class Registry:
 
     # -- nodes ----------------------------------------------------------------------------------------
     def heartbeat_node(self, hostname: str) -> None:
+        """The node's one steady write: its row's heartbeat (created on the first call)."""
         now = self.clock.now()
+        with self.engine.begin() as conn:
+            values = {"heartbeat_at": now, "version": __version__}
+            if conn.execute(update(NODES).where(NODES.c.id == self.node_id).values(**values)).rowcount == 0:
+                conn.execute(insert(NODES).values(id=self.node_id, hostname=hostname, started_at=now, **values))
+
+    def note_all(self, notes: Sequence[tuple[str, EventData]]) -> None:
+        """Audit rows that change no pool (an engine re-adopted at start), in one transaction; a retry after a
+        COMMIT whose answer was lost finds them there (same pool, kind and detail) and writes none twice."""
         with self._tx() as s:
-            node = s.get(Node, self.node_id)
-            if node is None:
-                s.add(
-                    Node(
-                        id=self.node_id,
-                        hostname=hostname,
-                        version=__version__,
-                        started_at=now,
-                        heartbeat_at=now,
-                    )
-                )
-            else:
-                node.heartbeat_at = now
-                node.version = __version__
+            kinds = sorted({ev.kind or "event" for _, ev in notes})
+            recent = s.scalars(
+                select(PoolEvent).where(PoolEvent.kind.in_(kinds)).order_by(PoolEvent.id.desc()).limit(2 * len(notes))
+            )
+            seen = {(e.pool_id, e.kind, repr(e.detail)) for e in recent}
+            for pool_id, ev in notes:
+                if (pool_id, ev.kind or "event", repr(ev.detail)) not in seen:
+                    s.add(PoolEvent(**self._event_values(pool_id, 0, ev, from_state=None, to_state=None)))
 
     # -- pools ----------------------------------------------------------------------------------------
+    def register_all(self, specs: Sequence[PoolSpec]) -> None:
+        """`register` for every spec, in one transaction (a node's start: one commit, not one per pool)."""
+        with self._tx() as s:
+            for spec in specs:
+                self._register_in(s, spec, correlation_id=None)
+
     def register(self, spec: PoolSpec, *, correlation_id: str | None = None) -> PoolView:
         """Add a pool in state `discovered`, or record a new spec of a known one (no state change)."""
-        now = self.clock.now()
         with self._tx() as s:
-            row = s.scalars(select(Pool).where(Pool.id == spec.id).with_for_update()).one_or_none()
-            if row is None:
-                row = Pool(
-                    id=spec.id, node_id=self.node_id, spec=spec.to_json(), engine=spec.engine, model=spec.model,
-                    device_mask=spec.device_mask, state=PoolState.DISCOVERED.value,
-                    desired_state=DesiredState.RUNNING.value, slots_total=spec.slots, restart_count=0,
-                    backoff_step=0, consecutive_failures=0, breaker_timeout_s=0.0, breaker_trial=False, version=1,
-                    created_at=now, updated_at=now,
-                )  # fmt: skip
-                s.add(row)
-                s.flush()
-                self._add_event(s, row, EventData(kind="registered", correlation_id=correlation_id), to_state=row.state)
-            elif row.spec != spec.to_json():
-                row.spec, row.model, row.engine = spec.to_json(), spec.model, spec.engine
-                row.device_mask, row.version, row.updated_at = spec.device_mask, row.version + 1, now
-                self._add_event(s, row, EventData(kind="spec_updated", correlation_id=correlation_id))
+            self._register_in(s, spec, correlation_id=correlation_id)
         return self.get(spec.id)
+
+    def _register_in(self, s: Session, spec: PoolSpec, *, correlation_id: str | None) -> None:
+        now = self.clock.now()
+        row = s.scalars(select(Pool).where(Pool.id == spec.id).with_for_update()).one_or_none()
+        if row is None:
+            row = Pool(
+                id=spec.id, node_id=self.node_id, spec=spec.to_json(), engine=spec.engine, model=spec.model,
+                device_mask=spec.device_mask, state=PoolState.DISCOVERED.value,
+                desired_state=DesiredState.RUNNING.value, slots_total=spec.slots, restart_count=0,
+                backoff_step=0, consecutive_failures=0, breaker_timeout_s=0.0, breaker_trial=False, version=1,
+                created_at=now, updated_at=now,
+            )  # fmt: skip
+            s.add(row)
+            s.flush()
+            self._add_event(s, row, EventData(kind="registered", correlation_id=correlation_id), to_state=row.state)
+        elif row.spec != spec.to_json():
+            row.spec, row.model, row.engine = spec.to_json(), spec.model, spec.engine
+            row.device_mask, row.version, row.updated_at = spec.device_mask, row.version + 1, now
+            self._add_event(s, row, EventData(kind="spec_updated", correlation_id=correlation_id))
 
     def deregister(self, pool_id: str, *, correlation_id: str | None = None) -> None:
         with self._tx() as s:
@@ -213,20 +238,19 @@ class Registry:
             )
             return int(s.scalar(q) or 0)
 
-    def event_rows(
-        self, *, kinds: Collection[str], after_id: int = 0, node_id: str | None = None, limit: int = 10_000
-    ) -> list[EventView]:
-        """Audit rows of some kinds after an id, oldest first (by primary key): for incremental readers."""
-        with self._sessions() as s:
-            q = select(PoolEvent).where(PoolEvent.id > after_id, PoolEvent.kind.in_(sorted(kinds)))
-            if node_id is not None:
-                q = q.where(PoolEvent.node_id == node_id)
-            return [EventView.of(r) for r in s.scalars(q.order_by(PoolEvent.id).limit(limit))]
+    def prune_audit(
+        self, older_than: datetime, *, batch: int = DEFAULT_BATCH, max_rows: int | None = None, window_s: float = 60.0
+    ) -> int:
+        """Retention (store/_retention.py): delete this node's audit rows older than `older_than`, `batch` per
+        transaction (at most `max_rows` in this call), each batch folded into audit_rollup as it is deleted.
+        `window_s`: the storm window the metrics fold with. Returns the number of rows deleted."""
+        return prune_audit(self.engine, self.node_id, older_than, batch=batch, max_rows=max_rows, window_s=window_s)
 
     # -- leases ---------------------------------------------------------------------------------------
     def allocate_lease(self, pool_id: str, *, ttl_s: float, correlation_id: str | None = None) -> LeaseView:
         """A lease on one slot: refused while draining, not ready, or with no free slot. The pool row is locked
-        (never written) so that concurrent allocations count each other's leases."""
+        (never written) so that concurrent allocations count each other's leases. Leases leave no audit row: the
+        leases table is their record (`correlation_id` is accepted for the API's sake)."""
         now = self.clock.now()
         with self._tx() as s:
             row = self._locked(s, pool_id)
@@ -241,24 +265,16 @@ class Registry:
                 id=secrets.token_hex(8), pool_id=pool_id, created_at=now, expires_at=now + timedelta(seconds=ttl_s)
             )
             s.add(lease)
-            self._add_event(
-                s, row, EventData(kind="lease_allocated", correlation_id=correlation_id, detail={"lease_id": lease.id}),
-                from_state=row.state, to_state=row.state,
-            )  # fmt: skip
             return LeaseView.of(lease)
 
     def release_lease(self, pool_id: str, lease_id: str, *, correlation_id: str | None = None) -> bool:
         """Release one lease. Unknown lease → False; the count never goes below zero."""
         with self._tx() as s:
-            row = self._locked(s, pool_id)
+            self._locked(s, pool_id)  # the pool row first, then its lease: the order of allocate and the reaper
             lease = s.get(Lease, lease_id)
             if lease is None or lease.pool_id != pool_id:
                 return False
             s.delete(lease)
-            self._add_event(
-                s, row, EventData(kind="lease_released", correlation_id=correlation_id, detail={"lease_id": lease_id}),
-                from_state=row.state, to_state=row.state,
-            )  # fmt: skip
             return True
 
     def active_leases(self, pool_id: str) -> int:
@@ -283,10 +299,6 @@ class Registry:
                 if not ids:
                     continue  # released meanwhile
                 s.execute(delete(Lease).where(Lease.id.in_(ids)))
-                self._add_event(
-                    s, row, EventData(kind="leases_expired", detail={"lease_ids": ids}),
-                    from_state=row.state, to_state=row.state,
-                )  # fmt: skip
                 reaped += len(ids)
         return reaped
 

@@ -13,6 +13,7 @@ from poolmgr.states import ENGINE_STATES, DesiredState, PoolState
 from poolmgr.store._models import Lease, PoolEvent
 
 _PARSED = frozenset({"spec", "state", "desired_state", "pending_op"})
+_SERVING = frozenset({PoolState.READY, PoolState.DRAINING})
 
 
 @dataclass(frozen=True)
@@ -54,11 +55,20 @@ class PoolView:
 
     @classmethod
     def of(cls, row: Mapping[str, Any]) -> PoolView:
-        """From a pools row (column name → value) plus its `active_leases` count."""
+        """From a pools row (column name → value) plus its `active_leases` count and, where read, its node's
+        `node_heartbeat_at`."""
         data = {k: row[k] for k in cls.__dataclass_fields__ if k not in _PARSED}
+        state = PoolState(row["state"])
+        node_hb = row.get("node_heartbeat_at")
+        if (
+            state in _SERVING
+            and node_hb is not None
+            and (data["heartbeat_at"] is None or node_hb > data["heartbeat_at"])
+        ):
+            data["heartbeat_at"] = node_hb  # serving: the node's heartbeat (docs/registry.md), not a per-pool write
         return cls(
             spec=PoolSpec.from_json(row["spec"]),
-            state=PoolState(row["state"]),
+            state=state,
             desired_state=DesiredState(row["desired_state"]),
             pending_op=operation_from_json(row["pending_op"]),
             **data,

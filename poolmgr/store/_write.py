@@ -29,9 +29,15 @@ from poolmgr.store._views import PoolView
 POOLS: Table = Pool.metadata.tables["pools"]
 EVENTS: Table = PoolEvent.metadata.tables["pool_events"]
 LEASES: Table = Lease.metadata.tables["leases"]
+NODES: Table = Pool.metadata.tables["nodes"]
 LEASE_COUNT = (
     select(func.count(LEASES.c.id)).where(LEASES.c.pool_id == POOLS.c.id).scalar_subquery().label("active_leases")
 )
+# The node's heartbeat: a serving pool's heartbeat_at is derived from it (one write per node, not per pool).
+NODE_HEARTBEAT = (
+    select(NODES.c.heartbeat_at).where(NODES.c.id == POOLS.c.node_id).scalar_subquery().label("node_heartbeat_at")
+)
+_SERVING = frozenset({PoolState.READY, PoolState.DRAINING})
 EventValues = Callable[[str, int, EventData, dict[str, Any]], dict[str, Any]]
 
 
@@ -71,6 +77,9 @@ def apply_effect(
         tx.delete_leases(pool_id)
         before = replace(before, active_leases=0)
     values: dict[str, Any] = dict(effect.columns(before, now))
+    if before.state in _SERVING and to_state not in _SERVING:
+        # It stops serving: keep the heartbeat it had (its node's, derived while it served) in its own column.
+        values.setdefault("heartbeat_at", before.heartbeat_at)
     event = effect.audit(before) or (EventData() if trigger is not None else None)
     if values or trigger is not None:
         values.update(_projected(values), state=to_state.value, version=before.version + 1, updated_at=now)
@@ -106,7 +115,9 @@ def _applied(view: PoolView, values: Mapping[str, Any]) -> PoolView:
 class CoreTx:
     """WriteTx on a SQLAlchemy connection (PostgreSQL; SQLite too when asked)."""
 
-    _LOCK = select(POOLS, LEASE_COUNT).where(POOLS.c.id == bindparam("pool_id")).with_for_update(of=POOLS)
+    _LOCK = (
+        select(POOLS, LEASE_COUNT, NODE_HEARTBEAT).where(POOLS.c.id == bindparam("pool_id")).with_for_update(of=POOLS)
+    )
     _CAS = POOLS.update().where(POOLS.c.id == bindparam("_id"), POOLS.c.version == bindparam("_version"))
 
     def __init__(self, conn: Connection) -> None:
@@ -135,18 +146,20 @@ class SqliteStatements:
         self._pool_bind = {c.name: c.type._cached_bind_processor(dialect) for c in POOLS.columns}
         self._pool_result = [c.type._cached_result_processor(dialect, None) for c in POOLS.columns]
         self._event_bind = {c.name: c.type._cached_bind_processor(dialect) for c in EVENTS.columns}
+        self._node_hb = NODES.c.heartbeat_at.type._cached_result_processor(dialect, None)
         self.select_pool = (
-            f"SELECT {', '.join(self.pool_columns)}, (SELECT COUNT(*) FROM leases WHERE leases.pool_id = pools.id) "
-            "FROM pools WHERE id = ?"
+            f"SELECT {', '.join(self.pool_columns)}, (SELECT COUNT(*) FROM leases WHERE leases.pool_id = pools.id), "
+            "(SELECT heartbeat_at FROM nodes WHERE nodes.id = pools.node_id) FROM pools WHERE id = ?"
         )
         self._updates: dict[tuple[str, ...], str] = {}
 
     def row_to_dict(self, row: tuple[Any, ...]) -> dict[str, Any]:
         data = {
             name: (proc(value) if proc is not None else value)
-            for name, proc, value in zip(self.pool_columns, self._pool_result, row[:-1], strict=True)
+            for name, proc, value in zip(self.pool_columns, self._pool_result, row[:-2], strict=True)
         }
-        data["active_leases"] = row[-1]
+        data["active_leases"] = row[-2]
+        data["node_heartbeat_at"] = _bound(self._node_hb, row[-1])
         return data
 
     def update_sql(self, keys: tuple[str, ...]) -> str:
@@ -191,4 +204,13 @@ class SqliteTx:
         self.cur.execute(sql, self.st.event_params(values))
 
 
-__all__ = ["LEASE_COUNT", "POOLS", "CoreTx", "SqliteStatements", "SqliteTx", "WriteTx", "apply_effect"]
+__all__ = [
+    "LEASE_COUNT",
+    "NODE_HEARTBEAT",
+    "POOLS",
+    "CoreTx",
+    "SqliteStatements",
+    "SqliteTx",
+    "WriteTx",
+    "apply_effect",
+]

@@ -92,3 +92,37 @@ def test_restart_bench_reports_sigkill_to_serving_again_next_to_the_cold_start_f
     assert result["restart_count"] >= 1
     assert result["ratio"] == pytest.approx(result["restart_ms"] / result["floor_ms"], rel=0.01)
     assert isinstance(result["goal_met"], bool) and "goal restart" in out
+
+
+def scale_rows(out: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in out.splitlines() if line.startswith('{"bench": "scale"')]
+
+
+def assert_scale_row(row: dict[str, Any]) -> None:
+    assert "error" not in row and "skipped" not in row, row
+    assert_positive(row, "cold_start_s", "metrics_ms_median", "metrics_ms_p95", "metrics_bytes", "pools_ms_median",
+                    "pools_ms_p95", "api_after_kill_s", "readopt_from_kill_s", "serve_rss_mib")  # fmt: skip
+    assert row["idle_cpu_pct"] >= 0 and row["idle_commits_per_s"] >= 0  # NaN (no counter) fails here too
+    assert row["restarted"] == 0, "an engine was restarted instead of re-adopted after kill -9 of serve"
+    assert row["readopt_from_kill_s"] > row["readopt_after_api_s"]
+    assert isinstance(row["goal_met"], bool)
+
+
+@pytest.mark.e2e
+def test_scale_bench_reports_idle_cost_requests_cold_start_and_readoption_of_real_pools() -> None:
+    needs_llama_server()
+    _, out = run_bench("scale", "--quick", "--json")
+    rows = scale_rows(out)
+    assert {r["db"] for r in rows} >= ({"sqlite", "postgresql"} if PG_REQUIRED else {"sqlite"}), out
+    for row in rows:
+        assert (row["engine"], row["pools"]) == ("real", 2)
+        assert_scale_row(row)
+    assert "kill -9 -> all re-adopted" in out and "goal (200 real pools)" in out
+
+
+def test_scale_bench_runs_fake_engine_pools_after_its_memory_check() -> None:
+    _, out = run_bench("scale", "--quick", "--json", "--pools", "", "--fake-pools", "2", "--db", "sqlite")
+    (row,) = scale_rows(out)
+    assert (row["db"], row["engine"], row["pools"]) == ("sqlite", "fake", 2)
+    assert_scale_row(row)
+    assert "MiB Pss each" in out and "goal (1,000 fake pools)" in out

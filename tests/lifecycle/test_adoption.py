@@ -16,7 +16,7 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -35,7 +35,7 @@ from poolmgr.lifecycle.runtime import INSTANCE_MARKER, SPAWN_MARKER, EngineRunti
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
 from poolmgr.states import PoolState, Trigger
-from poolmgr.store import Effect, PoolView, Registry, StateMachine
+from poolmgr.store import Effect, EventData, PoolView, Registry, StateMachine
 from tests.chaos._rig import FAKE_ENGINE, engines, marked_processes, model_file
 from tests.pool_steps import seed, step
 
@@ -373,6 +373,10 @@ class LossyRegistry(Registry):
         if key not in self.lost:
             self.lost.append(key)
             raise OperationalError("COMMIT", {}, ConnectionError("server closed the connection unexpectedly"))
+
+    def note_all(self, notes: Sequence[tuple[str, EventData]]) -> None:
+        super().note_all(notes)
+        self._lose_once(f"notes {notes!r}")  # the adoptions at start: one transaction, its answer lost once
 
     def apply(
         self, pool_id: str, effect: Effect, *, machine: StateMachine | None = None,

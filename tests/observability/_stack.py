@@ -131,11 +131,18 @@ def make_config(db_url: str, state_dir: Path, engine: Path, **env: str) -> PoolM
 
 class Stack:
     def __init__(
-        self, cfg: PoolManagerConfig, specs: Sequence[PoolSpec], *, engine_timeout_s: float = 0.5, lag_s: float = 60
+        self,
+        cfg: PoolManagerConfig,
+        specs: Sequence[PoolSpec],
+        *,
+        engine_timeout_s: float = 0.5,
+        lag_s: float = 60,
+        engine_interval_s: float = 0.2,  # engines' /metrics are fetched in the background: often, in tests
     ) -> None:
         self.cfg = cfg
         self.specs = list(specs)
         self.engine_timeout_s = engine_timeout_s
+        self.engine_interval_s = engine_interval_s
         self.lag_s = lag_s
         self.port = 0
         self.registry: Registry | None = None
@@ -173,7 +180,12 @@ class Stack:
     async def _main(self) -> None:
         self.registry = registry = Registry(self.cfg.effective_database_url, node_id=self.cfg.node_id)
         reconciler = Reconciler(self.cfg, registry)
-        self.metrics = build_metrics(reconciler, engine_timeout_s=self.engine_timeout_s, lag_s=self.lag_s)
+        self.metrics = build_metrics(
+            reconciler,
+            engine_timeout_s=self.engine_timeout_s,
+            lag_s=self.lag_s,
+            engine_interval_s=self.engine_interval_s,
+        )
         app = create_app(registry, kick=reconciler.kick, api_token=self.cfg.api_token, metrics=self.metrics)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
@@ -247,6 +259,17 @@ class Stack:
         assert resp.status_code == 200, resp.text
         assert resp.headers["content-type"].startswith("text/plain")
         return Scrape(resp.text)
+
+    def scrape_until(self, pred: Callable[[Scrape], bool], what: str, timeout: float = 10) -> Scrape:
+        """Scrape until `pred` holds: engine metrics are the engines' answers to a background fetch."""
+        deadline = time.monotonic() + timeout
+        while True:
+            scrape = self.scrape()
+            if pred(scrape):
+                return scrape
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no scrape with {what} in {timeout}s")
+            time.sleep(0.05)
 
 
 class Scrape:

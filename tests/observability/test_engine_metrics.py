@@ -131,9 +131,11 @@ def test_a_real_llama_server_pools_metrics_are_re_exposed(
     status = st.wait_state("obs-real", "ready", timeout=60)
     httpx.post(status["endpoint_url"] + "/completion", json={"prompt": "hello", "n_predict": 4}, timeout=30)
     own = {f.name: f for f in text_string_to_metric_families(httpx.get(status["endpoint_url"] + "/metrics").text)}
-    scrape = st.scrape()
     predicted = own["llamacpp:tokens_predicted"].samples[0].value
     assert predicted >= 4
+    scrape = st.scrape_until(  # fetched in the background: a later fetch has the completion's tokens
+        lambda s: s.value("llamacpp:tokens_predicted_total", pool_id="obs-real") == predicted, "the new tokens"
+    )
     assert scrape.value("llamacpp:tokens_predicted_total", pool_id="obs-real") == predicted
     assert scrape.value("llamacpp:n_tokens_max", pool_id="obs-real") is not None
     assert scrape.value("pool_engine_metrics_up", pool_id="obs-real") == 1

@@ -68,7 +68,8 @@ class _Serve:
             "POOL_MANAGERD_DATABASE_URL": self.url, "POOL_MANAGERD_LLAMA_SERVER": str(files.server),
             "POOL_MANAGERD_FAKE_NVML": str(H100_SNAPSHOT), "POOL_MANAGERD_BACKOFF_INITIAL_MS": "50",
             "POOL_MANAGERD_BACKOFF_MAX_MS": "200", "POOL_MANAGERD_CIRCUIT_BREAKER_THRESHOLD": str(THRESHOLD),
-            "POOL_MANAGERD_HEALTH_CHECK_INTERVAL_MS": "100", "POOL_MANAGERD_STOP_GRACE_MS": "1000", **env,
+            "POOL_MANAGERD_HEALTH_CHECK_INTERVAL_MS": "1000", "POOL_MANAGERD_HEALTH_CHECK_TIMEOUT_MS": "5000",
+            "POOL_MANAGERD_STOP_GRACE_MS": "1000", **env,
         }  # fmt: skip
         self.pool_ids = list(pools)
         self.err = self.state / "stderr.log"

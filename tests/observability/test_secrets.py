@@ -33,8 +33,9 @@ def test_no_token_or_engine_key_reaches_logs_audit_rows_error_bodies_or_metrics(
         # The keyed engine answers 401 to poolmgr's own readiness probes today (its preload fails, with the
         # engine's error in last_error and the audit row): either way no key may show anywhere.
         st.wait_for(POOL, lambda s: s["state"] in ("ready", "breaker-open"), "ready or breaker-open")
-        scrape = st.scrape()
-        assert scrape.value("pool_engine_metrics_up", pool_id="obs-plain") == 1
+        scrape = st.scrape_until(  # engines are fetched in the background: once it has been, with the key
+            lambda s: s.value("pool_engine_metrics_up", pool_id="obs-plain") == 1, "the plain engine fetched"
+        )
         bodies += [scrape.text, st.http.get(f"/pools/{POOL}/status").text]
 
         anonymous = httpx.Client(base_url=str(st.http.base_url), timeout=10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import text
@@ -13,11 +14,11 @@ from poolmgr.inflight import Drain
 from poolmgr.lifecycle.effects import (
     DrainRequested,
     ErrorNoted,
-    Healthy,
     Placed,
     PreloadStarted,
     PreloadSucceeded,
     ReadyInfo,
+    Stopped,
 )
 from poolmgr.lifecycle.fsm import fire
 from poolmgr.lifecycle.placing import CPU_PLACEMENT
@@ -104,11 +105,23 @@ def test_slots_are_clamped_to_zero_and_total(registry: Registry) -> None:
 
 
 def test_health_and_last_error_are_recorded(registry: Registry, clock: FakeClock) -> None:
+    """A serving pool's heartbeat is its node's (one write per node, none per pool); a stopped one keeps the
+    last it had."""
     _preloading(registry)
-    clock.advance(1)
-    view = fire(registry, "p1", Healthy())
-    assert view.live is True and view.heartbeat_at == clock.now()
-    assert registry.get("p1") == view
+    assert registry.get("p1").live is True
+    ready = fire(registry, "p1", PreloadSucceeded(ReadyInfo("http://127.0.0.1:9", None, 2)))
+    assert ready.heartbeat_at == clock.now()  # ready: known up now
+    clock.advance(5)
+    registry.heartbeat_node("host")
+    view = registry.get("p1")
+    assert view.heartbeat_at == clock.now()
+    with registry.engine.connect() as conn:  # the view says the same (as stored text on SQLite)
+        in_view = conn.execute(text("SELECT heartbeat_at FROM pool_registry WHERE pool_id = 'p1'")).scalar_one()
+    assert str(in_view).replace("T", " ").startswith(clock.now().strftime("%Y-%m-%d %H:%M:%S"))
+    clock.advance(5)
+    stopped = fire(registry, "p1", Stopped())
+    registry.heartbeat_node("host")
+    assert registry.get("p1").heartbeat_at == clock.now() - timedelta(seconds=5) == stopped.heartbeat_at
     assert fire(registry, "p1", ErrorNoted("health check failed: boom")).last_error == "health check failed: boom"
 
 
@@ -150,7 +163,7 @@ def test_expired_leases_are_reaped(registry: Registry, clock: FakeClock) -> None
     assert registry.reap_expired_leases() == 1
     view = registry.get("p1")
     assert (view.active_leases, view.slots_free) == (1, 1)
-    assert registry.events(pool_id="p1")[-1].kind == "leases_expired"
+    assert registry.events(pool_id="p1")[-1].kind == "preload_ok"  # leases leave no audit row: leases is theirs
 
 
 def test_two_writers_racing_on_one_pool_one_wins_no_lost_or_doubled_event(db_url: str) -> None:

@@ -1,0 +1,212 @@
+"""/metrics at scale (issue 14): totals kept over a restart and a retention prune, a scrape that reads only new
+audit rows, engine metrics fetched in the background, and a compact exposition that is exactly what
+prometheus_client writes for the same families. On SQLite and PostgreSQL where a database is involved."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client import generate_latest
+from sqlalchemy import func, select
+
+from poolmgr.clock import FakeClock, utcnow
+from poolmgr.devices import FakeNvmlBackend, Inventory, discover
+from poolmgr.inflight import Reload
+from poolmgr.lifecycle.effects import (
+    BreakerOpened,
+    PreloadStarted,
+    ReloadRequested,
+    ReloadStarted,
+    Retried,
+    TrialStarted,
+)
+from poolmgr.lifecycle.fsm import fire
+from poolmgr.lifecycle.placing import CPU_PLACEMENT
+from poolmgr.observability._engines import EngineMetrics, EngineScraper, EngineTarget, relabel
+from poolmgr.observability.metrics import MetricsEndpoint, PoolMetricsCollector
+from poolmgr.store import Registry
+from poolmgr.store._models import AuditRollup, PoolEvent
+
+from ._stack import H100_SNAPSHOT, Scrape
+from .conftest import StackFactory
+from .test_audit_metrics import READY, _backed_off, _crashed, _failed, _ready, _scrape
+
+RECORDED = Path(__file__).parent / "fixtures" / "llama-server-b11434-metrics.txt"
+
+
+def _endpoint(registry: Registry, **kw: Any) -> MetricsEndpoint:
+    return MetricsEndpoint(PoolMetricsCollector(registry, node_id="node-a", inventory=Inventory, lag_s=0, **kw))
+
+
+def _totals(registry: Registry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """What a poolmgr started now on this database reports."""
+    endpoint = _endpoint(registry)
+    try:
+        return _scrape(endpoint).counters_and_histograms()
+    finally:
+        endpoint.close()
+
+
+def _history_across(registry: Registry, clock: FakeClock) -> Any:
+    """Rows whose fold needs the rows before them, with a prune boundary in between: a crash before it and the
+    restart it labels after it; a reload requested before it and finished after it; restarts in one storm
+    window on both sides. Returns the boundary."""
+    for pool_id in ("crashy", "reloading", "stormy"):
+        _ready(registry, pool_id)
+    fire(registry, "crashy", _crashed("vram_oom"))
+    fire(registry, "crashy", _backed_off(clock, 250))
+    old = _ready(registry, "gone").spec
+    registry.deregister("gone")
+    fire(registry, "reloading", ReloadRequested(Reload("/m2.gguf", old, clock.now(), 30_000, "cid-r")))
+    for _ in range(2):
+        fire(registry, "stormy", _crashed("signal"))
+        fire(registry, "stormy", _backed_off(clock, 100))
+        fire(registry, "stormy", Retried())
+        fire(registry, "stormy", READY)
+        clock.advance(10)
+    boundary = clock.now()
+    clock.advance(10)
+    fire(registry, "crashy", Retried())  # restart reason: the vram_oom before the boundary
+    fire(registry, "crashy", _failed("model_missing"))
+    fire(registry, "reloading", ReloadStarted(Reload("/m2.gguf", old, clock.now(), 30_000, "cid-r"), {}))
+    fire(registry, "reloading", PreloadStarted(CPU_PLACEMENT))
+    clock.advance(2)
+    fire(registry, "reloading", READY)  # the reload's duration: since the request before the boundary
+    fire(registry, "stormy", _crashed("signal"))
+    fire(registry, "stormy", BreakerOpened(clock.now() + timedelta(seconds=30), 30.0, "storm"))
+    fire(registry, "stormy", TrialStarted())  # three restarts in the window: rate 3/min, two before the boundary
+    clock.advance(3600)
+    return boundary
+
+
+def test_totals_are_the_same_after_a_restart_and_after_a_retention_prune(db_url: str, clock: FakeClock) -> None:
+    registry = Registry(db_url, node_id="node-a", clock=clock)
+    try:
+        boundary = _history_across(registry, clock)
+        running = _endpoint(registry)
+        before = _scrape(running).counters_and_histograms()
+        assert before[("pool_restart_total", (("pool_id", "crashy"), ("reason", "vram_oom")))] == 1
+        assert before[("pool_reload_duration_ms_count", (("pool_id", "reloading"),))] == 1
+        assert before[("restart_rate_sum", (("pool_id", "stormy"),))] == 1 + 2 + 3
+        assert _totals(registry) == before  # a restart
+
+        rows = len(registry.events())
+        pruned = registry.prune_audit(boundary, batch=4)
+        assert 0 < pruned < rows and all(e.at >= boundary for e in registry.events())
+        assert _totals(registry) == before  # a restart after the prune: rollup + the remaining rows
+        assert _scrape(running).counters_and_histograms() == before  # the running poolmgr never noticed
+
+        fire(registry, "crashy", _backed_off(clock, 500))  # and both go on counting alike
+        assert _scrape(running).counters_and_histograms() == _totals(registry) != before
+        remaining = len(registry.events())
+        assert registry.prune_audit(clock.now() + timedelta(days=1)) == remaining and registry.events() == []
+        assert _totals(registry) == _scrape(running).counters_and_histograms()  # all of it in the rollup now
+        running.close()
+    finally:
+        registry.close()
+
+
+def test_a_scrape_reads_the_history_once_then_only_rows_after_its_cursor(
+    registry: Registry, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _ready(registry, "p")
+    clock.advance(120)
+    calls: list[tuple[str, Any]] = []
+    history, after = registry.audit.history, registry.audit.rows_after
+    monkeypatch.setattr(registry.audit, "history", lambda *a: calls.append(("history", None)) or history(*a))
+    monkeypatch.setattr(registry.audit, "rows_after", lambda n, a, lim: calls.append(("after", a)) or after(n, a, lim))
+    endpoint = MetricsEndpoint(PoolMetricsCollector(registry, node_id="node-a", inventory=Inventory))
+    last = registry.events()[-1].id
+    endpoint()
+    fire(registry, "p", _crashed("signal"))  # young: read again by each scrape until it is older than the lag
+    endpoint()
+    clock.advance(120)
+    endpoint()
+    endpoint()
+    assert calls == [("history", None), ("after", last), ("after", last), ("after", last + 1)]
+    endpoint.close()
+
+
+def test_histograms_appear_only_for_pools_with_an_observation(registry: Registry, clock: FakeClock) -> None:
+    for pool_id in ("quiet-1", "quiet-2", "busy"):
+        _ready(registry, pool_id)
+    fire(registry, "busy", _crashed("exit"))
+    fire(registry, "busy", _backed_off(clock, 300))
+    endpoint = _endpoint(registry)
+    s = _scrape(endpoint)
+    endpoint.close()
+    assert {x.labels["pool_id"] for x in s.series("backoff_delay_ms_count")} == {"busy"}
+    for name in ("pool_drain_duration_ms", "pool_reload_duration_ms", "restart_rate"):
+        assert s.type_of(name) == "histogram" and s.series(name + "_count") == []  # typed, no zero series
+    # counters of one pool label still start at 0 for every pool (increase() sees the first event)
+    assert [s.value("restart_storm_total", pool_id=p) for p in ("quiet-1", "quiet-2", "busy")] == [0, 0, 0]
+    assert len(s.samples) < 3 * 30  # was 3 * 85: 64 histogram samples per pool
+
+
+@pytest.fixture
+def engines(monkeypatch: pytest.MonkeyPatch) -> Iterator[EngineMetrics]:
+    """EngineMetrics whose engines answer with the recorded llama-server scrape (no process)."""
+    text = RECORDED.read_text()
+    monkeypatch.setattr(EngineScraper, "fetch", lambda self, t: relabel(text, t.pool_id))
+    targets = [EngineTarget("busy", "http://127.0.0.1:9"), EngineTarget("quiet-1", "http://127.0.0.1:9")]
+    metrics = EngineMetrics(lambda: targets, interval_s=3600)
+    metrics.fetch_now()
+    yield metrics
+    metrics.close()
+
+
+def test_the_exposition_is_what_prometheus_client_writes_for_the_same_families(
+    registry: Registry, clock: FakeClock, engines: EngineMetrics
+) -> None:
+    for pool_id in ("quiet-1", "busy"):
+        _ready(registry, pool_id)
+    fire(registry, "busy", _crashed("exit"))
+    fire(registry, "busy", _backed_off(clock, 1_234_567))
+    fire(registry, "busy", Retried())
+    fire(registry, "busy", _failed('odd "reason" \\ with\na newline'))
+    inventory = discover(FakeNvmlBackend(H100_SNAPSHOT), warn=False)
+    collector = PoolMetricsCollector(registry, node_id="node-a", inventory=lambda: inventory, engines=engines)
+    endpoint = MetricsEndpoint(collector)
+    body, _ = endpoint()
+    assert generate_latest(endpoint.registry) == body  # byte for byte
+    s = Scrape(body.decode())
+    assert s.value("pool_preload_failure_total", pool_id="busy", reason='odd "reason" \\ with\na newline') == 1
+    assert s.value("backoff_delay_ms_sum", pool_id="busy") == 1_234_567
+    # busy is crashed: its engine's numbers are left out at once; quiet-1 serves
+    assert {x.labels["pool_id"] for x in s.series("llamacpp:prompt_tokens_total")} == {"quiet-1"}
+    assert s.label_values("pool_engine_metrics_up", "pool_id") == {"quiet-1"}
+
+
+def test_engine_metrics_are_served_from_the_last_fetch_and_only_for_serving_pools(engines: EngineMetrics) -> None:
+    assert engines.up() == {"busy": True, "quiet-1": True}
+    assert engines.text().count("# TYPE llamacpp:prompt_tokens_total counter") == 1  # one family for both
+    engines.serving({"busy": "http://127.0.0.1:9"})  # quiet-1 stopped serving: gone from the next scrape at once
+    assert engines.up() == {"busy": True}
+    assert 'pool_id="quiet-1"' not in engines.text() and 'pool_id="busy"' in engines.text()
+
+
+def test_serve_prunes_the_audit_beyond_the_retention_and_keeps_the_totals(
+    stack_factory: StackFactory, sqlite_url: str
+) -> None:
+    writer = Registry(sqlite_url, node_id="obs-node", clock=FakeClock(utcnow() - timedelta(days=100)))
+    _ready(writer, "retired")  # a poolmgr of 100 days ago
+    fire(writer, "retired", _crashed("host_oom"))
+    writer.deregister("retired")
+    writer.close()
+    st = stack_factory(sqlite_url, [], POOL_MANAGERD_AUDIT_RETENTION_DAYS="30")
+    assert st.registry is not None
+    deadline = time.monotonic() + 10
+    while st.registry.events() and time.monotonic() < deadline:  # the first housekeeping round prunes
+        time.sleep(0.05)
+    assert st.registry.events() == []
+    with st.registry.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(AuditRollup)).scalar_one() > 0
+        assert conn.execute(select(func.count()).select_from(PoolEvent)).scalar_one() == 0
+    scrape = st.scrape()
+    assert scrape.value("engine_crash_total", pool_id="retired", reason="host_oom") == 1
+    assert scrape.value("pool_preload_success_total", pool_id="retired", engine="unknown") == 1
