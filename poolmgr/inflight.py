@@ -32,10 +32,10 @@ class Drain:
 
 
 @dataclass(frozen=True)
-class Reload:
-    """Drain the old engine, then start `model`; `old_spec` is what a failure rolls back to."""
+class _ModelChange:
+    """A change of the pool's model: `model` the new one, `old_spec` what a failure rolls back to."""
 
-    kind: ClassVar[str] = "reload"
+    kind: ClassVar[str]
     model: str
     old_spec: PoolSpec
     started_at: datetime
@@ -46,26 +46,23 @@ class Reload:
         return {"op": self.kind, "model": self.model, "old_spec": self.old_spec.to_json(),
                 "started_at": self.started_at.isoformat(), "deadline_ms": self.deadline_ms,
                 "correlation_id": self.correlation_id}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Reload(_ModelChange):
+    """Drain the old engine, then start `model`; `old_spec` is what a failure rolls back to."""
+
+    kind: ClassVar[str] = "reload"
 
     def rolled_back(self) -> Rollback:
         return Rollback(self.model, self.old_spec, self.started_at, self.deadline_ms, self.correlation_id)
 
 
 @dataclass(frozen=True)
-class Rollback:
-    """The reload to `model` failed: `old_spec` is starting again."""
+class Rollback(_ModelChange):
+    """The reload to `model` failed: `old_spec` is starting again (a sibling of Reload, not a kind of it)."""
 
     kind: ClassVar[str] = "rollback"
-    model: str
-    old_spec: PoolSpec
-    started_at: datetime
-    deadline_ms: int
-    correlation_id: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {"op": self.kind, "model": self.model, "old_spec": self.old_spec.to_json(),
-                "started_at": self.started_at.isoformat(), "deadline_ms": self.deadline_ms,
-                "correlation_id": self.correlation_id}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -91,10 +88,9 @@ def operation_from_json(data: dict[str, Any] | None) -> Operation | None:
     deadline = int(data.get("deadline_ms", 0))
     if kind == Drain.kind:
         return Drain(started, deadline, cid)
-    if kind == Reload.kind:
-        return Reload(str(data["model"]), PoolSpec.from_json(data["old_spec"]), started, deadline, cid)
-    if kind == Rollback.kind:
-        return Rollback(str(data["model"]), PoolSpec.from_json(data["old_spec"]), started, deadline, cid)
+    for change in (Reload, Rollback):
+        if kind == change.kind:
+            return change(str(data["model"]), PoolSpec.from_json(data["old_spec"]), started, deadline, cid)
     raise ValueError(f"unknown operation in flight: {kind!r}")
 
 
