@@ -36,10 +36,13 @@ def _serve_until_crashed(cfg: PoolManagerConfig, url: str, spec: PoolSpec, kill:
         await rec.start([spec])
         try:
             deadline = time.monotonic() + 30
+            ready_at: float | None = None
             while not any(e.kind in _FAILED for e in registry.events(pool_id=spec.id)):
                 view = registry.get(spec.id)
                 if kill and view.state is PoolState.READY and view.pid:
-                    os.kill(view.pid, signal.SIGKILL)
+                    ready_at = ready_at or time.monotonic()
+                    if time.monotonic() - ready_at > 0.5:  # watched by then: its exit status is seen
+                        os.kill(view.pid, signal.SIGKILL)
                 assert time.monotonic() < deadline, registry.get(spec.id)
                 await asyncio.sleep(0.05)
         finally:
