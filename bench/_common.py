@@ -1,7 +1,8 @@
 """Helpers shared by the benchmarks: statistics, the result table and JSON line, engine spawning and polling.
 
 A benchmark prints numbers: a short table for people, then one JSON line (`{"bench": ...}`) for tools. It is
-not a timed test: nothing here asserts on speed.
+not a timed test: nothing here asserts on speed. The engines a benchmark starts itself serve on a unix socket,
+as poolmgr's do, and are polled over it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ if str(REPO) not in sys.path:
 
 DEFAULT_LLAMA_SERVER = "/var/cache/poolmgr/llamacpp/b11434/bin/llama-server"
 POLL_S = 0.001  # the floor polls the engine's /health every 1 ms
+# Where the benchmarks' own engines serve: a unix socket, like poolmgr's (`--host <path>.sock`; engines get no
+# TCP), so a floor and poolmgr's path pay the same transport.
+TRANSPORT = "unix socket (llama-server --host <path>.sock)"
 
 
 def median(values: Sequence[float]) -> float:
@@ -88,8 +92,8 @@ def free_port() -> int:
 
 
 def http_status(url: str, timeout: float = 1.0) -> int | None:
-    """The HTTP status of GET `url` (http://HOST:PORT/PATH); None when nothing answers (refused, reset, timeout).
-    Plain http.client on a fresh connection: the cheapest probe, so polling adds little to what it measures."""
+    """The HTTP status of GET `url` (http://HOST:PORT/PATH, e.g. poolmgr's API); None when nothing answers
+    (refused, reset, timeout). Plain http.client on a fresh connection: a cheap probe."""
     rest = url.split("://", 1)[1]
     hostport, _, path = rest.partition("/")
     host, _, port = hostport.rpartition(":")
@@ -105,16 +109,42 @@ def http_status(url: str, timeout: float = 1.0) -> int | None:
         conn.close()
 
 
-def wait_health_200(url: str, deadline_s: float, *, proc: subprocess.Popen[bytes] | None = None) -> float:
-    """Poll GET `url` every POLL_S until 200; returns time.monotonic() of the first 200 answer's arrival."""
+def uds_status(sock: Path | str, target: str = "/health", timeout: float = 1.0) -> int | None:
+    """The HTTP status of GET `target` over the unix socket `sock`; None when nothing answers (no socket yet,
+    refused, reset, timeout). A raw AF_UNIX socket and one HTTP/1.0 request (the server closes after its answer):
+    cheaper than an HTTP client, so a 1 ms poll adds little to what it measures."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(str(sock))
+            s.sendall(f"GET {target} HTTP/1.0\r\nHost: engine\r\nConnection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := s.recv(4096):
+                answer += chunk
+        except OSError:
+            return None
+    status = answer.split(b"\r\n", 1)[0].split()
+    return int(status[1]) if len(status) >= 2 and status[0].startswith(b"HTTP/") and status[1].isdigit() else None
+
+
+def wait_health_200(sock: Path, deadline_s: float, *, proc: subprocess.Popen[bytes] | None = None) -> float:
+    """Poll GET /health over the unix socket `sock` every POLL_S until 200; returns time.monotonic() of the first
+    200 answer's arrival."""
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
-        if http_status(url, timeout=0.5) == 200:
+        if uds_status(sock, timeout=0.5) == 200:
             return time.monotonic()
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"engine exited with {proc.returncode} before /health answered 200")
         time.sleep(POLL_S)
-    raise TimeoutError(f"{url} did not answer 200 within {deadline_s} s")
+    raise TimeoutError(f"{sock}: GET /health did not answer 200 within {deadline_s} s")
+
+
+def engine_argv(binary: Path, model: Path, sock: Path, *extra: str) -> list[str]:
+    """llama-server serving `model` on the unix socket `sock` (a path ending in .sock), whose stale file from an
+    earlier engine is removed first (llama-server leaves it behind, and could not bind over it)."""
+    sock.unlink(missing_ok=True)
+    return [str(binary), "-m", str(model), "--host", str(sock), *extra]
 
 
 def llama_server_path() -> Path:
@@ -146,16 +176,16 @@ def engine_listen_s(log: bytes) -> float | None:
 
 
 def engine_cold_start(
-    binary: Path, model: Path, *, log_path: Path, ctx: int = 1024, timeout_s: float = 60
+    binary: Path, model: Path, *, sock: Path, log_path: Path, ctx: int = 1024, timeout_s: float = 60
 ) -> ColdStart:
-    """The floor: spawn llama-server on a free port, poll /health every 1 ms until the first 200."""
-    port = free_port()
-    argv = [str(binary), "-m", str(model), "--port", str(port), "-c", str(ctx), "--parallel", "1"]
+    """The floor: spawn llama-server on the unix socket `sock`, poll /health over it every 1 ms until the first
+    200."""
+    argv = engine_argv(binary, model, sock, "-c", str(ctx), "--parallel", "1")
     with open(log_path, "wb") as log:
         t0 = time.monotonic()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
-        total = wait_health_200(f"http://127.0.0.1:{port}/health", timeout_s, proc=proc) - t0
+        total = wait_health_200(sock, timeout_s, proc=proc) - t0
         engine_s = wait_listen_line(log_path)
     finally:
         stop_process(proc)
@@ -219,8 +249,10 @@ def shared_dir(prefix: str) -> Iterator[Path]:
 __all__ = [
     "POLL_S",
     "REPO",
+    "TRANSPORT",
     "ColdStart",
     "emit",
+    "engine_argv",
     "engine_cold_start",
     "engine_listen_s",
     "engine_pids",
@@ -234,6 +266,7 @@ __all__ = [
     "print_table",
     "shared_dir",
     "stop_process",
+    "uds_status",
     "wait_health_200",
     "wait_listen_line",
 ]

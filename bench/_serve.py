@@ -19,16 +19,18 @@ from _common import (
     POLL_S,
     REPO,
     ColdStart,
+    engine_argv,
     engine_pids,
     free_port,
-    http_status,
     kill_pids,
     stop_process,
+    uds_status,
     wait_health_200,
     wait_listen_line,
 )
 
 from poolmgr.isolation import DEFAULT_ENGINE_USER, build_isolation, ensure_engine_user, prepare, release, wrap_command
+from poolmgr.lifecycle.runtime import ENGINE_SOCKET
 
 MARKER = "POOLMGR_POOL"
 
@@ -120,6 +122,10 @@ class Serve:
         except OSError:
             return ""
 
+    def engine_socket(self, pool_id: str) -> Path:
+        """Where the pool's engine serves: the unix socket in its workdir (`<state>/work/<pool_id>/engine.sock`)."""
+        return (self.workdir / "state" / "work" / pool_id / ENGINE_SOCKET).absolute()
+
     def engine_log(self, pool_id: str) -> str:
         try:
             return (self.workdir / "state" / "logs" / f"{pool_id}.log").read_text(errors="replace")
@@ -172,14 +178,14 @@ def layer_names(summary: str) -> str:
 
 
 @contextlib.contextmanager
-def trampoline(pool_id: str, workdir_root: Path, readable: tuple[Path, ...], bind_port: int | None) -> Iterator[Any]:
-    """poolmgr's isolation for one engine, prepared as the daemon prepares it (engine user, cgroup, rlimits,
-    caps, no_new_privs, Landlock, seccomp, clean env); yields wrap(argv, env). The cgroup goes afterwards."""
+def trampoline(pool_id: str, workdir_root: Path, readable: tuple[Path, ...]) -> Iterator[Any]:
+    """poolmgr's isolation for one engine, prepared as the daemon prepares it (engine user, workdir, cgroup,
+    rlimits, caps, no_new_privs, Landlock, seccomp: no TCP at all, clean env); yields wrap(argv, env). The
+    cgroup goes afterwards."""
     user = DEFAULT_ENGINE_USER if os.geteuid() == 0 else ""
     if user:
         ensure_engine_user(user)
-    iso = build_isolation({}, engine_user=user, workdir_root=workdir_root, pool_id=pool_id, bind_port=bind_port,
-                          readable_paths=readable)  # fmt: skip
+    iso = build_isolation({}, engine_user=user, workdir_root=workdir_root, pool_id=pool_id, readable_paths=readable)
     prepared = prepare(iso)
     try:
         yield lambda argv, env: wrap_command(prepared, argv, env)
@@ -190,17 +196,19 @@ def trampoline(pool_id: str, workdir_root: Path, readable: tuple[Path, ...], bin
 def wrapped_cold_start(
     binary: Path, model: Path, workdir_root: Path, *, pool_id: str, log_path: Path, timeout_s: float = 60
 ) -> ColdStart:
-    """The floor through poolmgr's trampoline: spawn → first /health 200 (polled every 1 ms)."""
-    port = free_port()
-    argv = [str(binary), "-m", str(model), "--port", str(port), "-c", "1024", "--parallel", "1"]
-    with trampoline(pool_id, workdir_root, (model, binary), port) as wrap:
+    """The floor through poolmgr's trampoline: spawn → first /health 200, polled every 1 ms over the engine's unix
+    socket in its workdir (where poolmgr puts it, the one place the sandbox lets it create one)."""
+    workdir = (workdir_root / pool_id).absolute()
+    with trampoline(pool_id, workdir_root, (model, binary)) as wrap:
+        sock = workdir / ENGINE_SOCKET
+        argv = engine_argv(binary, model, sock, "-c", "1024", "--parallel", "1")
         full, env = wrap(argv, {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), MARKER: pool_id})
         with open(log_path, "wb") as log:
             t0 = time.monotonic()
-            proc = subprocess.Popen(full, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+            proc = subprocess.Popen(full, env=env, cwd=workdir, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                     start_new_session=True)  # fmt: skip
         try:
-            total = wait_health_200(f"http://127.0.0.1:{port}/health", timeout_s, proc=proc) - t0
+            total = wait_health_200(sock, timeout_s, proc=proc) - t0
             engine_s = wait_listen_line(log_path)
         finally:
             stop_process(proc)
@@ -216,7 +224,7 @@ def newest_run(engine_log: str) -> str:
 def trampoline_only(workdir_root: Path, *, pool_id: str, runs: int) -> list[float]:
     """Seconds from spawning `true` through the trampoline to its exit: python start + every layer + exec."""
     times = []
-    with trampoline(pool_id, workdir_root, (), None) as wrap:
+    with trampoline(pool_id, workdir_root, ()) as wrap:
         full, env = wrap(["true"], {"PATH": "/usr/bin:/bin"})
         for _ in range(runs):
             t0 = time.monotonic()
@@ -237,37 +245,20 @@ def bare_true(runs: int) -> list[float]:
     return times
 
 
-def listen_port(pid: int) -> int | None:
-    """The TCP port `pid` listens on (its socket inodes matched against /proc/<pid>/net/tcp), or None yet."""
-    try:
-        fds = os.listdir(f"/proc/{pid}/fd")
-        inodes = set()
-        for fd in fds:
-            with contextlib.suppress(OSError):
-                inodes.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        lines = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
-    except OSError:
-        return None
-    for line in lines:
-        fields = line.split()
-        if fields[3] == "0A" and f"socket:[{fields[9]}]" in inodes:  # 0A: LISTEN
-            return int(fields[1].rsplit(":", 1)[1], 16)
-    return None
-
-
 class ReadyProbe(threading.Thread):
     """Watches for the pool's next engine while poolmgr starts it: finds its pid (the POOLMGR_POOL marker, a pid
-    not in `old`), its listening port, then polls its /health every 1 ms. `ready_at`: time.time() of the first
+    not in `old`: the engine before it is gone by then, and poolmgr removed its socket file before the spawn),
+    then polls GET /health over the pool's unix socket `sock` every 1 ms. `ready_at`: time.time() of the first
     200, the engine's own readiness inside the very run poolmgr measures."""
 
-    def __init__(self, pool_id: str, old: set[int], timeout_s: float = 60) -> None:
+    def __init__(self, pool_id: str, old: set[int], sock: Path, timeout_s: float = 60) -> None:
         super().__init__(daemon=True, name=f"probe-{pool_id}")
         self.marker = f"{MARKER}={pool_id}"
         self.old = old
+        self.sock = sock
         self.deadline = time.monotonic() + timeout_s
         self.ready_at: float | None = None
         self.pid: int | None = None
-        self.port: int | None = None
         self._stop_flag = threading.Event()
 
     def run(self) -> None:
@@ -275,9 +266,7 @@ class ReadyProbe(threading.Thread):
             if self.pid is None:
                 fresh = [p for p in engine_pids(self.marker) if p not in self.old]
                 self.pid = fresh[0] if fresh else None
-            elif self.port is None:
-                self.port = listen_port(self.pid)
-            elif http_status(f"http://127.0.0.1:{self.port}/health", timeout=0.5) == 200:
+            elif uds_status(self.sock, timeout=0.5) == 200:
                 self.ready_at = time.time()
                 return
             time.sleep(POLL_S)
@@ -286,7 +275,7 @@ class ReadyProbe(threading.Thread):
         self.join(timeout_s)
         self._stop_flag.set()
         if self.ready_at is None:
-            raise RuntimeError(f"probe: never saw the new engine answer 200 (pid {self.pid}, port {self.port})")
+            raise RuntimeError(f"probe: never saw the new engine answer 200 (pid {self.pid}, socket {self.sock})")
         return self.ready_at
 
 
@@ -313,7 +302,6 @@ __all__ = [
     "kill_marked",
     "last_spawn_stamp",
     "layer_names",
-    "listen_port",
     "newest_run",
     "remove_pool_cgroup",
     "trampoline",

@@ -100,7 +100,9 @@ def make_pools(url: str, n: int, at: datetime) -> None:
             registry.register(PoolSpec(id=pool_id(i), model="/m.gguf", slots=4))
             fire(registry, pool_id(i), Placed())
             fire(registry, pool_id(i), PreloadStarted(CPU_PLACEMENT))
-            fire(registry, pool_id(i), PreloadSucceeded(ReadyInfo("http://127.0.0.1:9", None, 4)))
+            # endpoint_url: the node's data plane (poolmgr's API forwards it to the engine's unix socket)
+            ready = ReadyInfo(f"http://127.0.0.1:9/pools/{pool_id(i)}/engine", None, 4)
+            fire(registry, pool_id(i), PreloadSucceeded(ready))
     finally:
         registry.close()
 

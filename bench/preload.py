@@ -1,13 +1,15 @@
 """Benchmark (issue 3): how long after the engine itself is ready does poolmgr record the pool ready?
 
 In one run, interleaved N times:
-- floor: spawn the real llama-server (`-m tiny.gguf --port <free> -c 1024 --parallel 1`) ourselves and poll
-  http://127.0.0.1:<port>/health every 1 ms until the first 200;
+- floor: spawn the real llama-server (`-m tiny.gguf --host <dir>/floor.sock -c 1024 --parallel 1`) ourselves
+  and poll GET /health over that unix socket every 1 ms until the first 200 (poolmgr's engines serve on a unix
+  socket too, and have no TCP: both sides pay the same transport);
 - the same floor through poolmgr's isolation trampoline (engine user, cgroup, rlimits, caps, no_new_privs,
   Landlock, seccomp, clean env), prepared the way the daemon prepares it;
 - poolmgr: a real `poolmgr serve`; drain the pool to stopped, then POST /pools/{id}/preload and read the audit
   rows up to preload_ok. The launcher's spawn header (engine log), the engine's own log stamps and our own 1 ms
-  probe of the new engine's /health split the time into: before spawn, engine start, detection.
+  probe of the new engine's /health (over its socket, `<state>/work/<pool>/engine.sock`) split the time into:
+  before spawn, engine start, detection.
 lag = median(poolmgr POST → preload_ok) - median(floor). Goal: <= 20 ms (the daemon poolmgr replaces polled
 every 500 ms). The trampoline alone (`true` through it vs `true` directly) is timed too.
 
@@ -18,10 +20,12 @@ every 500 ms). The trampoline alone (`true` through it vs `true` directly) is ti
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from typing import Any
 
 from _common import (
+    TRANSPORT,
     emit,
     engine_cold_start,
     engine_listen_s,
@@ -62,7 +66,7 @@ def preload_once(srv: Serve) -> dict[str, float]:
     srv.wait_state(POOL, "stopped")
     after_id = max((e["id"] for e in srv.events(POOL)), default=0)
     time.sleep(0.1)  # let the stop settle (engine reaped, worker idle)
-    probe = ReadyProbe(POOL, set(engine_pids(f"{MARKER}={POOL}")))
+    probe = ReadyProbe(POOL, set(engine_pids(f"{MARKER}={POOL}")), srv.engine_socket(POOL))
     probe.start()
     t_req = time.time()
     srv.post(f"/pools/{POOL}/preload")
@@ -99,9 +103,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             srv.start()
             srv.wait_state(POOL, "ready")
-            engine_cold_start(binary, model, log_path=d / "floor.log")  # warm the page cache for both sides
+            floor_start = functools.partial(engine_cold_start, binary, model, sock=d / "floor.sock",
+                                            log_path=d / "floor.log")  # fmt: skip
+            floor_start()  # warm the page cache for both sides
             for _ in range(args.runs):
-                floor = engine_cold_start(binary, model, log_path=d / "floor.log")
+                floor = floor_start()
                 wrapped = wrapped_cold_start(
                     binary, model, d / "floor-work", pool_id=FLOOR_POOL, log_path=d / "wrapped.log"
                 )
@@ -121,7 +127,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 _LABELS = (
-    ("floor: llama-server spawn -> first /health 200 (1 ms polling)", "floor"),
+    ("floor: llama-server spawn -> first /health 200 (1 ms polling, its socket)", "floor"),
     ("  of which the engine's own startup (its log: start -> listening)", "floor_engine"),
     ("floor through poolmgr's isolation trampoline", "wrapped"),
     ("  of which the engine's own startup", "wrapped_engine"),
@@ -131,7 +137,7 @@ _LABELS = (
     ("  preload_requested -> place row (worker wakes, 1 tx)", "requested_to_place"),
     ("  place -> start_preload row (placement, 1 tx)", "place_to_start"),
     ("  start_preload -> spawn (stray scan, isolation prep, fork)", "start_to_spawn"),
-    ("  spawn -> engine's first 200 (our 1 ms probe, same run)", "spawn_to_engine_ready"),
+    ("  spawn -> engine's first 200 (our 1 ms probe of its socket, same run)", "spawn_to_engine_ready"),
     ("    of which the engine's own startup", "engine_own"),
     ("  engine's first 200 -> preload_ok row (detection, tx)", "engine_ready_to_ok"),
     ("poolmgr: start_preload row -> preload_ok row", "start_to_ok"),
@@ -150,6 +156,7 @@ def report(args: argparse.Namespace, ph: dict[str, list[float]], layers: str) ->
     m = {k: mean(v) * 1000 for k, v in ph.items()}
     parts = _lag_parts(m)
     paired = median([t - f for t, f in zip(ph["total"], ph["floor"], strict=True)]) * 1000
+    print(f"engines, the floors' and poolmgr's alike, serve on a {TRANSPORT}; /health polled over it")
     print(f"lag = poolmgr {ms['total']:.1f} ms - floor {ms['floor']:.1f} ms = {lag:.1f} ms (medians); "
           f"median of the per-run differences: {paired:.1f} ms")  # fmt: skip
     print(f"the lag's parts (means, which add up: {m['total'] - m['floor']:.1f} ms):")
@@ -187,6 +194,7 @@ def _result(
     result: dict[str, Any] = {
         "bench": "preload",
         "runs": args.runs,
+        "engine_transport": "unix socket",
         "floor_ms": round(ms["floor"], 2),
         "floor_wrapped_ms": round(ms["wrapped"], 2),
         "trampoline_ms": round(ms["trampoline_alone"], 2),

@@ -3,9 +3,11 @@
 A real `poolmgr serve` (POOL_MANAGERD_BACKOFF_INITIAL_MS=0, restart-storm limit raised so N kills in a row stay
 restarts) runs one pool on the real llama-server and a tiny model. Each run SIGKILLs the engine and measures
 kill → the preload_ok audit row of the new engine (it is written once the new engine answered /health 200 on
-its new endpoint_url), split by the audit rows (crash, back_off, retry) and the launcher's spawn header.
-Interleaved with the engine's cold-start floor (spawn → first /health 200, polled every 1 ms), bare and through
-poolmgr's isolation trampoline. Goal: ≤ 2x the floor. (supervisord 4.3 with autorestart: 44x, about 1 s.)
+its unix socket, `<state>/work/<pool>/engine.sock`), split by the audit rows (crash, back_off, retry) and the
+launcher's spawn header. Interleaved with the engine's cold-start floor (spawn → first /health 200, polled every
+1 ms), bare and through poolmgr's isolation trampoline. The floors serve on a unix socket too, as poolmgr's
+engines do (they have no TCP), so both sides pay the same transport. Goal: ≤ 2x the floor. (supervisord 4.3 with
+autorestart, on TCP: 44x, about 1 s.)
 
     .venv/bin/python bench/restart.py            # 10 runs, about a minute
     .venv/bin/python bench/restart.py --quick    # smoke run: 1 run, numbers meaningless
@@ -14,12 +16,14 @@ poolmgr's isolation trampoline. Goal: ≤ 2x the floor. (supervisord 4.3 with au
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import time
 from typing import Any
 
 from _common import (
+    TRANSPORT,
     emit,
     engine_cold_start,
     engine_listen_s,
@@ -56,7 +60,7 @@ def restart_once(srv: Serve) -> dict[str, float]:
     before = srv.wait_state(POOL, "ready")
     after_id = max((e["id"] for e in srv.events(POOL)), default=0)
     time.sleep(0.2)  # the engine settles (poolmgr's watch is armed)
-    probe = ReadyProbe(POOL, set(engine_pids(f"{MARKER}={POOL}")))
+    probe = ReadyProbe(POOL, set(engine_pids(f"{MARKER}={POOL}")), srv.engine_socket(POOL))
     probe.start()
     t_kill = time.time()
     os.kill(int(before["pid"]), signal.SIGKILL)
@@ -98,9 +102,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             srv.start()
             srv.wait_state(POOL, "ready")
-            engine_cold_start(binary, model, log_path=d / "floor.log")  # warm the page cache for both sides
+            floor_start = functools.partial(engine_cold_start, binary, model, sock=d / "floor.sock",
+                                            log_path=d / "floor.log")  # fmt: skip
+            floor_start()  # warm the page cache for both sides
             for _ in range(args.runs):
-                floor = engine_cold_start(binary, model, log_path=d / "floor.log")
+                floor = floor_start()
                 wrapped = wrapped_cold_start(
                     binary, model, d / "floor-work", pool_id=FLOOR_POOL, log_path=d / "wrapped.log"
                 )
@@ -117,25 +123,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report(args, ph, restarts)
 
 
+_LABELS = (
+    ("floor: llama-server spawn -> first /health 200 (1 ms polling, its socket)", "floor"),
+    ("  of which the engine's own startup (its log: start -> listening)", "floor_engine"),
+    ("floor through poolmgr's isolation trampoline", "wrapped"),
+    ("  of which the engine's own startup", "wrapped_engine"),
+    ("poolmgr: SIGKILL -> preload_ok row of the new engine", "total"),
+    ("poolmgr: SIGKILL -> new engine's first /health 200", "health"),
+    ("  SIGKILL -> crash row (pidfd, exit classification, tx)", "kill_to_crash"),
+    ("  crash row -> retry row (back_off 0 ms, 2 tx)", "crash_to_retry"),
+    ("  retry row -> spawn (stray scan, placement, isolation prep)", "retry_to_spawn"),
+    ("  spawn -> engine's first 200 (our 1 ms probe of its socket, same run)", "spawn_to_engine_ready"),
+    ("    of which the engine's own startup", "engine_own"),
+    ("  engine's first 200 -> preload_ok row (detection, tx)", "engine_ready_to_ok"),
+)
+
+
 def report(args: argparse.Namespace, ph: dict[str, list[float]], restarts: Any) -> dict[str, Any]:
     ms = {k: median(v) * 1000 for k, v in ph.items()}
     low = {k: min(v) * 1000 for k, v in ph.items()}
     ratio = ms["total"] / ms["floor"]
-    labels = (
-        ("floor: llama-server spawn -> first /health 200 (1 ms polling)", "floor"),
-        ("  of which the engine's own startup (its log: start -> listening)", "floor_engine"),
-        ("floor through poolmgr's isolation trampoline", "wrapped"),
-        ("  of which the engine's own startup", "wrapped_engine"),
-        ("poolmgr: SIGKILL -> preload_ok row of the new engine", "total"),
-        ("poolmgr: SIGKILL -> new engine's first /health 200", "health"),
-        ("  SIGKILL -> crash row (pidfd, exit classification, tx)", "kill_to_crash"),
-        ("  crash row -> retry row (back_off 0 ms, 2 tx)", "crash_to_retry"),
-        ("  retry row -> spawn (stray scan, placement, isolation prep)", "retry_to_spawn"),
-        ("  spawn -> engine's first 200 (our 1 ms probe, same run)", "spawn_to_engine_ready"),
-        ("    of which the engine's own startup", "engine_own"),
-        ("  engine's first 200 -> preload_ok row (detection, tx)", "engine_ready_to_ok"),
-    )
-    rows = [(label, ms[key], low[key]) for label, key in labels]
+    rows = [(label, ms[key], low[key]) for label, key in _LABELS]
     print_table(f"Restart after SIGKILL, {args.runs} run(s), in ms", ("", "median", "min"), rows)
     m = {k: mean(v) * 1000 for k, v in ph.items()}
     parts = {
@@ -149,6 +157,7 @@ def report(args: argparse.Namespace, ph: dict[str, list[float]], restarts: Any) 
         "readiness detection + final write (engine's 200 -> preload_ok)": m["engine_ready_to_ok"],
     }
     paired = median([t / f for t, f in zip(ph["total"], ph["floor"], strict=True)])
+    print(f"engines, the floors' and poolmgr's alike, serve on a {TRANSPORT}; /health polled over it")
     print(f"restart {ms['total']:.1f} ms = {ratio:.2f}x the floor {ms['floor']:.1f} ms (medians); "
           f"median of the per-run ratios: {paired:.2f}x")  # fmt: skip
     print(f"what comes on top of the floor (means, which add up: {m['total'] - m['floor']:.1f} ms):")
@@ -164,6 +173,7 @@ def report(args: argparse.Namespace, ph: dict[str, list[float]], restarts: Any) 
     result: dict[str, Any] = {
         "bench": "restart",
         "runs": args.runs,
+        "engine_transport": "unix socket",
         "floor_ms": round(ms["floor"], 2),
         "floor_wrapped_ms": round(ms["wrapped"], 2),
         "restart_ms": round(ms["total"], 2),

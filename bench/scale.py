@@ -10,14 +10,17 @@ database the bench creates and drops), and N fake pools (tests/fake_engine.py) w
                          pg_stat_database.xact_commit of the bench's database, read over a connection to another
                          database (the reads are not counted in the bench's)
   GET /metrics, /pools   median / p95 of --requests requests after the window (one keep-alive client), /metrics size
-  cold start             spawn serve with N pools on a fresh state dir and database -> GET /pools shows all ready
+  cold start             spawn serve with N pools on a fresh state dir and database -> GET /pools shows all ready;
+                         next to it "engines alone": N bare engines started at once, each on a unix socket (as
+                         poolmgr's engines serve), until all answer /health 200
   kill -9 -> re-adopted  SIGKILL serve (its engines keep running), start a new serve on the same state; from the new
                          serve's first GET /health 200 until every pool is ready with the same engine pid and has its
                          `adopted` audit row (negative: all were re-adopted before the API answered); engines
                          restarted (goal 0), and the total from the kill
 
 `--base REV` runs the same rows for REV's poolmgr (a temporary `git worktree`, PYTHONPATH=<it>, the same .venv),
-interleaved row by row with this tree, and prints both tables and the ratios (this tree / REV).
+interleaved row by row with this tree, and prints both tables and the ratios (this tree / REV). Commits before
+the data plane run their engines on TCP, this tree on unix sockets: each table says which.
 
     .venv/bin/python bench/scale.py                          # N = 10, 50, 200 real + 1,000 fake, both databases
     .venv/bin/python bench/scale.py --pools 10 --fake-pools 0 --db sqlite --base HEAD~1
@@ -49,7 +52,9 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from _common import (
     REPO,
+    TRANSPORT,
     emit,
+    engine_argv,
     free_port,
     http_status,
     llama_server_path,
@@ -99,24 +104,25 @@ class Tree:
     path: Path
     rev: str
     settings: frozenset[str]  # the POOL_MANAGERD_* variables its settings understand
+    transport: str  # where its engines serve: "unix socket" (this tree), "TCP" (commits before the data plane)
 
 
 def load_tree(label: str, path: Path) -> Tree:
     code = (
         "import dataclasses, poolmgr\nfrom poolmgr.settings import PoolManagerConfig\nprint(poolmgr.__file__)\n"
-        "print(' '.join(f.name.upper() for f in dataclasses.fields(PoolManagerConfig)))"
+        "print(' '.join(f.name.upper() for f in dataclasses.fields(PoolManagerConfig)))\n"
+        "import poolmgr.lifecycle.runtime as r\nprint('unix socket' if hasattr(r, 'ENGINE_SOCKET') else 'TCP')"
     )
     env = {**os.environ, "PYTHONPATH": str(path)}
     out = subprocess.run([sys.executable, "-c", code], cwd=path, env=env, capture_output=True, text=True, check=True)
-    where, names = out.stdout.splitlines()[-2:]
+    where, names, transport = out.stdout.splitlines()[-3:]
     if not Path(where).resolve().is_relative_to(path.resolve()):
         raise SystemExit(f"{label}: poolmgr imports from {where}, not from {path}")
     rev = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
     dirty = subprocess.run(["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
                            capture_output=True, text=True).stdout.strip()  # fmt: skip
-    return Tree(
-        label, path, rev.stdout.strip() + ("+changes" if dirty else ""), frozenset(PREFIX + n for n in names.split())
-    )
+    return Tree(label, path, rev.stdout.strip() + ("+changes" if dirty else ""),
+                frozenset(PREFIX + n for n in names.split()), transport)  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -166,21 +172,32 @@ def make_engines(assets: Path, *, real: bool, fake: bool) -> dict[str, Engine]:
 
 
 def probe_pss(engine: Engine, count: int = 3) -> float:
-    """Mean Pss of `count` engines started directly (as serve starts them: the tiny model, -c 2048, 1 slot), once
-    each answers /health 200: the per-engine memory the estimate of a row uses."""
-    procs, ports = [], []
-    try:
-        for _ in range(count):
-            ports.append(free_port())
-            argv = [str(engine.binary), "-m", str(engine.model), "--port", str(ports[-1]), "-c", "2048", "-np", "1"]
-            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, start_new_session=True))  # fmt: skip
-        for proc, port in zip(procs, ports, strict=True):
-            wait_health_200(f"http://127.0.0.1:{port}/health", 60, proc=proc)
+    """Mean Pss of `count` engines started directly (as serve starts them: the tiny model, -c 2048, 1 slot, a unix
+    socket), once each answers /health 200: the per-engine memory the estimate of a row uses."""
+    with running_engines(engine, count, engine.model.parent, 60) as procs:
         return sum(pss_bytes(p.pid) for p in procs) / count
+
+
+@contextlib.contextmanager
+def running_engines(
+    engine: Engine, n: int, where: Path, deadline_s: float, extra: Sequence[str] = ()
+) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """`n` engines started at once, each on its own unix socket in `where` (where this tree's serve runs its engines
+    too), yielded once every one answers /health 200 over it; stopped afterwards."""
+    procs: list[tuple[Path, subprocess.Popen[bytes]]] = []
+    try:
+        for i in range(n):
+            sock = where / f"alone-{i}.sock"
+            argv = engine_argv(engine.binary, engine.model, sock, "-c", "2048", "-np", "1", *extra)
+            procs.append((sock, subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                                 stderr=subprocess.DEVNULL, start_new_session=True)))  # fmt: skip
+        for sock, proc in procs:
+            wait_health_200(sock, deadline_s, proc=proc)
+        yield [proc for _, proc in procs]
     finally:
-        for proc in procs:
+        for sock, proc in procs:
             stop_process(proc)
+            sock.unlink(missing_ok=True)
 
 
 def pss_bytes(pid: int) -> float:
@@ -383,24 +400,12 @@ def write_pools(path: Path, ids: Sequence[str], model: Path) -> None:
     ))  # fmt: skip
 
 
-def engines_alone(engine: Engine, n: int) -> float:
-    """The floor of a cold start: `n` bare engines (same model and flags as serve gives them) started at once,
-    until every one answers /health 200."""
-    procs, ports = [], []
+def engines_alone(engine: Engine, n: int, where: Path) -> float:
+    """The floor of a cold start: `n` bare engines (same model and flags as serve gives them, each on a unix socket
+    in `where`) started at once, until every one answers /health 200."""
     started = time.monotonic()
-    try:
-        for _ in range(n):
-            ports.append(free_port())
-            argv = [str(engine.binary), "-m", str(engine.model), "--port", str(ports[-1]), "-c", "2048", "-np", "1",
-                    *ENGINE_ARGS]  # fmt: skip
-            procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=subprocess.DEVNULL, start_new_session=True))  # fmt: skip
-        for proc, port in zip(procs, ports, strict=True):
-            wait_health_200(f"http://127.0.0.1:{port}/health", 60 + 0.5 * n, proc=proc)
+    with running_engines(engine, n, where, 60 + 0.5 * n, ENGINE_ARGS):
         return time.monotonic() - started
-    finally:
-        for proc in procs:
-            stop_process(proc)
 
 
 def marked_pids(prefix: str) -> list[int]:
@@ -571,7 +576,7 @@ class Ctx:
 
 def row_head(spec: RowSpec) -> dict[str, Any]:
     return {"bench": "scale", "tree": spec.tree.label, "rev": spec.tree.rev, "db": spec.db,
-            "engine": spec.engine.kind, "pools": spec.n}  # fmt: skip
+            "engine": spec.engine.kind, "pools": spec.n, "engine_transport": spec.tree.transport}  # fmt: skip
 
 
 def run_row(ctx: Ctx, spec: RowSpec) -> dict[str, Any]:
@@ -592,7 +597,7 @@ def run_row(ctx: Ctx, spec: RowSpec) -> dict[str, Any]:
         serve = ServeProc(
             spec.tree, serve_settings(ctx, state, d / "pools.toml", db.url, spec.engine), state / "serve.log"
         )
-        floor = engines_alone(spec.engine, spec.n)
+        floor = engines_alone(spec.engine, spec.n, d)
         stack.callback(cleanup, serve, prefix, ids, spec.n)
         row.update(measure(ctx, serve, db, spec.n), commit_counter=db.counter, engines_alone_s=floor)
     return row
@@ -673,8 +678,9 @@ def report(results: list[dict[str, Any]], trees: Sequence[Tree]) -> None:
         for db in dict.fromkeys(r["db"] for r in results):
             rows = [r for r in results if r["tree"] == tree.label and r["db"] == db]
             print()
-            print_table(f"{tree.label} ({tree.rev}), {db}, {rows[0].get('commit_counter', '')}: "
-                        "median / p95 of the GETs", HEADER, [cells(r) for r in rows])  # fmt: skip
+            print_table(f"{tree.label} ({tree.rev}, engines on {tree.transport}), {db}, "
+                        f"{rows[0].get('commit_counter', '')}: median / p95 of the GETs", HEADER,
+                        [cells(r) for r in rows])  # fmt: skip
             for r in rows:
                 if r.get("goal_met") is not None:
                     print(f"  goal ({'1,000 fake' if r['engine'] == 'fake' else '200 real'} pools) at "
@@ -734,6 +740,11 @@ def run_all(args: argparse.Namespace, trees: Sequence[Tree]) -> list[dict[str, A
         engines = make_engines(assets, real=bool(args.pools), fake=bool(args.fake_pools))
         for e in engines.values():
             print(f"{e.kind} engine {e.binary}: {e.pss_bytes / 2**20:.1f} MiB Pss each (3 probes)", flush=True)
+        print(f"engines alone (the cold start's floor): bare engines, each on a {TRANSPORT}", flush=True)
+        for tree in trees:
+            if tree.transport != "unix socket":
+                print(f"{tree.label} ({tree.rev}) runs its engines on {tree.transport}, not on a unix socket "
+                      "(a commit before the data plane): its serve is measured as it is", flush=True)  # fmt: skip
         for spec in plan(args, trees, engines):
             ctx.results.append(run_one(ctx, spec))
     return ctx.results

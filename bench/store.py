@@ -49,7 +49,7 @@ from poolmgr.store._db import _sqlite_pragmas
 
 POOL = "bench"
 CYCLE = (Trigger.DRAIN, Trigger.DRAIN_DONE, Trigger.PLACE, Trigger.START_PRELOAD, Trigger.PRELOAD_OK)
-READY = ReadyInfo("http://127.0.0.1:8080", "bench", 1)
+READY = ReadyInfo(f"http://127.0.0.1:8080/pools/{POOL}/engine", "bench", 1)  # the node's data plane
 FROM_STATES = ("ready", "draining", "stopped", "placed", "preloading")
 TO_STATES = ("draining", "stopped", "placed", "preloading", "ready")
 NOW = object()  # in a floor's column values: the time of the write

@@ -1,4 +1,5 @@
-"""`poolmgr serve`: migrate, register the pools of the file, run one worker per pool and the HTTP API.
+"""`poolmgr serve`: migrate, register the pools of the file, run one worker per pool and the HTTP API, which is
+also the node's data plane: the one port through which clients reach the engines (api/dataplane.py).
 
 On SIGTERM / Ctrl-C every engine is stopped (TERM to its process group, KILL after the grace period), unless
 POOL_MANAGERD_KEEP_ENGINES=1 (`--keep-engines`): then engines keep serving and the next `serve` re-adopts them.
@@ -24,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 
 from poolmgr import __version__
 from poolmgr.api.app import create_app
+from poolmgr.api.dataplane import DataPlane, uvicorn_tls
 from poolmgr.errors import ConfigError
 from poolmgr.lifecycle.outage import database_unavailable
 from poolmgr.lifecycle.reconciler import Reconciler
@@ -81,6 +83,7 @@ async def serve(cfg: PoolManagerConfig, specs: Sequence[PoolSpec], *, keep_engin
     keep = cfg.keep_engines if keep_engines is None else keep_engines
     register_settings_secrets(cfg)
     register_pool_secrets(specs)
+    inference_tokens = cfg.inference_tokens()  # read once: an unreadable or empty file is one line and exit 2
     _ensure_engine_user(cfg)
     url = cfg.effective_database_url
     registry = Registry(url, node_id=cfg.node_id)
@@ -90,19 +93,27 @@ async def serve(cfg: PoolManagerConfig, specs: Sequence[PoolSpec], *, keep_engin
     try:
         await _unless(stop, reconciler.store.call(migrate, url))  # waits (and says so) while the database is away
         metrics = _metrics(reconciler)
+        board = reconciler.runtime.traffic
         app = create_app(
             registry, kick=reconciler.kick, api_token=cfg.api_token, metrics=metrics, devices=_devices(reconciler),
+            follow=board.follow,
         )  # fmt: skip
         app.add_exception_handler(DBAPIError, _database_error)
+        plane = DataPlane(app, board=board, api_token=cfg.api_token, inference_tokens=inference_tokens)
         server = _Server(
-            uvicorn.Config(app, host=cfg.host, port=cfg.port, log_config=None, access_log=False, lifespan="off")
-        )
+            uvicorn.Config(
+                plane, host=cfg.host, port=cfg.port, log_config=None, access_log=False, lifespan="off",
+                **uvicorn_tls(cfg),
+            )
+        )  # fmt: skip
         sock = _listen(cfg)
         await _unless(stop, reconciler.start(specs))
         server_task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
         log.info(
-            "poolmgr %s serving on http://%s with %d pool(s); database %s; api token %s",
-            __version__, cfg.addr, len(specs), _safe_url(url),
+            "poolmgr %s serving on %s://%s with %d pool(s) (their address: %s/pools/<id>/engine); database %s; "
+            "api token %s",
+            __version__, "https" if uvicorn_tls(cfg) else "http", cfg.addr, len(specs), cfg.advertised_url,
+            _safe_url(url),
             token_fingerprint(cfg.api_token) if cfg.api_token else "off (loopback only)",
             extra={"pid": os.getpid()},
         )  # fmt: skip

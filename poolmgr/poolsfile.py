@@ -35,6 +35,7 @@ RUNTIMES = ("process",)
 POOL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 FIELDS = (
     "id",
+    "served_model_name",
     "engine",
     "model",
     "device_mask",
@@ -48,7 +49,10 @@ FIELDS = (
 )
 ISOLATION_KEYS = ("user", "group", "seccomp", "landlock", "memory_max", "cpu_max", "pids_max")
 # Flags poolmgr owns: a pool file may not set them through extra_args.
-_RESERVED_FLAGS = {"--host", "--port", "-m", "--model", "--parallel", "-np", "--ctx-size", "-c"}
+_RESERVED_FLAGS = {
+    "--host", "--port", "-m", "--model", "--parallel", "-np", "--ctx-size", "-c", "--alias", "-a",
+}  # fmt: skip
+_SERVED_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/@+-]{0,127}$")
 _INT32_MAX = 2**31 - 1  # llama-server reads --parallel and --ctx-size as C ints
 _MAX_BYTES = 2**63 - 1  # what a cgroup limit file holds
 CPU_PERIOD_US = 100_000  # the period of `cpu_max` given as a number of CPUs
@@ -69,6 +73,13 @@ class PoolSpec:
     tensor_split: tuple[float, ...] | None = None
     isolation: dict[str, Any] = field(default_factory=dict)
     runtime: str = "process"
+    served_model_name: str | None = None
+
+    @property
+    def served_name(self) -> str:
+        """What clients call the model (`model` in an OpenAI request, the engine's --alias): the pool id unless
+        `served_model_name` says otherwise."""
+        return self.served_model_name or self.id
 
     @property
     def is_cpu(self) -> bool:
@@ -208,6 +219,15 @@ def _model(raw: Mapping[str, Any]) -> str:
     return model
 
 
+def _served_model_name(raw: Mapping[str, Any]) -> str | None:
+    name = raw.get("served_model_name")
+    if name is None:
+        return None
+    if not isinstance(name, str) or not _SERVED_NAME_RE.match(name):
+        raise _Bad(("served_model_name", "must be 1-128 characters of A-Z a-z 0-9 . _ : / @ + - (no spaces)"))
+    return name
+
+
 def _device_mask(raw: Mapping[str, Any]) -> str:
     mask = raw.get("device_mask", "cpu")
     if not isinstance(mask, str) or not mask.strip():
@@ -261,6 +281,7 @@ _CHECKS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "engine": lambda raw: _choice(raw, "engine", "llamacpp", KNOWN_ENGINES),
     "runtime": lambda raw: _choice(raw, "runtime", "process", RUNTIMES),
     "model": _model,
+    "served_model_name": _served_model_name,
     "device_mask": _device_mask,
     "slots": lambda raw: _positive_int(raw, "slots", 1),
     "ctx_size": lambda raw: _positive_int(raw, "ctx_size", 2048),

@@ -9,13 +9,16 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from poolmgr.errors import ConfigError
 
 PREFIX = "POOL_MANAGERD_"
+_ANY_HOST = frozenset({"0.0.0.0", "::", ""})
 
 
 def default_state_dir() -> Path:
@@ -55,6 +58,11 @@ class PoolManagerConfig:
     engine_user: str = ""
     keep_engines: bool = False
     fake_nvml: str = ""
+    inference_tokens_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    queue_timeout_ms: int = 30_000
+    advertise_url: str = ""
 
     # Fields that must never reach a log line, an error body or /metrics.
     SECRET_FIELDS = ("api_token",)
@@ -80,6 +88,26 @@ class PoolManagerConfig:
             return ipaddress.ip_address(host).is_loopback
         except ValueError:
             return False
+
+    @property
+    def advertised_url(self) -> str:
+        """The node's address as clients elsewhere reach it (no trailing slash): ADVERTISE_URL, else from ADDR,
+        with a wildcard host (0.0.0.0, ::) replaced by this host's fully qualified name."""
+        if self.advertise_url:
+            return self.advertise_url.rstrip("/")
+        host = self.host
+        if host in _ANY_HOST:
+            host = socket.getfqdn()
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "https" if self.tls_cert is not None else "http"
+        return f"{scheme}://{host}:{self.port}"
+
+    def inference_tokens(self) -> frozenset[str]:
+        """The tokens of INFERENCE_TOKENS_FILE (none without one); ConfigError when it cannot be read or holds none."""
+        if self.inference_tokens_file is None:
+            return frozenset()
+        return read_tokens_file(self.inference_tokens_file, var=_var("inference_tokens_file"))
 
     def bind_problem(self) -> str | None:
         """Why serve must not bind this address, if it must not: a non-loopback address without an API token
@@ -139,6 +167,73 @@ class PoolManagerConfig:
             raise ConfigError(
                 f"{_var('database_url')}={_redact_url(self.database_url)}: must be a sqlite:/// or postgresql:// URL"
             )
+        self._validate_data_plane()
+
+    def _validate_data_plane(self) -> None:
+        if self.queue_timeout_ms <= 0:
+            raise ConfigError(f"{_var('queue_timeout_ms')}={self.queue_timeout_ms}: must be a positive integer")
+        self.inference_tokens()
+        _check_tls(self.tls_cert, self.tls_key)
+        if self.advertise_url:
+            _check_advertise_url(self.advertise_url)
+
+
+def read_tokens_file(path: Path, *, var: str) -> frozenset[str]:
+    """One token a line; blank lines and `#` comments ignored. At least one token, none with a space inside."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"{var}={path}: cannot read the tokens file: {why}") from None
+    tokens = set()
+    for n, line in enumerate(text.splitlines(), start=1):
+        token = line.strip()
+        if not token or token.startswith("#"):
+            continue
+        if any(c.isspace() for c in token):
+            raise ConfigError(f"{var}={path}: line {n}: a token must not contain spaces")
+        tokens.add(token)
+    if not tokens:
+        raise ConfigError(f"{var}={path}: the file holds no token (one a line; blank lines and # comments ignored)")
+    return frozenset(tokens)
+
+
+def _check_tls(cert: Path | None, key: Path | None) -> None:
+    """Both files or neither; both readable; the key unencrypted and matching the certificate (checked now: uvicorn
+    would find out only when it binds, and would prompt on the terminal for an encrypted key's passphrase)."""
+    if (cert is None) != (key is None):
+        given, missing = ("tls_cert", "tls_key") if cert is not None else ("tls_key", "tls_cert")
+        raise ConfigError(f"{_var(given)} is set but {_var(missing)} is not: TLS needs both, or neither")
+    if cert is None or key is None:
+        return
+    for name, path in (("tls_cert", cert), ("tls_key", key)):
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise ConfigError(f"{_var(name)}={path}: not a readable file")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(
+            f"{_var('tls_cert')}={cert}, {_var('tls_key')}={key}: not a PEM certificate with its unencrypted "
+            f"private key ({exc})"
+        ) from None
+
+
+def _check_advertise_url(url: str) -> None:
+    var = _var("advertise_url")
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    ok = (
+        parts.scheme in ("http", "https") and bool(parts.hostname) and parts.path in ("", "/")
+        and not parts.query and not parts.fragment and "@" not in parts.netloc and port != -1
+    )  # fmt: skip
+    if not ok:
+        raise ConfigError(
+            f"{var}={url!r}: must be http://HOST[:PORT] or https://HOST[:PORT], without a path "
+            "(e.g. https://gpu-node-1.example.com:9200)"
+        )
 
 
 def _var(name: str) -> str:
@@ -207,4 +302,4 @@ def _is_hostname(host: str) -> bool:
     )
 
 
-__all__ = ["PREFIX", "PoolManagerConfig", "default_state_dir", "parse_addr"]
+__all__ = ["PREFIX", "PoolManagerConfig", "default_state_dir", "parse_addr", "read_tokens_file"]

@@ -2,8 +2,9 @@
 """A stand-in for llama.cpp's `llama-server` b11434 (stdlib only), modelled on what the real one did here.
 
 Measured behaviour it copies (ENGINE.md, tests/fixtures/engines/*): logs on stderr with llama.cpp's
-`M.SS.mmm.uuu L ` prefix; binds the HTTP port first (`--port 0` = ephemeral), answers 503 "Loading model"
-while loading, then logs `srv  llama_server: listening on http://HOST:PORT` and serves /health, /slots,
+`M.SS.mmm.uuu L ` prefix; binds its socket first (`--host PATH.sock`: a unix socket, as poolmgr runs engines;
+else TCP, `--port 0` = ephemeral), answers 503 "Loading model" while loading, then logs
+`srv  llama_server: listening on unix://PATH` (or `http://HOST:PORT`) and serves /health, /slots,
 /props (build_info "b11434-fake"), /metrics (`--metrics`, else 501), POST /completion. A missing, empty or
 corrupt model file, a busy port: the real stderr lines, exit 1. SIGTERM while loading kills it (the signal),
 once ready it exits 0.
@@ -27,6 +28,8 @@ import os
 import re
 import resource
 import signal
+import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -43,7 +46,7 @@ _VALUE_FLAGS = {
     "--n-gpu-layers": "ngl", "--gpu-layers": "ngl", "--api-key": "api_key", "--fit": None,
     "-sm": None, "--split-mode": None, "-ts": None, "--tensor-split": None, "-mg": None, "--main-gpu": None,
     "-dev": None, "--device": None, "--temp": None, "--seed": None, "-t": None, "--threads": None,
-    "--load-mode": None, "-lv": None, "--log-verbosity": None,
+    "--load-mode": None, "-lv": None, "--log-verbosity": None, "--alias": None, "-a": None,
 }  # fmt: skip
 _BOOL_FLAGS = {"--metrics", "--no-webui", "--webui", "--no-ui", "--ui", "--slots", "--no-slots", "--version"}
 
@@ -266,6 +269,9 @@ def make_handler(engine: Engine) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
+        def address_string(self) -> str:
+            return str(self.client_address[0]) if self.client_address else "unix"
+
         def log_message(self, format: str, *args: Any) -> None:
             pass  # llama-server does not log requests at the default verbosity
 
@@ -336,7 +342,8 @@ def serve(opts: dict[str, Any], mode: str) -> None:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
     engine.loaded.set()
     log("I", "srv  llama_server", "model loaded")
-    log("I", "srv  llama_server", f"listening on http://{host}:{server.server_address[1]}")
+    where = f"unix://{host}" if host.endswith(".sock") else f"http://{host}:{server.server_address[1]}"
+    log("I", "srv  llama_server", f"listening on {where}")
     if mode == "hog":
         hog_memory()
     crash_after_s = int(os.environ.get("FAKE_ENGINE_CRASH_AFTER_MS", "100")) / 1000
@@ -351,7 +358,10 @@ def serve(opts: dict[str, Any], mode: str) -> None:
 def bind(engine: Engine, host: str, port: int) -> ThreadingHTTPServer:
     """The HTTP server, bound; a port in use exits 1 with llama-server's lines."""
     try:
-        server = ThreadingHTTPServer((host, port), make_handler(engine))
+        if host.endswith(".sock"):
+            server: ThreadingHTTPServer = _UnixHTTPServer(host, make_handler(engine))  # type: ignore[arg-type]
+        else:
+            server = ThreadingHTTPServer((host, port), make_handler(engine))
     except OSError:
         log("E", "srv         start", f"couldn't bind HTTP server socket, hostname: {host}, port: {port}")
         log("I", "srv    operator()", "operator(): cleaning up before exit...")
@@ -359,6 +369,16 @@ def bind(engine: Engine, host: str, port: int) -> ThreadingHTTPServer:
         sys.exit(1)
     server.daemon_threads = True
     return server
+
+
+class _UnixHTTPServer(ThreadingHTTPServer):
+    """HTTP on a unix socket (llama-server's `--host PATH.sock`)."""
+
+    address_family = socket.AF_UNIX
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = "engine", 0
 
 
 def load_model(opts: dict[str, Any], mode: str, engine: Engine) -> None:

@@ -200,10 +200,10 @@ Feature: Configuration
     Then it is refused with one line naming "<field>" and "<allowed>"
 
     Examples:
-      | where                   | field                       | allowed                                                          |
-      | at the top level        | unknown top-level key 'wat' | allowed: [[pool]] tables                                         |
-      | in a pool               | field 'colour'              | allowed: id, engine, model, device_mask, slots, ctx_size         |
-      | in its isolation table  | field 'isolation.network'   | allowed: user, group, seccomp, landlock, memory_max, cpu_max, pids_max |
+      | where                  | field                       | allowed                                                                     |
+      | at the top level       | unknown top-level key 'wat' | allowed: [[pool]] tables                                                    |
+      | in a pool              | field 'colour'              | allowed: id, served_model_name, engine, model, device_mask, slots, ctx_size |
+      | in its isolation table | field 'isolation.network'   | allowed: user, group, seccomp, landlock, memory_max, cpu_max, pids_max      |
 
   Scenario: B-CONFIG-013 validate applies serve's bind rule: no public address without a token
     Given the GPUs recorded on the real one-GPU H100 host

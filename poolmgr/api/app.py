@@ -23,7 +23,7 @@ from poolmgr import __version__
 from poolmgr.correlation import CORRELATION_ID, new_correlation_id, valid_correlation_id
 from poolmgr.errors import ConfigError, ConflictError, NotFoundError, PoolmgrError
 from poolmgr.lifecycle import operations
-from poolmgr.store import Registry
+from poolmgr.store import PoolView, Registry
 
 log = logging.getLogger("poolmgr.api")
 PUBLIC_PATHS = frozenset({"/health", "/metrics"})
@@ -54,13 +54,16 @@ def create_app(
     api_token: str = "",
     metrics: Callable[[], tuple[bytes, str]] | None = None,
     devices: Callable[[], list[dict[str, Any]]] | None = None,
+    follow: Callable[[PoolView], None] = lambda _view: None,
 ) -> FastAPI:
+    """`kick` wakes a pool's worker after a change; `follow` sets the data plane's gate from the pool's new row at
+    once (a drain refuses requests from its 202 on, a preload queues them), before the worker wakes."""
     app = FastAPI(title="poolmgr", version=__version__, docs_url=None, redoc_url=None)
     _install_middleware(app, api_token)
     _install_errors(app)
     _add_node_routes(app, metrics, devices)
     _add_pool_routes(app, registry, kick)
-    _add_operations(app, registry, kick)
+    _add_operations(app, registry, kick, follow)
     return app
 
 
@@ -122,9 +125,12 @@ def _add_pool_routes(app: FastAPI, registry: Registry, kick: Callable[[str], Non
         return {"released": lease_id, "active_leases": (await _db(registry.get, pool_id)).active_leases}
 
 
-def _add_operations(app: FastAPI, registry: Registry, kick: Callable[[str], None]) -> None:
+def _add_operations(
+    app: FastAPI, registry: Registry, kick: Callable[[str], None], follow: Callable[[PoolView], None]
+) -> None:
     async def act(pool_id: str, fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
         view = await _db(fn, registry, pool_id, correlation_id=CORRELATION_ID.get(), **kwargs)
+        follow(view)
         kick(pool_id)
         return {"accepted": True, "correlation_id": CORRELATION_ID.get(), "status": view.status()}
 

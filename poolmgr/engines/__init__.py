@@ -1,7 +1,7 @@
 """Engines (layer 5): what poolmgr runs in a pool and how.
 
-- `LlamaCppAdapter` (`EngineAdapter`): the llama-server command line, /health, /slots, /props, the port from
-  the log, the decisive stderr line (`classify_stderr`).
+- `LlamaCppAdapter` (`EngineAdapter`): the llama-server command line (serving on a unix socket), /health,
+  /slots, /props, the decisive stderr line (`classify_stderr`).
 - `ProcessLauncher` (`Launcher`): spawn in an own session with the log rotated, (pid, start time) identity,
   exit seen at once through a pidfd, stop TERM → KILL of the whole process group.
 - `install_llamacpp` / `list_engines` / `resolve_llama_server`: the llama-server binary cache.
@@ -40,7 +40,7 @@ from poolmgr.engines._process import (
     WrapFn,
 )
 from poolmgr.engines._procfs import ProcStat, read_start_time, read_stat
-from poolmgr.engines.llamacpp import LlamaCppAdapter, classify_stderr, parse_listen_port
+from poolmgr.engines.llamacpp import LlamaCppAdapter, classify_stderr
 
 __all__ = [
     "BUILD_NUMBER",
@@ -66,7 +66,6 @@ __all__ = [
     "default_cache_dir",
     "install_llamacpp",
     "list_engines",
-    "parse_listen_port",
     "read_start_time",
     "read_stat",
     "resolve_llama_server",

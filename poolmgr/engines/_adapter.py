@@ -77,9 +77,8 @@ class EngineAdapter(Protocol):
         *,
         binary: Path | str,
         model_path: Path | str,
-        port: int = 0,
+        socket_path: Path | str,
         gpu_flags: Sequence[str] = (),
-        host: str = "127.0.0.1",
     ) -> list[str]: ...
 
     async def probe_health(self, client: httpx.AsyncClient, base_url: str, timeout: float) -> HealthResult: ...
@@ -91,8 +90,6 @@ class EngineAdapter(Protocol):
     async def fetch_version(
         self, client: httpx.AsyncClient, base_url: str, timeout: float, headers: Mapping[str, str] | None = None
     ) -> str: ...
-
-    def parse_listen_port(self, log_text: str) -> int | None: ...
 
     def classify_stderr(self, text: str, *, expect_gpu: bool = True) -> StderrVerdict | None: ...
 

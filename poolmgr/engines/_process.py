@@ -30,7 +30,6 @@ from typing import Protocol
 
 from poolmgr.engines import _procfs
 from poolmgr.engines._logs import DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX_BYTES, redact_argv, rotate_log
-from poolmgr.engines._logs import tail_for_listen_port as _tail_for_listen_port
 from poolmgr.errors import EngineError
 
 logger = logging.getLogger(__name__)
@@ -102,10 +101,6 @@ class Launcher(Protocol):
     async def wait_exit(self, pid: int, start_time: int) -> ExitInfo: ...
 
     async def stop(self, pid: int, start_time: int, grace_s: float) -> ExitInfo: ...
-
-    async def wait_listen_port(
-        self, log_path: Path, offset: int, deadline: float, *, pid: int | None = None, start_time: int | None = None
-    ) -> int | None: ...
 
     def close(self) -> None: ...
 
@@ -347,20 +342,6 @@ class ProcessLauncher:
         give_up = time.monotonic() + _LEFTOVER_KILL_WAIT_S
         while _procfs.group_members(pid) and time.monotonic() < give_up:
             await asyncio.sleep(0.01)
-
-    # -- logs -------------------------------------------------------------------------------------------
-
-    async def wait_listen_port(
-        self, log_path: Path, offset: int, deadline: float, *, pid: int | None = None, start_time: int | None = None
-    ) -> int | None:
-        """Tail the log from `offset` for `listening on http://HOST:N` until `deadline` (time.monotonic()).
-        Given the engine's identity, gives up as soon as it has exited. llama-server prints that line once
-        the model is loaded."""
-        still: Callable[[], bool] | None = None
-        if pid is not None and start_time is not None:
-            p, s = pid, start_time
-            still = lambda: _procfs.is_alive(p, s)  # noqa: E731
-        return await _tail_for_listen_port(log_path, offset, deadline, still_running=still)
 
     def close(self) -> None:
         """Stop watching (engines keep running); pending waiters are cancelled."""

@@ -1,8 +1,8 @@
 """The llama.cpp `llama-server` adapter (build b11434): command line, readiness, slots, version, stderr verdicts.
 
 Facts it relies on (measured, see ENGINE.md and the H200 fixtures):
-- `--port 0` binds an ephemeral port; the server logs `listening on http://127.0.0.1:N` once the model is
-  loaded (the socket is bound, and answers 503 "Loading model", before that line appears).
+- `--host PATH.sock` listens on a unix socket instead of TCP (HTTP and SSE alike); the socket is bound, and
+  answers 503 "Loading model", before the model is loaded; once loaded it logs `listening on unix://PATH`.
 - `/health` answers 503 `{"error":{"message":"Loading model",...}}` while loading, then 200 `{"status":"ok"}`.
 - Failures print one decisive stderr line and exit 1; a CUDA build with no usable GPU silently serves on the
   CPU after `warning: no usable GPU found` (a CPU build prints the same warning for any `--n-gpu-layers`).
@@ -24,7 +24,6 @@ from poolmgr.poolsfile import PoolSpec
 
 LOADING_MESSAGE = "Loading model"
 
-_LISTEN_RE = re.compile(r"listening on https?://(?:\[[^\]]*\]|[^\s/:\[\]]+):(\d+)")
 # `0.09.441.610 E ` — llama.cpp's log prefix (minutes.seconds.millis.micros, level letter).
 _PREFIX_RE = re.compile(r"^\d+\.\d{2}\.\d{3}\.\d{3} [A-Z] ")
 
@@ -56,12 +55,6 @@ _RULES: tuple[tuple[StderrReason, re.Pattern[str]], ...] = (
     (StderrReason.HTTP_ERROR, re.compile(r"exiting due to HTTP server error")),
     (StderrReason.CPU_SPILLOVER, re.compile(r"no usable GPU found")),
 )
-
-
-def parse_listen_port(log_text: str) -> int | None:
-    """The port of the first `listening on http://HOST:PORT` line, or None."""
-    match = _LISTEN_RE.search(log_text)
-    return int(match.group(1)) if match else None
 
 
 def classify_stderr(text: str, *, expect_gpu: bool = True) -> StderrVerdict | None:
@@ -102,22 +95,22 @@ class LlamaCppAdapter:
         *,
         binary: Path | str,
         model_path: Path | str,
-        port: int = 0,
+        socket_path: Path | str,
         gpu_flags: Sequence[str] = (),
-        host: str = "127.0.0.1",
     ) -> list[str]:
-        """The full argv. CPU pools get `--n-gpu-layers 0`; GPU pools must pass the placement's flags
+        """The full argv: the engine serves on the unix socket `socket_path` only (no TCP), under the pool's
+        served model name. CPU pools get `--n-gpu-layers 0`; GPU pools must pass the placement's flags
         (`--n-gpu-layers`, `--fit off`, split), so the plan that runs is poolmgr's, never a silent default."""
-        if not 0 <= port <= 65535:
-            raise EngineError(f"pool {spec.id!r}: port {port} is out of range (0 = ephemeral, 1-65535)")
+        if not str(socket_path).endswith(".sock"):
+            raise EngineError(f"pool {spec.id!r}: the engine socket {socket_path} must end in .sock")
         argv = [
             str(binary),
             "--model",
             str(model_path),
             "--host",
-            host,
-            "--port",
-            str(port),
+            str(socket_path),
+            "--alias",
+            spec.served_name,
             "--parallel",
             str(spec.slots),
             "--ctx-size",
@@ -190,9 +183,6 @@ class LlamaCppAdapter:
             raise EngineError(f"GET {base_url}/props: no build_info in {_snippet(str(data))}")
         return info
 
-    def parse_listen_port(self, log_text: str) -> int | None:
-        return parse_listen_port(log_text)
-
     def classify_stderr(self, text: str, *, expect_gpu: bool = True) -> StderrVerdict | None:
         return classify_stderr(text, expect_gpu=expect_gpu)
 
@@ -209,4 +199,4 @@ def api_key_headers(extra_args: Sequence[str]) -> dict[str, str]:
     return {}
 
 
-__all__ = ["LOADING_MESSAGE", "LlamaCppAdapter", "api_key_headers", "classify_stderr", "parse_listen_port"]
+__all__ = ["LOADING_MESSAGE", "LlamaCppAdapter", "api_key_headers", "classify_stderr"]

@@ -1,12 +1,14 @@
 """Engine isolation: run each engine as an unprivileged, capability-less, sandboxed process.
 
-    spec = build_isolation(pool.isolation, engine_user=..., workdir_root=..., pool_id=..., bind_port=...)
+    spec = build_isolation(pool.isolation, engine_user=..., workdir_root=..., pool_id=...)
     prepared = prepare(spec)                      # workdir, cgroup, one log line: layers in force / skipped
     argv2, env2 = wrap_command(prepared, argv, env)
     subprocess.Popen(argv2, env=env2, start_new_session=True, ...)
 
 `argv2` runs the trampoline (`_trampoline.py`), which applies the layers to itself and execs the engine, or
 exits 126 with `poolmgr-isolation: <layer>: <reason>` on stderr. `doctor()` lists what the host offers.
+Engines get no IP network at all (seccomp refuses IPv4/IPv6 sockets, Landlock any TCP bind or connect): they
+serve on a unix socket in their workdir, the one place they may create one.
 """
 
 from poolmgr.isolation._doctor import LayerStatus, doctor, doctor_table

@@ -44,14 +44,14 @@ def _seccomp_row() -> LayerStatus:
     why = _seccomp.seccomp_unavailable_reason()
     if why is not None:
         return LayerStatus("seccomp", False, why)
-    return LayerStatus("seccomp", True, f"pyseccomp deny-list of {len(_seccomp.DENIED_SYSCALLS)} syscalls")
+    return LayerStatus("seccomp", True, f"pyseccomp: {_seccomp.rules_summary()}")
 
 
 def _landlock_row() -> LayerStatus:
     abi = tr.landlock_abi()
     if abi < 1:
         return LayerStatus("landlock", False, "kernel has no Landlock (or lsm= leaves it out)")
-    net = "fs + TCP bind/connect" if abi >= 4 else "fs only (TCP rules need ABI 4)"
+    net = "fs + no TCP bind or connect" if abi >= 4 else "fs only (refusing TCP needs ABI 4)"
     return LayerStatus("landlock", True, f"ABI {abi}: {net}")
 
 

@@ -2,8 +2,9 @@
 
 Rootless: when poolmgr is root the command starts with `setpriv` to the engine user, so podman itself never
 runs as root. The container gets no capabilities, no_new_privs, poolmgr's seccomp profile, a read-only root,
-the workdir as its only writable mount, the readable paths mounted read-only at the same place, and either no
-network at all or one TCP port published on loopback.
+the workdir as its only writable mount, the readable paths mounted read-only at the same place, and no network
+at all (`--network=none`, and the profile refuses IP sockets): the engine serves on a unix socket in its
+workdir, which is mounted at the same path, so poolmgr reaches it there exactly as it does outside a container.
 """
 
 from __future__ import annotations
@@ -131,13 +132,12 @@ def podman_command(
     spec: IsolationSpec,
     image_or_rootfs: str,
     argv: Sequence[str],
-    port: int | None,
     *,
     seccomp_profile_path: Path | None = None,
 ) -> list[str]:
     """The full command line; write the profile first with `write_seccomp_profile(default_profile_path(spec))`.
 
-    image_or_rootfs: an image name, or an existing directory used as `--rootfs`. port None: `--network=none`.
+    image_or_rootfs: an image name, or an existing directory used as `--rootfs`.
     """
     profile = seccomp_profile_path or default_profile_path(spec)
     workdir = spec.workdir.absolute()
@@ -160,8 +160,8 @@ def podman_command(
         f"--env=HOME={workdir}",
         *(f"--volume={p}:{p}:ro" for p in spec.readable_paths),
         *_limits(spec),
+        "--network=none",
     ]
-    cmd += ["--network=none"] if port is None else ["--network=slirp4netns", f"--publish=127.0.0.1:{port}:{port}/tcp"]
     is_rootfs = os.path.isdir(image_or_rootfs)
     cmd += ["--rootfs", image_or_rootfs] if is_rootfs else [image_or_rootfs]
     return [*cmd, *argv]

@@ -177,18 +177,18 @@ def _landlock_plan(spec: IsolationSpec, workdir: Path) -> tuple[dict[str, Any] |
     if abi >= 5:
         fs |= tr.LL_FS_IOCTL_DEV
         dev |= tr.LL_FS_IOCTL_DEV
-    plan: dict[str, Any] = {"abi": abi, "fs": fs, "net": 0, "scoped": 0, "paths": [], "ports": []}
+    plan: dict[str, Any] = {"abi": abi, "fs": fs, "net": 0, "scoped": 0, "paths": []}
+    # The workdir keeps every right handled above, LL_FS_MAKE_SOCK included: the engine's unix socket lives there.
     plan["paths"] = [[str(workdir), fs], ["/dev", dev]]
     if os.path.isdir("/dev/shm"):  # POSIX shared memory (CUDA IPC, NCCL) lives there
         plan["paths"].append(["/dev/shm", fs])
     parts = [f"ABI {abi}", f"writes only in {workdir} (and /dev nodes, /dev/shm)"]
     if abi >= 4:
-        port = spec.bind_port or 0
+        # Handled with no port rule: no TCP bind or connect at all (engines serve on their unix socket).
         plan["net"] = tr.LL_NET_BIND_TCP | tr.LL_NET_CONNECT_TCP
-        plan["ports"] = [[port, tr.LL_NET_BIND_TCP]]
-        parts.append(f"TCP bind only {'an ephemeral port' if port == 0 else f'port {port}'}, no TCP connect")
+        parts.append("no TCP bind or connect")
     else:
-        parts.append(f"net part skipped: ABI {abi} < 4 cannot restrict TCP")
+        parts.append(f"net part skipped: ABI {abi} < 4 cannot refuse TCP (seccomp still refuses IP sockets)")
     if abi >= 6:
         plan["scoped"] = tr.LL_SCOPE_ABSTRACT_UNIX_SOCKET | tr.LL_SCOPE_SIGNAL
         parts.append("no signals or abstract sockets outside the sandbox")
@@ -205,8 +205,7 @@ def _seccomp_plan(spec: IsolationSpec) -> tuple[str | None, LayerDecision]:
         bpf = _seccomp.deny_list_bpf()
     except (OSError, RuntimeError, ValueError) as exc:
         return None, LayerDecision("seccomp", False, f"could not build the filter: {exc}")
-    n = len(_seccomp.DENIED_SYSCALLS) + len(_seccomp.ENOSYS_SYSCALLS)
-    return bpf.hex(), LayerDecision("seccomp", True, f"deny-list of {n} syscalls + socket/clone rules")
+    return bpf.hex(), LayerDecision("seccomp", True, _seccomp.rules_summary())
 
 
 def _caps_layer(spec: IsolationSpec) -> tuple[bool, LayerDecision]:

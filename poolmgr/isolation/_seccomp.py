@@ -1,10 +1,16 @@
 """The seccomp deny-list, compiled once in poolmgr (pyseccomp/libseccomp) to a BPF program the trampoline loads.
 
-Default action: allow. Denied with EPERM: the syscalls below, namespace-creating `clone` flags, and sockets
-Landlock cannot police (UDP, raw, SCTP, packet). `clone3` gets ENOSYS so libc falls back to `clone`, whose
-flags seccomp can read (clone3 passes them in memory). io_uring is denied because its socket operations
-bypass seccomp's look at socket(); the new mount API because it is `mount` by other names. The same rules
-become the OCI profile podman loads (`_podman.write_seccomp_profile`).
+Default action: allow. Denied with EPERM: the syscalls below, namespace-creating `clone` flags, and every
+`socket`/`socketpair` of AF_INET, AF_INET6 (any type, any protocol) and AF_PACKET. Engines serve on a unix
+socket in their workdir, so they need no IP at all; AF_UNIX and AF_NETLINK stay open (glibc asks the kernel
+for its interfaces over netlink: getaddrinfo with AI_ADDRCONFIG, if_nameindex). The family is compared on
+its low 32 bits only: the kernel reads that argument as an `int`, so high bits set by a raw syscall must not
+slip past the rule.
+
+`clone3` gets ENOSYS so libc falls back to `clone`, whose flags seccomp can read (clone3 passes them in
+memory). io_uring is denied because its socket operations bypass seccomp's look at socket(); the new mount
+API because it is `mount` by other names. The same rules become the OCI profile podman loads
+(`_podman.write_seccomp_profile`).
 """
 
 from __future__ import annotations
@@ -49,12 +55,9 @@ ENOSYS_SYSCALLS: tuple[str, ...] = ("clone3",)
 AF_INET = 2
 AF_INET6 = 10
 AF_PACKET = 17
-SOCK_STREAM = 1
-SOCK_DGRAM = 2
-SOCK_RAW = 3
-SOCK_SEQPACKET = 5
-SOCK_TYPE_MASK = 0xF
-IPPROTO_SCTP = 132
+DENIED_FAMILIES: tuple[tuple[str, int], ...] = (("AF_INET", AF_INET), ("AF_INET6", AF_INET6), ("AF_PACKET", AF_PACKET))
+INT_ARG_MASK = 0xFFFF_FFFF  # an `int` argument: the kernel ignores the high 32 bits, so must the rule
+
 # CLONE_NEWNS, NEWCGROUP, NEWUTS, NEWIPC, NEWUSER, NEWPID, NEWNET
 CLONE_NAMESPACE_FLAGS: tuple[int, ...] = (
     0x00020000,
@@ -77,25 +80,25 @@ class ArgRule:
 
 
 def _socket_rules() -> list[ArgRule]:
-    rules: list[ArgRule] = []
-    for family, fname in ((AF_INET, "AF_INET"), (AF_INET6, "AF_INET6")):
-        for stype, tname in ((SOCK_DGRAM, "SOCK_DGRAM"), (SOCK_RAW, "SOCK_RAW"), (SOCK_SEQPACKET, "SEQPACKET")):
-            rules.append(ArgRule("socket", ((0, 0, family), (1, SOCK_TYPE_MASK, stype)), f"{fname} {tname}"))
-        rules.append(
-            ArgRule(
-                "socket",
-                ((0, 0, family), (1, SOCK_TYPE_MASK, SOCK_STREAM), (2, 0, IPPROTO_SCTP)),
-                f"{fname} SCTP stream",
-            )
-        )
-    rules.append(ArgRule("socket", ((0, 0, AF_PACKET),), "AF_PACKET"))
-    return rules
+    """Whole families, whatever the type or protocol: a per-type list is how UDP/SCTP/new types slip through."""
+    return [
+        ArgRule(call, ((0, INT_ARG_MASK, family),), f"{call} {name}")
+        for call in ("socket", "socketpair")
+        for name, family in DENIED_FAMILIES
+    ]
 
 
 ARG_RULES: tuple[ArgRule, ...] = (
     *_socket_rules(),
     *(ArgRule("clone", ((0, flag, flag),), f"clone flag {flag:#x}") for flag in CLONE_NAMESPACE_FLAGS),
 )
+
+
+def rules_summary() -> str:
+    """One line for `doctor` and the per-start isolation log, so both say the same thing."""
+    families = "/".join(name for name, _family in DENIED_FAMILIES)
+    n = len(DENIED_SYSCALLS) + len(ENOSYS_SYSCALLS)
+    return f"deny-list of {n} syscalls, no {families} sockets (TCP and UDP included), no namespace clone flags"
 
 
 def seccomp_unavailable_reason() -> str | None:
@@ -143,9 +146,11 @@ def deny_list_bpf() -> bytes:
 
 __all__ = [
     "ARG_RULES",
+    "DENIED_FAMILIES",
     "DENIED_SYSCALLS",
     "ENOSYS_SYSCALLS",
     "ArgRule",
     "deny_list_bpf",
+    "rules_summary",
     "seccomp_unavailable_reason",
 ]

@@ -26,8 +26,8 @@ OVERRIDE_KEYS = poolsfile.ISOLATION_KEYS
 class IsolationSpec:
     """The isolation one engine gets.
 
-    user/group None: don't switch (refused by `prepare` when poolmgr is root). bind_port None or 0: the
-    engine may bind an ephemeral port only (where Landlock can say so).
+    user/group None: don't switch (refused by `prepare` when poolmgr is root). There is no network field:
+    engines serve on a unix socket in their workdir and get no TCP/UDP at all (seccomp and Landlock).
     """
 
     pool_id: str
@@ -38,7 +38,6 @@ class IsolationSpec:
     no_new_privs: bool = True
     seccomp: bool = True
     landlock: bool = True
-    bind_port: int | None = None
     readable_paths: tuple[Path, ...] = ()
     rlimits: tuple[tuple[str, int, int], ...] = DEFAULT_RLIMITS
     memory_max_bytes: int | None = None
@@ -52,8 +51,6 @@ class IsolationSpec:
                 raise ConfigError(f"pool {self.pool_id!r}: RLIMIT_AS is refused: it breaks CUDA and mmap")
             if name not in ALLOWED_RLIMITS:
                 raise ConfigError(f"pool {self.pool_id!r}: unknown rlimit {name!r}")
-        if self.bind_port is not None and not 0 <= self.bind_port < 65536:
-            raise ConfigError(f"pool {self.pool_id!r}: bind_port {self.bind_port} is not a TCP port")
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -75,7 +72,6 @@ class IsolationSpec:
             no_new_privs=data.get("no_new_privs", True),
             seccomp=data.get("seccomp", True),
             landlock=data.get("landlock", True),
-            bind_port=data.get("bind_port"),
             readable_paths=tuple(Path(p) for p in data.get("readable_paths", ())),
             rlimits=tuple((str(n), int(s), int(h)) for n, s, h in data.get("rlimits", DEFAULT_RLIMITS)),
             memory_max_bytes=data.get("memory_max_bytes"),
@@ -91,7 +87,6 @@ def build_isolation(
     engine_user: str,
     workdir_root: Path,
     pool_id: str,
-    bind_port: int | None,
     readable_paths: tuple[Path, ...] | list[Path] = (),
 ) -> IsolationSpec:
     """The spec for one pool: poolmgr's defaults, then the pool file's `isolation` table on top (parsed by
@@ -104,7 +99,6 @@ def build_isolation(
         pool_id=pool_id,
         workdir=Path(workdir_root) / pool_id,
         user=engine_user or None,
-        bind_port=bind_port,
         readable_paths=tuple(Path(p) for p in readable_paths),
     )
     return replace(spec, **changes)

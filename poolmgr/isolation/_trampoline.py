@@ -43,7 +43,6 @@ _SYS_CAPGET = {"x86_64": 125, "aarch64": 90}
 _SYS_CAPSET = {"x86_64": 126, "aarch64": 91}
 LANDLOCK_CREATE_RULESET_VERSION = 1
 LANDLOCK_RULE_PATH_BENEATH = 1
-LANDLOCK_RULE_NET_PORT = 2
 
 # Landlock filesystem rights (linux/landlock.h) and the ABI that introduced each.
 LL_FS_WRITE_FILE = 1 << 1
@@ -81,10 +80,6 @@ class _LandlockRulesetAttr(ctypes.Structure):
 class _LandlockPathBeneath(ctypes.Structure):
     _pack_ = 1
     _fields_ = [("allowed", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
-
-
-class _LandlockNetPort(ctypes.Structure):
-    _fields_ = [("allowed", ctypes.c_uint64), ("port", ctypes.c_uint64)]
 
 
 class _CapHeader(ctypes.Structure):
@@ -201,6 +196,7 @@ def set_no_new_privs() -> None:
 
 
 def apply_landlock(plan: dict[str, Any]) -> None:
+    """Path rules only: the net rights the plan handles get no rule, so no TCP port is allowed at all."""
     abi = plan["abi"]
     attr = _LandlockRulesetAttr(plan["fs"], plan["net"], plan["scoped"])
     size = 8 if abi < 4 else 16 if abi < 6 else 24
@@ -210,10 +206,6 @@ def apply_landlock(plan: dict[str, Any]) -> None:
     try:
         for path, allowed in plan["paths"]:
             _landlock_path_rule(ruleset, path, allowed)
-        for port, allowed in plan["ports"]:
-            rule = _LandlockNetPort(allowed, port)
-            if _syscall(SYS_LANDLOCK_ADD_RULE, ruleset, LANDLOCK_RULE_NET_PORT, ctypes.byref(rule), 0) < 0:
-                raise _oserror(f"add_rule port {port}")
         if _syscall(SYS_LANDLOCK_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)) < 0:
             raise _oserror("restrict_self")
     finally:

@@ -1,7 +1,9 @@
-"""Draining a pool, a part of its worker (B-DRAIN, and the drain half of B-RELOAD): no new leases, wait for the
-active leases to end or the deadline (on the injected clock), then hand the worker the effect that ends the
-drain — `Drained` (the pool stops) or `ReloadStarted` (the new model starts) — for it to stop the engine and
-fire it. A hung engine (the usual health misses) or one that died ends the wait early."""
+"""Draining a pool, a part of its worker (B-DRAIN, and the drain half of B-RELOAD): no new leases and no new
+requests (the data plane refuses them, or holds them for the reloaded engine), wait for the active leases and the
+requests in flight to end or the deadline (on the injected clock) — at the deadline the requests still running are
+cut — then hand the worker the effect that ends the drain — `Drained` (the pool stops) or `ReloadStarted` (the new
+model starts) — for it to stop the engine and fire it. A hung engine (the usual health misses) or one that died
+ends the wait early."""
 
 from __future__ import annotations
 
@@ -46,7 +48,10 @@ class Drainer:
         """Until no lease is held, the deadline passed, or the engine died or hung: the pool as it then is."""
         port = self.port
         hung = _HangCheck(port)
-        while view.active_leases > 0 and not self._deadline_passed(view) and not port.stopping:
+        traffic = port.runtime.traffic.get(view.id)
+        while (
+            (view.active_leases > 0 or traffic.in_flight > 0) and not self._deadline_passed(view) and not port.stopping
+        ):
             await port.wait(_LEASE_POLL_S)
             view = await port.read()
             if view.state is not PoolState.DRAINING:
@@ -69,11 +74,16 @@ class Drainer:
     def _ending(self, view: PoolView) -> Drained | ReloadStarted:
         op = view.pending_op
         started = op.started_at if isinstance(op, Drain | Reload) else view.updated_at
-        forced = view.active_leases > 0
+        cut = self.port.runtime.traffic.get(view.id).cut()
+        if cut:
+            log.warning("pool %s: drain deadline passed with %d request(s) still running: cut them", view.id, cut,
+                        extra={**self.port.log_extra(view), "cut_requests": cut})  # fmt: skip
+        forced = view.active_leases > 0 or cut > 0
         detail: dict[str, Any] = {
             "force_stopped": forced,
             "duration_ms": int((self.port.clock.now() - started).total_seconds() * 1000),
             "final_leases": view.active_leases,
+            "cut_requests": cut,
             "outcome": "forced" if forced else "drained",
         }
         if isinstance(op, Reload):
@@ -95,10 +105,10 @@ class _HangCheck:
 
     async def now(self, view: PoolView) -> bool:
         clock = self.port.clock
-        if not view.endpoint_url or clock.monotonic() < self.due:
+        if clock.monotonic() < self.due:
             return False
         self.due = clock.monotonic() + self.interval
-        ok, self.last = await self.port.runtime.health_ok(view.endpoint_url)
+        ok, self.last = await self.port.runtime.health_ok(view.id)
         self.misses = 0 if ok else self.misses + 1
         return self.misses >= self.threshold
 

@@ -98,6 +98,7 @@ class Reconciler:
     async def _retire(self, view: PoolView) -> None:
         """A pool no longer in the pools file: its engine (if one still runs) is stopped and the pool is
         recorded stopped, desired stopped. Its row and audit stay for orchestratord and for SQL audits."""
+        self.runtime.traffic.forget(view.id)
         if view.pid is not None and view.pid_start_time is not None:
             await self.runtime.stop(view.pid, view.pid_start_time)  # checks the start time: never a reused pid
         reason = "pool removed from the pools file"

@@ -31,6 +31,7 @@ from poolmgr.errors import ConfigError, EngineError, IsolationError, PreloadFail
 from poolmgr.lifecycle.effects import ReadyInfo
 from poolmgr.lifecycle.placing import Placement
 from poolmgr.lifecycle.sandbox import sandbox_wrapper
+from poolmgr.lifecycle.traffic import TrafficBoard
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
 
@@ -44,6 +45,9 @@ _FAST_POLL_S = 0.002
 _FAST_PHASE_S = 2.0
 _EXIT_GRACE_S = 2.0
 _SLOW_POLL_S = 0.05
+ENGINE_SOCKET = "engine.sock"  # in the pool's workdir
+_SUN_PATH_MAX = 107  # bytes of a unix socket path (sun_path is 108 with its NUL)
+_ENGINE_BASE = "http://engine"  # the Host of requests over an engine's socket
 
 
 class EngineRuntime:
@@ -64,10 +68,31 @@ class EngineRuntime:
         self._unrecorded: dict[str, list[tuple[int, int]]] | None = None  # /proc looked at once, at start
         self._preloads = 0  # engines being waited for right now (their looks are paced together)
         self.isolate = isolate
-        self.client = httpx.AsyncClient(trust_env=False)
+        self._clients: dict[str, httpx.AsyncClient] = {}
         self.log_dir = cfg.state_dir / "logs"
         self.work_dir = cfg.state_dir / "work"
         self.instance = str(cfg.state_dir.absolute())
+        self.traffic = TrafficBoard(
+            queue_timeout_s=cfg.queue_timeout_ms / 1000.0, socket_for=lambda pool_id: str(self.socket_path(pool_id))
+        )
+
+    def socket_path(self, pool_id: str) -> Path:
+        """Where the pool's engine listens: a unix socket in its workdir (engines have no TCP at all)."""
+        return (self.work_dir / pool_id / ENGINE_SOCKET).absolute()
+
+    def endpoint_url(self, pool_id: str) -> str:
+        """The pool's address for everyone else (the registry's endpoint_url): the node's data plane."""
+        return f"{self.cfg.advertised_url}/pools/{pool_id}/engine"
+
+    def client(self, pool_id: str) -> httpx.AsyncClient:
+        """An HTTP client over the pool's engine socket (requests go to `_ENGINE_BASE`). No idle connection is
+        kept: one would hold one of the engine's few HTTP threads."""
+        path = str(self.socket_path(pool_id))
+        client = self._clients.get(path)
+        if client is None:
+            transport = httpx.AsyncHTTPTransport(uds=path, limits=httpx.Limits(max_keepalive_connections=0))
+            client = self._clients[path] = httpx.AsyncClient(transport=transport, trust_env=False)
+        return client
 
     @property
     def prober(self) -> HealthProber:
@@ -81,7 +106,8 @@ class EngineRuntime:
         return self._prober
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        for client in self._clients.values():
+            await client.aclose()
         self.launcher.close()
         if self._prober is not None:
             await asyncio.to_thread(self._prober.close)
@@ -91,7 +117,7 @@ class EngineRuntime:
 
     def run_log_offset(self, pool_id: str) -> int:
         """Where the newest engine run's output starts in the pool's log: just past the launcher's last
-        `--- poolmgr ...: spawn` header (an adopted engine's whole run, `listening on` line included)."""
+        `--- poolmgr ...: spawn` header (an adopted engine's whole run, its load lines included)."""
         try:
             data = self.log_path(pool_id).read_bytes()
         except OSError:
@@ -104,7 +130,7 @@ class EngineRuntime:
 
     def adopted(self, pool_id: str, pid: int, start_time: int, whole_run: bool) -> SpawnedEngine:
         """The handle of an engine that outlived the previous poolmgr. `whole_run`: its log is read from the start
-        of its run (a preload still waiting for its `listening on` line), else from now."""
+        of its run (a preload: the load lines its stderr verdict is read from), else from now."""
         path = self.log_path(pool_id)
         offset = path.stat().st_size if path.exists() else 0
         if whole_run:
@@ -117,7 +143,15 @@ class EngineRuntime:
             binary = resolve_llama_server(self.cfg.llama_server)
         except (EngineError, ConfigError) as exc:
             raise PreloadFailed("binary_missing", str(exc)) from None
-        argv = self.adapter.command(spec, binary=binary, model_path=spec.model, port=0, gpu_flags=placement.gpu_flags)
+        sock = self.socket_path(spec.id)
+        if len(os.fsencode(sock)) > _SUN_PATH_MAX:
+            raise PreloadFailed(
+                "socket_path_too_long",
+                f"the engine socket {sock} is longer than {_SUN_PATH_MAX} bytes: use a shorter POOL_MANAGERD_STATE_DIR "
+                "or pool id",
+            )
+        argv = self.adapter.command(spec, binary=binary, model_path=spec.model, socket_path=sock,
+                                    gpu_flags=placement.gpu_flags)  # fmt: skip
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"), SPAWN_MARKER: spec.id, INSTANCE_MARKER: self.instance,
             **placement.env,
@@ -136,6 +170,7 @@ class EngineRuntime:
                 ) from exc
         else:
             cwd.mkdir(parents=True, exist_ok=True)
+        sock.unlink(missing_ok=True)  # a previous engine's: the new one could not bind over it
         req = LaunchRequest(argv=argv, env=env, log_path=self.log_path(spec.id), cwd=cwd, wrap=wrap, pool_id=spec.id)
         try:
             return self.launcher.spawn(req)
@@ -152,7 +187,7 @@ class EngineRuntime:
         (the engine is left to the caller to stop) with the engine's own stderr line where it has one. The
         preload timeout runs on the injected clock (`_poll_ready`)."""
         exit_task = asyncio.ensure_future(self.launcher.wait_exit(eng.pid, eng.start_time))
-        ready_task = asyncio.ensure_future(self._poll_ready(eng, api_key_headers(list(spec.extra_args))))
+        ready_task = asyncio.ensure_future(self._poll_ready(spec, eng, api_key_headers(list(spec.extra_args))))
         try:
             done, _ = await asyncio.wait({exit_task, ready_task}, return_when=asyncio.FIRST_COMPLETED)
             if ready_task in done and ready_task.exception() is not None and not exit_task.done():
@@ -177,32 +212,31 @@ class EngineRuntime:
             raise PreloadFailed("cpu_spillover", f"engine fell back to the CPU: {verdict.message}")
         return ready_task.result()
 
-    async def _poll_ready(self, eng: SpawnedEngine, headers: dict[str, str]) -> ReadyInfo:
-        """The preload deadline is the injected clock's; the looks at the engine (its log for the port, then its
-        /health) are paced in real time by `_pace`, however many engines start at once."""
+    async def _poll_ready(self, spec: PoolSpec, eng: SpawnedEngine, headers: dict[str, str]) -> ReadyInfo:
+        """The preload deadline is the injected clock's; the looks at the engine (its socket, then its /health)
+        are paced in real time by `_pace`, however many engines start at once."""
         timeout_s = self.cfg.preload_timeout_ms / 1000.0
         deadline = self.clock.monotonic() + timeout_s
         started = time.monotonic()
+        client = self.client(spec.id)
+        probe_timeout = self.cfg.health_check_timeout_ms / 1000.0
         self._preloads += 1
         try:
-            port = await self._listen_port(eng, deadline, started)
-            base = f"http://127.0.0.1:{port}"
-            probe_timeout = self.cfg.health_check_timeout_ms / 1000.0
-            while (await self.adapter.probe_health(self.client, base, probe_timeout)).status is not HealthStatus.OK:
+            while (await self.adapter.probe_health(client, _ENGINE_BASE, probe_timeout)).status is not HealthStatus.OK:
                 if self.clock.monotonic() >= deadline:
                     raise PreloadFailed("timeout", f"health check failed: engine not ready within {timeout_s:g}s")
                 await asyncio.sleep(self._pace(started))
         finally:
             self._preloads -= 1
         slots_res, version_res = await asyncio.gather(
-            self.adapter.fetch_slots(self.client, base, probe_timeout, headers),
-            self.adapter.fetch_version(self.client, base, probe_timeout, headers),
+            self.adapter.fetch_slots(client, _ENGINE_BASE, probe_timeout, headers),
+            self.adapter.fetch_version(client, _ENGINE_BASE, probe_timeout, headers),
             return_exceptions=True,
         )
         if isinstance(slots_res, BaseException):
             raise slots_res
         version = version_res if isinstance(version_res, str) else None
-        return ReadyInfo(endpoint_url=base, engine_version=version, slots_total=slots_res.total)
+        return ReadyInfo(endpoint_url=self.endpoint_url(spec.id), engine_version=version, slots_total=slots_res.total)
 
     def _pace(self, started: float) -> float:
         """Seconds to the next look at a preloading engine: every 2 ms for its first 2 s (a tiny model is served
@@ -210,20 +244,6 @@ class EngineRuntime:
         preloading at once (200 pools starting together look at each of theirs every 0.4 s)."""
         base = _FAST_POLL_S if time.monotonic() - started < _FAST_PHASE_S else _SLOW_POLL_S
         return max(base, _FAST_POLL_S * self._preloads)
-
-    async def _listen_port(self, eng: SpawnedEngine, deadline: float, started: float) -> int:
-        """The port from the engine's `listening on` line, looked for in its log (one look each `_pace`)."""
-        while True:
-            port = await self.launcher.wait_listen_port(
-                eng.log_path, eng.log_offset, time.monotonic(), pid=eng.pid, start_time=eng.start_time
-            )
-            if port is not None:
-                return port
-            if not self.launcher.is_alive(eng.pid, eng.start_time):
-                raise PreloadFailed("exit", "the engine exited before it reported its listening port")
-            if self.clock.monotonic() >= deadline:
-                raise PreloadFailed("timeout", "health check failed: the engine never reported its listening port")
-            await asyncio.sleep(self._pace(started))
 
     def read_log(self, eng: SpawnedEngine, limit: int = 64_000) -> str:
         try:
@@ -251,8 +271,9 @@ class EngineRuntime:
         return PreloadFailed("exit", f"engine exited during {when}")
 
     # -- running --------------------------------------------------------------------------------------
-    async def health_ok(self, endpoint_url: str) -> tuple[bool, str]:
-        res = await self.adapter.probe_health(self.client, endpoint_url, self.cfg.health_check_timeout_ms / 1000.0)
+    async def health_ok(self, pool_id: str) -> tuple[bool, str]:
+        timeout = self.cfg.health_check_timeout_ms / 1000.0
+        res = await self.adapter.probe_health(self.client(pool_id), _ENGINE_BASE, timeout)
         return res.ok, res.text or res.status.value
 
     async def stop(self, pid: int, start_time: int) -> ExitInfo:

@@ -27,7 +27,6 @@ def sandbox_wrapper(cfg: PoolManagerConfig, spec: PoolSpec, *, binary: Path, wor
         engine_user=engine_user(cfg),
         workdir_root=workdir_root,
         pool_id=spec.id,
-        bind_port=None,
         # A missing model is left to the engine, whose own line (`failed to open GGUF file`) says it best.
         readable_paths=tuple(p.absolute() for p in (Path(spec.model), binary) if p.exists()),
     )

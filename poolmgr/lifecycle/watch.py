@@ -8,9 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
-from poolmgr.engines import Address, ExitInfo, SpawnedEngine
+from poolmgr.engines import ExitInfo, SpawnedEngine
 from poolmgr.errors import PreloadFailed
 from poolmgr.lifecycle.effects import Crashed, Stopped
 from poolmgr.lifecycle.port import PoolPort
@@ -29,14 +28,6 @@ class GpuCheck(Protocol):
         ...
 
     def __call__(self, view: PoolView, pid: int) -> PreloadFailed | None: ...
-
-
-def engine_address(endpoint_url: str) -> Address:
-    """Where the engine answers: `http://HOST:PORT` → (HOST, PORT)."""
-    url = urlsplit(endpoint_url)
-    if url.hostname is None or url.port is None:
-        raise ValueError(f"not an engine endpoint: {endpoint_url!r}")
-    return (url.hostname, url.port)
 
 
 class ReadyWatch:
@@ -79,7 +70,7 @@ class ReadyWatch:
         def on_hung(text: str) -> None:  # called from the prober's thread
             loop.call_soon_threadsafe(settle, text)
 
-        self.port.runtime.prober.watch(view.id, engine_address(view.endpoint_url or ""), on_hung)
+        self.port.runtime.prober.watch(view.id, str(self.port.runtime.socket_path(view.id)), on_hung)
         return hung
 
     async def _loop(
@@ -149,4 +140,4 @@ class _Rounds:
         return Crashed(problem)
 
 
-__all__ = ["GpuCheck", "ReadyWatch", "engine_address"]
+__all__ = ["GpuCheck", "ReadyWatch"]

@@ -102,10 +102,15 @@ class PoolWorker:
         # Cleared before the read, never after it: a kick that lands while the pool is read (an API request
         # that commits meanwhile) is kept and ends the wait the stale read leads to (no lost wake-up).
         self._kick.clear()
-        return await self.store.get(self._pool_id)
+        return self._follow(await self.store.get(self._pool_id))
 
     async def fire(self, effect: Effect, *, expect: Collection[PoolState]) -> PoolView:
-        return await self.store.apply(self._pool_id, effect, expect=expect)
+        return self._follow(await self.store.apply(self._pool_id, effect, expect=expect))
+
+    def _follow(self, view: PoolView) -> PoolView:
+        """The data plane's gate follows every state of the pool this worker sees or makes (traffic.py)."""
+        self._runtime.traffic.follow(view)
+        return view
 
     async def stop_engine(self) -> None:
         eng, self.engine = self.engine, None
@@ -145,7 +150,9 @@ class PoolWorker:
             self._kick.clear()
             view = await self.store.find(self._pool_id)
             if view is None:
+                self._runtime.traffic.forget(self._pool_id)
                 return
+            self._follow(view)
             remember_pool(view.id, engine=view.engine, engine_version=view.engine_version, device_mask=view.device_mask)
             try:
                 if not self._swept:
@@ -328,8 +335,8 @@ class PoolWorker:
     async def _adopt(self, view: PoolView, *, whole_run: bool = False) -> SpawnedEngine | None:
         """The pool's engine: the one this worker holds, or the recorded one re-adopted after a poolmgr restart
         (same pid AND start time; watched by pidfd; one `adopted` audit row). None when it no longer runs.
-        `whole_run`: read the adopted engine's log from the start of its run (a preload still waiting for its
-        `listening on` line), not from now."""
+        `whole_run`: read the adopted engine's log from the start of its run (a preload: its stderr verdict covers
+        the whole load), not from now."""
         if self.engine is not None:
             if (self.engine.pid, self.engine.start_time) == (view.pid, view.pid_start_time):
                 return self.engine

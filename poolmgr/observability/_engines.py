@@ -38,8 +38,11 @@ _COUNTER_TYPE_RE = re.compile(r"^# TYPE (\S+) counter\s*$", re.MULTILINE)
 
 @dataclass(frozen=True)
 class EngineTarget:
+    """`base_url`: the pool's registry endpoint (names its engine); `socket_path`: where the engine answers."""
+
     pool_id: str
     base_url: str
+    socket_path: str
     headers: dict[str, str] = field(default_factory=dict, repr=False)
 
 
@@ -67,9 +70,10 @@ def _keys_from_file(path: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def target_for(pool_id: str, base_url: str, spec: PoolSpec) -> EngineTarget:
+def target_for(pool_id: str, base_url: str, spec: PoolSpec, *, socket_path: str) -> EngineTarget:
     keys = engine_api_keys(spec)
-    return EngineTarget(pool_id, base_url.rstrip("/"), {"Authorization": f"Bearer {keys[0]}"} if keys else {})
+    auth = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
+    return EngineTarget(pool_id, base_url.rstrip("/"), socket_path, auth)
 
 
 def relabel(text: str, pool_id: str) -> list[Metric]:
@@ -107,12 +111,16 @@ def merge(per_pool: Iterable[list[Metric]]) -> list[Metric]:
 class EngineScraper:
     def __init__(self, *, timeout_s: float = DEFAULT_TIMEOUT_S, max_workers: int = 8) -> None:
         self.timeout_s = timeout_s
-        self._client = httpx.Client(trust_env=False, timeout=httpx.Timeout(timeout_s), follow_redirects=False)
+        self._clients: dict[str, httpx.Client] = {}  # by engine socket
+        self._clients_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="engine-metrics")
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self._client.close()
+        with self._clients_lock:
+            for client in self._clients.values():
+                client.close()
+            self._clients.clear()
 
     def scrape(self, targets: Sequence[EngineTarget]) -> tuple[list[Metric], dict[str, bool]]:
         """(re-labelled families, pool_id → whether its engine answered in time)."""
@@ -133,8 +141,20 @@ class EngineScraper:
     def submit(self, fn: Callable[[], None]) -> None:
         self._executor.submit(fn)
 
+    def _client(self, socket_path: str) -> httpx.Client:
+        """A client over one engine's unix socket, keeping no idle connection (it would hold an engine thread)."""
+        with self._clients_lock:
+            client = self._clients.get(socket_path)
+            if client is None:
+                transport = httpx.HTTPTransport(uds=socket_path, limits=httpx.Limits(max_keepalive_connections=0))
+                client = httpx.Client(
+                    transport=transport, trust_env=False, timeout=httpx.Timeout(self.timeout_s), follow_redirects=False
+                )
+                self._clients[socket_path] = client
+            return client
+
     def fetch(self, target: EngineTarget) -> list[Metric]:
-        resp = self._client.get(f"{target.base_url}/metrics", headers=target.headers)
+        resp = self._client(target.socket_path).get("http://engine/metrics", headers=target.headers)
         resp.raise_for_status()
         return relabel(resp.text, target.pool_id)
 

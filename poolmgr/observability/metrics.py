@@ -6,6 +6,8 @@ A scrape costs O(pools), whatever the size of the audit table and however many e
 - gauges come from a few columns of this node's `pools` rows and from the device inventory;
 - every serving llama.cpp engine's own `llamacpp:*` metrics are fetched in the background on their own
   cadence (see _engines.py): the scrape serves the last answers;
+- requests proxied by the data plane come from the node's traffic board (lifecycle/traffic.py): running totals in
+  memory, since this poolmgr started;
 - the text is written directly (_exposition.py); a histogram appears for a pool once it has an observation.
 docs/metrics.md lists every name, label and how it is derived.
 """
@@ -23,6 +25,9 @@ from prometheus_client.metrics_core import Metric
 from sqlalchemy.exc import SQLAlchemyError
 
 from poolmgr.devices import Inventory
+from poolmgr.lifecycle.traffic import BUCKETS as REQUEST_BUCKETS
+from poolmgr.lifecycle.traffic import Histogram as RequestHistogram
+from poolmgr.lifecycle.traffic import TrafficBoard
 from poolmgr.observability import _audit as A
 from poolmgr.observability._engines import (
     DEFAULT_INTERVAL_S,
@@ -72,7 +77,23 @@ HISTOGRAMS: tuple[_Family, ...] = (
     _Family(A.BACKOFF_DELAY, "Backoff delay before a restart, in milliseconds", POOL),
     _Family(A.RESTART_RATE, "Restarts per minute in the storm window, observed at each restart", POOL),
 )
+REQUESTS = _Family(
+    "pool_requests_total",
+    "Requests proxied to the pool's engine, by HTTP status (499: the client "
+    "left; 502: engine unreachable; 503: refused, queued too long or cut by a drain)",
+    ("pool_id", "code"),
+)
+REQUEST_GAUGES = (
+    _Family("pool_requests_in_flight", "Requests admitted to the pool and not finished", POOL),
+    _Family("pool_requests_queued", "Requests waiting for the pool to open (starting, reloading, backing off)", POOL),
+)
+REQUEST_HISTOGRAMS = (
+    _Family("pool_request_duration_seconds", "Proxied request duration, arrival to the answer's end", POOL),
+    _Family("pool_request_ttfb_seconds", "Arrival to the first byte of the answer's body (a stream: its first token)",
+            POOL),
+)  # fmt: skip
 _LE = {name: [repr(float(b)) for b in bounds] + ["+Inf"] for name, bounds in A.BUCKETS.items()}
+_REQUEST_LE = [repr(float(b)) for b in REQUEST_BUCKETS]
 _SERVING = frozenset({"ready", "draining"})
 _STATES = tuple(s.value for s in ALL_STATES)
 
@@ -89,8 +110,10 @@ class PoolMetricsCollector:
         window_s: float = 60.0,
         lag_s: float = 60.0,
         engines: EngineMetrics | None = None,
+        traffic: TrafficBoard | None = None,
     ) -> None:
         self._registry = registry
+        self._traffic = traffic
         self._node_id = node_id
         self._inventory = inventory
         self._audit = A.AuditTally(registry, node_id=node_id, window_s=window_s, lag_s=lag_s)
@@ -126,6 +149,8 @@ class PoolMetricsCollector:
             known = sorted(set(self._engines) | _pools_in(tally))
             _counters(out, tally, self._engines, known, self._written)
             _histograms(out, tally, self._written)
+            if self._traffic is not None:
+                _request_metrics(out, self._traffic, self._written)
             self._written.turn()
             self._engine_metrics(out, pools if db_up else None)
             return "".join(out)
@@ -261,6 +286,41 @@ def _histogram_lines(name: str, pool_id: str, hist: A.Histogram) -> str:
     return "".join(lines)
 
 
+def _request_metrics(out: list[str], board: TrafficBoard, written: _Written) -> None:
+    """The data plane's counts. The board changes on the event loop while this runs in a worker thread: each
+    dict and list is copied (one C call, atomic under the GIL) before it is walked."""
+    pools = sorted(dict(board.pools).items())
+    lines = []
+    for pool_id, traffic in pools:
+        for code, n in sorted(dict(traffic.stats.by_code).items()):
+            lines.append(f'{REQUESTS.name}{{code="{code}",{pool_label(pool_id)}}} {fmt(float(n))}\n')
+    family(out, REQUESTS.name, "counter", REQUESTS.help, lines)
+    in_flight, queued = REQUEST_GAUGES
+    _gauge(out, in_flight.name, in_flight.help, ((pool_label(p), float(t.in_flight)) for p, t in pools))
+    _gauge(out, queued.name, queued.help, ((pool_label(p), float(t.queued)) for p, t in pools))
+    for fam, attr in zip(REQUEST_HISTOGRAMS, ("duration", "first_byte"), strict=True):
+        hists = [(p, getattr(t.stats, attr)) for p, t in pools]
+        family(out, fam.name, "histogram", fam.help, [
+            written.get((fam.name, p), (h.count, h.total), _request_histogram_lines, fam.name, p, h)
+            for p, h in hists if h.count
+        ])  # fmt: skip
+
+
+def _request_histogram_lines(name: str, pool_id: str, hist: RequestHistogram) -> str:
+    """Observations above the last bound are in no bucket of `hist`: they are counted by +Inf (= the count).
+    The buckets are read before the count, which `observe` raises first: +Inf is never below a bucket."""
+    lab, running, lines = pool_label(pool_id), 0, []
+    counts = list(hist.counts)
+    count, total = hist.count, hist.total
+    for le, n in zip(_REQUEST_LE, counts, strict=True):
+        running += n
+        lines.append(f'{name}_bucket{{le="{le}",{lab}}} {fmt(float(running))}\n')
+    lines.append(f'{name}_bucket{{le="+Inf",{lab}}} {fmt(float(count))}\n')
+    lines.append(f"{name}_count{{{lab}}} {fmt(float(count))}\n")
+    lines.append(f"{name}_sum{{{lab}}} {fmt(total)}\n")
+    return "".join(lines)
+
+
 class _Written:
     """Text written at an earlier scrape, kept while what it was written from is unchanged (one scrape's worth:
     entries not asked for again are dropped at the next `turn`)."""
@@ -303,14 +363,16 @@ def build_metrics(
     engine_timeout_s: float = DEFAULT_TIMEOUT_S,
     lag_s: float = 60.0,
     engine_interval_s: float = DEFAULT_INTERVAL_S,
+    traffic: TrafficBoard | None = None,
 ) -> MetricsEndpoint:
     """The /metrics callable of a running daemon (see poolmgr.daemon): starts the engine fetcher and reads the
-    audit history in the background; `close()` stops them."""
+    audit history in the background; `close()` stops them. `traffic`: the data plane's board (by default the
+    reconciler's, `runtime.traffic`)."""
     registry, node_id = reconciler.registry, reconciler.cfg.node_id
 
     def targets() -> list[EngineTarget]:
         return [
-            target_for(p.id, p.endpoint_url or "", p.spec)
+            target_for(p.id, p.endpoint_url or "", p.spec, socket_path=str(reconciler.runtime.socket_path(p.id)))
             for p in registry.pools(node_id=node_id)
             if p.state in _SERVING and p.endpoint_url and p.engine == "llamacpp"
         ]
@@ -323,10 +385,21 @@ def build_metrics(
         window_s=float(reconciler.cfg.restart_window_secs),
         lag_s=lag_s,
         engines=engines,
+        traffic=traffic if traffic is not None else reconciler.runtime.traffic,
     )
     engines.start()
     threading.Thread(target=collector.prime, name="metrics-history", daemon=True).start()
     return MetricsEndpoint(collector)
 
 
-__all__ = ["CONTENT_TYPE", "COUNTERS", "HISTOGRAMS", "MetricsEndpoint", "PoolMetricsCollector", "build_metrics"]
+__all__ = [
+    "CONTENT_TYPE",
+    "COUNTERS",
+    "HISTOGRAMS",
+    "REQUESTS",
+    "REQUEST_GAUGES",
+    "REQUEST_HISTOGRAMS",
+    "MetricsEndpoint",
+    "PoolMetricsCollector",
+    "build_metrics",
+]

@@ -80,6 +80,7 @@ def test_preload_bench_reports_the_floor_poolmgrs_preload_and_the_lag() -> None:
     assert isinstance(result["lag_ms"], float) and isinstance(result["goal_met"], bool)
     assert result["lag_ms"] == pytest.approx(result["preload_ms"] - result["floor_ms"], abs=0.05)
     assert "goal lag" in out and "dominant" in out
+    assert result["engine_transport"] == "unix socket" and "serve on a unix socket" in out
 
 
 @pytest.mark.e2e
@@ -92,6 +93,7 @@ def test_restart_bench_reports_sigkill_to_serving_again_next_to_the_cold_start_f
     assert result["restart_count"] >= 1
     assert result["ratio"] == pytest.approx(result["restart_ms"] / result["floor_ms"], rel=0.01)
     assert isinstance(result["goal_met"], bool) and "goal restart" in out
+    assert result["engine_transport"] == "unix socket" and "serve on a unix socket" in out
 
 
 def scale_rows(out: str) -> list[dict[str, Any]]:
@@ -106,6 +108,7 @@ def assert_scale_row(row: dict[str, Any]) -> None:
     assert row["restarted"] == 0, "an engine was restarted instead of re-adopted after kill -9 of serve"
     assert row["readopt_from_kill_s"] > row["readopt_after_api_s"]
     assert isinstance(row["goal_met"], bool)
+    assert row["engine_transport"] == "unix socket"  # this tree's engines: no TCP
 
 
 @pytest.mark.e2e

@@ -1,9 +1,9 @@
 """The chaos rig: `poolmgr serve` processes (forked by tests/chaos/_zygote.py) running fake llama-servers.
 
 Everything an engine reads (the wrapper, fake_engine.py, the model files) lives in a 0755 directory under /tmp:
-as root, engines run as the unprivileged engine user. Engines carry POOLMGR_POOL=<pool id> in their
-environment; `cleanup()` kills every such process of this rig's pools, and every `serve` it started, whatever
-the test's outcome.
+as root, engines run as the unprivileged engine user. Each engine listens on a unix socket in its pool's workdir
+(`engine()` talks to it there, as serve does). Engines carry POOLMGR_POOL=<pool id> in their environment;
+`cleanup()` kills every such process of this rig's pools, and every `serve` it started, whatever the test's outcome.
 """
 
 from __future__ import annotations
@@ -170,6 +170,20 @@ class Rig:
     def term(self, pid: int, timeout: float = 20) -> int | None:
         os.kill(pid, signal.SIGTERM)
         return self.wait_exit(pid, timeout)
+
+    # -- engines --------------------------------------------------------------------------------------
+    def engine_socket(self, pool_id: str) -> Path:
+        """Where serve runs the pool's engine: a unix socket in the pool's workdir (engines have no TCP port)."""
+        return self.dir / "state" / "work" / pool_id / "engine.sock"
+
+    def engine(self, pool_id: str) -> httpx.Client:
+        """A client straight to the pool's engine over its socket, not through serve (close it after use)."""
+        transport = httpx.HTTPTransport(uds=str(self.engine_socket(pool_id)))
+        return httpx.Client(transport=transport, base_url="http://engine", timeout=10, trust_env=False)
+
+    def endpoint_url(self, pool_id: str) -> str:
+        """The address serve records for a ready pool: its own data plane's route to the engine."""
+        return f"{self.base}/pools/{pool_id}/engine"
 
     # -- API ------------------------------------------------------------------------------------------
     def api_up(self) -> bool:

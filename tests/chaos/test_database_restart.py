@@ -13,7 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
 from poolmgr.store import Registry
@@ -56,12 +55,12 @@ def test_serve_waits_out_a_postgresql_restart_and_records_every_transition(
     rig.wait_until(lambda: rig.status(steady)["state"] == "ready", 20, "steady ready")
     rig.wait_until(lambda: rig.status(crashy)["restart_count"] >= 1, 20, "crashy restarted once")
     before = rig.status(steady)
+    assert before["endpoint_url"] == rig.endpoint_url(steady)
     try:
         _pg_ctl("stop")
         # While the database is away: the engine still serves, the API says 503, poolmgr keeps running.
-        completion = httpx.post(
-            f"{before['endpoint_url']}/completion", json={"prompt": "hi", "n_predict": 4}, timeout=10
-        )
+        with rig.engine(steady) as engine:
+            completion = engine.post("/completion", json={"prompt": "hi", "n_predict": 4})
         assert completion.status_code == 200
         resp = rig.client.get(f"/pools/{steady}/status")
         assert resp.status_code == 503 and resp.json()["error"]["type"] == "unavailable"

@@ -122,7 +122,9 @@ def _engines_match_registry(rig: Rig, registry: Registry) -> None:
         found = engines(pool_id)
         assert [(p.pid, p.start_time) for p in found] == [(view.pid, view.pid_start_time)], (pool_id, found, view)
         assert len(marked_processes(pool_id)) == 1, f"{pool_id}: an orphan engine process"
-        assert httpx.get(f"{view.endpoint_url}/health", timeout=5, trust_env=False).status_code == 200
+        assert view.endpoint_url == rig.endpoint_url(pool_id)
+        with rig.engine(pool_id) as engine:
+            assert engine.get("/health", timeout=5).status_code == 200
 
 
 def _audit(rig: Rig, registry: Registry, ledger: Ledger) -> Counter[str]:

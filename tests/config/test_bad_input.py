@@ -76,7 +76,8 @@ CASES: dict[str, Case] = {
     "ctx_size beyond a C int": Case(pool("ctx_size = 4294967296"), (_field("ctx_size", "at most 2147483647"),)),
     "no model": Case('[[pool]]\nid = "p"\n', (_field("model", "must be a non-empty path"),)),
     "unknown pool field": Case(
-        pool('colour = "red"'), (_field("colour", "unknown field (allowed: id, engine, model, device_mask"),)
+        pool('colour = "red"'),
+        (_field("colour", "unknown field (allowed: id, served_model_name, engine, model, device_mask"),),
     ),
     "unknown top-level key": Case(
         "wat = 1\n" + GOOD, (_setting(f"{F}: unknown top-level key 'wat' (allowed: [[pool]]"),)
@@ -86,6 +87,18 @@ CASES: dict[str, Case] = {
     ),
     "not TOML": Case("[[pool]\n", (_setting(f"{F}: not valid TOML"),)),
     "reserved extra_args": Case(pool('extra_args = ["--port", "1"]'), (_field("extra_args", "'--port' is set by"),)),
+    "engine socket in extra_args": Case(
+        pool('extra_args = ["--host", "/tmp/x.sock"]'), (_field("extra_args", "'--host' is set by"),)
+    ),
+    "served name in extra_args": Case(
+        pool('extra_args = ["--alias", "gpt"]'), (_field("extra_args", "'--alias' is set by"),)
+    ),
+    "served_model_name with a space": Case(
+        pool('served_model_name = "my model"'), (_field("served_model_name", "must be 1-128 characters"),)
+    ),
+    "served_model_name empty": Case(
+        pool('served_model_name = ""'), (_field("served_model_name", "must be 1-128 characters"),)
+    ),
     "extra_args not a list": Case(pool('extra_args = "--temp 0"'), (_field("extra_args", "list of strings"),)),
     "share_devices yes": Case(pool('share_devices = "yes"'), (_field("share_devices", "must be true or false"),)),
     "tensor_split empty": Case(pool('device_mask = "0"', "tensor_split = []"), (_field("tensor_split", "non-empty"),)),

@@ -79,7 +79,7 @@ def test_the_pools_file_and_the_engine_isolation_share_one_parser(key: str, valu
     why = line.split(f"field 'isolation.{key}': ", 1)[1]
     raw = _toml_value(value)
     with pytest.raises(ConfigError) as from_spawn:
-        build_isolation({key: raw}, engine_user="", workdir_root=Path("/w"), pool_id="p", bind_port=None)
+        build_isolation({key: raw}, engine_user="", workdir_root=Path("/w"), pool_id="p")
     assert str(from_spawn.value) == f"pool 'p': isolation.{key}: {why}"
 
 

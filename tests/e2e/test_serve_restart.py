@@ -1,5 +1,6 @@
-"""A real llama-server outlives `poolmgr serve` (kill -9, or an upgrade with --keep-engines): completions keep
-working while poolmgr is away, and the next `serve` adopts the same engine — same pid, no new spawn."""
+"""A real llama-server outlives `poolmgr serve` (kill -9, or an upgrade with --keep-engines): the engine keeps
+answering on its unix socket while poolmgr is away (the node's port — the data plane — is down meanwhile), and the
+next `serve` adopts the same engine — same pid, no new spawn — and serves it at the same endpoint_url again."""
 
 from __future__ import annotations
 
@@ -19,20 +20,22 @@ pytestmark = pytest.mark.e2e
 
 
 class _Completions:
-    """Completions against the engine itself, back to back, from a thread: any failure is downtime."""
+    """Completions against the engine itself (its unix socket), back to back, from a thread: any failure is
+    downtime of the engine."""
 
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
         self.ok = 0
         self.failures: list[str] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        with httpx.Client(timeout=30, trust_env=False) as client:
+        transport = httpx.HTTPTransport(uds=str(self.socket_path))
+        with httpx.Client(transport=transport, timeout=30, trust_env=False) as client:
             while not self._stop.is_set():
                 try:
-                    resp = client.post(f"{self.endpoint}/completion", json={"prompt": "hello", "n_predict": 2})
+                    resp = client.post("http://engine/completion", json={"prompt": "hello", "n_predict": 2})
                     if resp.status_code == 200:
                         self.ok += 1
                     else:
@@ -65,6 +68,15 @@ def _ready_pool(serve_factory: Any, db_url: str, tiny_model: Path, *args: str) -
     return srv, pool_id, srv.wait_state(pool_id, "ready", timeout=90)
 
 
+def _socket(srv: Any, pool_id: str) -> Path:
+    return Path(srv.workdir / "state" / "work" / pool_id / "engine.sock")
+
+
+def _through_the_node(ready: dict[str, Any]) -> None:
+    resp = httpx.post(f"{ready['endpoint_url']}/completion", json={"prompt": "hello", "n_predict": 2}, timeout=30)
+    assert resp.status_code == 200, resp.text
+
+
 def _spawns(srv: Any, pool_id: str) -> int:
     return int((srv.workdir / "state" / "logs" / f"{pool_id}.log").read_bytes().count(b"--- poolmgr "))
 
@@ -88,30 +100,32 @@ def test_kill_9_of_serve_leaves_the_engine_serving_and_the_next_serve_adopts_it(
 ) -> None:
     srv, pool_id, ready = _ready_pool(serve_factory, db_url, tiny_model)
     spawns = _spawns(srv, pool_id)
-    with _Completions(ready["endpoint_url"]) as load:
+    with _Completions(_socket(srv, pool_id)) as load:
         assert srv.stop(signal.SIGKILL) == -signal.SIGKILL
         assert load.served_more(3), f"no completions while poolmgr was away: {load.failures}"
         assert engine_pids(pool_id) == [ready["pid"]]
         srv.start()
         _adopted_without_restart(srv, pool_id, ready, spawns)
+        _through_the_node(ready)
     assert load.failures == []
     assert srv.stop(signal.SIGTERM) == 0
     assert engine_pids(pool_id) == []
 
 
-def test_keep_engines_exit_and_restart_is_an_upgrade_with_zero_downtime(
+def test_keep_engines_exit_and_restart_is_an_upgrade_without_an_engine_restart(
     serve_factory: Any, sqlite_url: str, tiny_model: Path
 ) -> None:
     # One database is enough here: what the database does across a restart, the kill -9 test covers on both.
     srv, pool_id, ready = _ready_pool(serve_factory, sqlite_url, tiny_model, "--keep-engines")
     spawns = _spawns(srv, pool_id)
-    with _Completions(ready["endpoint_url"]) as load:
+    with _Completions(_socket(srv, pool_id)) as load:
         assert srv.stop(signal.SIGTERM) == 0
         assert "keeps running for the next poolmgr" in srv.log_path.read_text()
         assert load.served_more(3), f"no completions while poolmgr was away: {load.failures}"
         assert engine_pids(pool_id) == [ready["pid"]]
         srv.start()
         _adopted_without_restart(srv, pool_id, ready, spawns)
+        _through_the_node(ready)
         assert load.served_more(1)
     assert load.failures == []
     assert srv.stop(signal.SIGTERM) == 0  # this serve runs without --keep-engines: engines stop

@@ -1,19 +1,21 @@
-"""Helpers for the engines tests: the fake engine program, a launcher box that leaves nothing behind, the
-recorded stderr of the real llama-server (tests/fixtures/engines)."""
+"""Helpers for the engines tests: the fake engine program, a launcher box that leaves nothing behind, readiness
+over an engine's unix socket, the recorded stderr of the real llama-server (tests/fixtures/engines)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import signal
-import socket
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from poolmgr.engines import LaunchRequest, ProcessLauncher, SpawnedEngine
-from poolmgr.engines._procfs import group_members, read_stat
+import httpx
+
+from poolmgr.engines import HealthResult, LaunchRequest, LlamaCppAdapter, ProcessLauncher, SpawnedEngine
+from poolmgr.engines._procfs import group_members, is_alive, read_stat
 
 TESTS = Path(__file__).resolve().parents[1]
 FAKE_ENGINE = TESTS / "fake_engine.py"
@@ -22,22 +24,19 @@ CPU_FIXTURES = FIXTURES / "llama-server-b11434-cpu"
 CUDA_FIXTURES = FIXTURES / "h200-llama-server-b11434-cuda"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+ENGINE_BASE = "http://engine"  # the Host of requests over an engine's socket, as poolmgr sends them
+SUN_PATH_MAX = 107  # bytes of a unix socket path (sun_path is 108 with its NUL)
 
 
-def fake_argv(model: Path | str, *, port: int = 0, parallel: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
+def fake_argv(model: Path | str, sock: Path, *, parallel: int = 2, extra: tuple[str, ...] = ()) -> list[str]:
+    """The fake engine serving on the unix socket `sock`, as poolmgr runs engines."""
     return [
         sys.executable,
         str(FAKE_ENGINE),
         "--model",
         str(model),
         "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
+        str(sock),
         "--parallel",
         str(parallel),
         "--ctx-size",
@@ -73,6 +72,11 @@ class Engines:
     def log_text(self, engine: SpawnedEngine) -> str:
         return engine.log_path.read_bytes()[engine.log_offset :].decode("utf-8", "replace")
 
+    async def wait_ready(self, engine: SpawnedEngine, sock: Path, timeout: float = 10.0) -> None:
+        """Until the engine answers /health 200 on `sock` (fails the test with its log if it never does)."""
+        seen = await wait_healthy(sock, time.monotonic() + timeout, engine=engine)
+        assert seen[-1].ok, f"{[str(r.status) for r in seen]}\n{self.log_text(engine)}"
+
     def cleanup(self) -> None:
         self.launcher.close()
         for engine in self.spawned:
@@ -84,6 +88,31 @@ class Engines:
                     os.kill(member.pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(engine.pid, 0)  # reap our killed child (ECHILD when the launcher already did)
+
+
+def engine_client(sock: Path) -> httpx.AsyncClient:
+    """An HTTP client over an engine's unix socket, built as poolmgr builds its own; requests go to ENGINE_BASE."""
+    transport = httpx.AsyncHTTPTransport(uds=str(sock))
+    return httpx.AsyncClient(transport=transport, base_url=ENGINE_BASE, trust_env=False)
+
+
+async def wait_healthy(
+    sock: Path, deadline: float, *, engine: SpawnedEngine | None = None, timeout: float = 1.0
+) -> list[HealthResult]:
+    """Probe /health over `sock` every 2 ms until it answers 200, until `deadline` (time.monotonic()) or, given
+    the `engine`, until it has exited. Returns each result whose status differs from the one before, in order:
+    the last is where it ended (`.ok` when ready)."""
+    adapter = LlamaCppAdapter()
+    seen: list[HealthResult] = []
+    async with engine_client(sock) as client:
+        while True:
+            gone = engine is not None and not is_alive(engine.pid, engine.start_time)
+            result = await adapter.probe_health(client, ENGINE_BASE, timeout)
+            if not seen or seen[-1].status is not result.status:
+                seen.append(result)
+            if result.ok or gone or time.monotonic() >= deadline:
+                return seen
+            await asyncio.sleep(0.002)
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 5.0, interval: float = 0.01) -> bool:

@@ -1,9 +1,11 @@
-"""Fixtures for the engines tests: a launcher box, a model file for the fake engine, the real llama-server
-and a tiny real model for the e2e tests."""
+"""Fixtures for the engines tests: a launcher box, a unix socket path for an engine, a model file for the fake
+engine, the real llama-server and a tiny real model for the e2e tests."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import pytest
 
 from poolmgr.errors import EngineError
 
-from ._support import Engines
+from ._support import SUN_PATH_MAX, Engines
 
 E2E_REQUIRED = os.environ.get("POOLMGR_TEST_E2E", "") == "required"
 
@@ -21,6 +23,19 @@ def engines(tmp_path: Path) -> Iterator[Engines]:
     box = Engines(tmp_path)
     yield box
     box.cleanup()
+
+
+@pytest.fixture
+def sock(tmp_path: Path) -> Iterator[Path]:
+    """Where the test's engine listens: `e.sock` in tmp_path, or in a short /tmp directory when tmp_path is too
+    long for a unix socket path."""
+    path = tmp_path / "e.sock"
+    if len(os.fsencode(path)) <= SUN_PATH_MAX:
+        yield path
+        return
+    short = tempfile.mkdtemp(prefix="eng.", dir="/tmp")
+    yield Path(short) / "e.sock"
+    shutil.rmtree(short, ignore_errors=True)
 
 
 @pytest.fixture

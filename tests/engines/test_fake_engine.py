@@ -4,8 +4,6 @@ the real llama-server's recorded stderr."""
 from __future__ import annotations
 
 import asyncio
-import socket
-import time
 from pathlib import Path
 
 import pytest
@@ -40,12 +38,12 @@ def _decisive(text: str) -> str:
     ],
 )
 def test_fake_model_failures_match_the_real_engine(
-    engines: Engines, tmp_path: Path, content: bytes | None, fixture: str, reason: StderrReason
+    engines: Engines, tmp_path: Path, content: bytes | None, fixture: str, reason: StderrReason, sock: Path
 ) -> None:
     model = tmp_path / "m.gguf"
     if content is not None:
         model.write_bytes(content)
-    info, log = _run_to_exit(engines, fake_argv(model), fake_env())
+    info, log = _run_to_exit(engines, fake_argv(model, sock), fake_env())
     real = (CPU_FIXTURES / fixture).read_text()
     verdict, real_verdict = classify_stderr(log), classify_stderr(real)
     assert info == ExitInfo(code=1)
@@ -56,46 +54,58 @@ def test_fake_model_failures_match_the_real_engine(
     assert log.rstrip().endswith("exiting due to model loading error")
 
 
-def test_fake_vram_oom_told_by_the_model_file_matches_the_h200_recording(engines: Engines, tmp_path: Path) -> None:
+def test_fake_vram_oom_told_by_the_model_file_matches_the_h200_recording(
+    engines: Engines, tmp_path: Path, sock: Path
+) -> None:
     model = tmp_path / "oom.gguf"
     model.write_bytes(b"GGUF" + b"\0" * 28 + b"\nfake-engine-mode: oom\n")
-    info, log = _run_to_exit(engines, fake_argv(model), fake_env())
+    info, log = _run_to_exit(engines, fake_argv(model, sock), fake_env())
     assert info == ExitInfo(code=1)
     assert _decisive(log) == _decisive((CUDA_FIXTURES / "oom-stderr.txt").read_text())
 
 
-def test_fake_port_clash_matches_the_real_engine(engines: Engines, fake_model: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen(1)
-        port = taken.getsockname()[1]
-        info, log = _run_to_exit(engines, fake_argv(fake_model, port=port), fake_env())
+def test_fake_leaves_its_socket_behind_and_cannot_bind_over_it_like_the_real_engine(
+    engines: Engines, fake_model: Path, sock: Path
+) -> None:
+    # The real one: test_llama_server_e2e.py (exit 0 leaving the socket; then exit 1, "couldn't bind", port 8080).
+    async def first_run() -> ExitInfo:
+        engine = engines.spawn(fake_argv(fake_model, sock), fake_env())
+        await engines.wait_ready(engine, sock)
+        return await engines.launcher.stop(engine.pid, engine.start_time, grace_s=5)
+
+    assert asyncio.run(first_run()) == ExitInfo(code=0)
+    assert sock.is_socket()
+    info, log = _run_to_exit(engines, fake_argv(fake_model, sock), fake_env())
+    verdict = classify_stderr(log)
+    real = classify_stderr((CPU_FIXTURES / "port-clash-stderr.txt").read_text())
     assert info == ExitInfo(code=1)
-    real = _decisive((CPU_FIXTURES / "port-clash-stderr.txt").read_text())
-    assert _decisive(log).split(", port:")[0] == real.split(", port:")[0]
+    assert verdict is not None and real is not None
+    assert verdict.reason is real.reason is StderrReason.PORT_IN_USE
+    assert verdict.message == f"srv         start: couldn't bind HTTP server socket, hostname: {sock}, port: 8080"
+    assert verdict.message.split(", hostname:")[0] == real.message.split(", hostname:")[0]
+    assert log.rstrip().endswith("exiting due to HTTP server error")
 
 
 def test_fake_with_strict_flags_refuses_an_unknown_flag_like_the_real_engine(
-    engines: Engines, fake_model: Path
+    engines: Engines, fake_model: Path, sock: Path
 ) -> None:
-    argv = fake_argv(fake_model, extra=("--bogus",))
+    argv = fake_argv(fake_model, sock, extra=("--bogus",))
     info, log = _run_to_exit(engines, argv, fake_env(FAKE_ENGINE_STRICT_FLAGS="1"))
     assert info == ExitInfo(code=1)
     assert _decisive(log) == _decisive((CPU_FIXTURES / "bad-flag-stderr.txt").read_text())
 
 
-def test_fake_spillover_warns_like_the_cuda_build_and_still_serves(engines: Engines, fake_model: Path) -> None:
-    async def scenario() -> tuple[int | None, str]:
-        engine = engines.spawn(fake_argv(fake_model), fake_env(FAKE_ENGINE_MODE="spillover"))
-        port = await engines.launcher.wait_listen_port(
-            engine.log_path, engine.log_offset, time.monotonic() + 10, pid=engine.pid, start_time=engine.start_time
-        )
+def test_fake_spillover_warns_like_the_cuda_build_and_still_serves(
+    engines: Engines, fake_model: Path, sock: Path
+) -> None:
+    async def scenario() -> str:
+        engine = engines.spawn(fake_argv(fake_model, sock), fake_env(FAKE_ENGINE_MODE="spillover"))
+        await engines.wait_ready(engine, sock)  # nothing failed: poolmgr must catch it from the log
         log = engines.log_text(engine)
         await engines.launcher.stop(engine.pid, engine.start_time, grace_s=5)
-        return port, log
+        return log
 
-    port, log = asyncio.run(scenario())
-    assert port is not None  # nothing failed: poolmgr must catch it from the log
+    log = asyncio.run(scenario())
     verdict = classify_stderr(log)
     real = classify_stderr((CUDA_FIXTURES / "no-gpu-visible-stderr.txt").read_text())
     assert verdict is not None and real is not None

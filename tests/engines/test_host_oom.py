@@ -55,7 +55,9 @@ def small_memory_cgroup() -> Iterator[Path]:
             time.sleep(0.05)
 
 
-def test_kernel_oom_kill_is_reported_as_host_oom(engines: Engines, fake_model: Path, small_memory_cgroup: Path) -> None:
+def test_kernel_oom_kill_is_reported_as_host_oom(
+    engines: Engines, fake_model: Path, small_memory_cgroup: Path, sock: Path
+) -> None:
     if kmsg_reports_oom_kill(os.getpid(), 0) is None and not os.access("/dev/kmsg", os.R_OK):
         pytest.skip("/dev/kmsg is not readable: only the cgroup counter would tell")
     procs = small_memory_cgroup / "cgroup.procs"
@@ -64,7 +66,7 @@ def test_kernel_oom_kill_is_reported_as_host_oom(engines: Engines, fake_model: P
         return ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(procs), *argv], env
 
     req = LaunchRequest(
-        argv=fake_argv(fake_model),
+        argv=fake_argv(fake_model, sock),
         env=fake_env(FAKE_ENGINE_MODE="hog"),
         log_path=engines.tmp_path / "hog.log",
         wrap=into_cgroup,

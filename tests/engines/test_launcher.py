@@ -18,15 +18,7 @@ from poolmgr.engines import ExitInfo, LaunchRequest, ProcessLauncher, SpawnedEng
 from poolmgr.engines._procfs import read_stat
 from poolmgr.errors import EngineError
 
-from ._support import Engines, fake_argv, fake_env, wait_until
-
-
-async def _wait_ready(engines: Engines, engine: SpawnedEngine, timeout: float = 10) -> int:
-    port = await engines.launcher.wait_listen_port(
-        engine.log_path, engine.log_offset, time.monotonic() + timeout, pid=engine.pid, start_time=engine.start_time
-    )
-    assert port is not None, engines.log_text(engine)
-    return port
+from ._support import Engines, fake_argv, fake_env, wait_healthy, wait_until
 
 
 def _gone(pid: int) -> bool:
@@ -34,15 +26,17 @@ def _gone(pid: int) -> bool:
     return stat is None or stat.is_zombie
 
 
-def test_engine_runs_in_its_own_session_with_its_output_in_the_pool_log(engines: Engines, fake_model: Path) -> None:
+def test_engine_runs_in_its_own_session_with_its_output_in_the_pool_log(
+    engines: Engines, fake_model: Path, sock: Path
+) -> None:
     async def scenario() -> ExitInfo:
-        engine = engines.spawn(fake_argv(fake_model))
+        engine = engines.spawn(fake_argv(fake_model, sock))
         stat = read_stat(engine.pid)
         assert stat is not None
         assert stat.session == engine.pid and stat.pgrp == engine.pid  # own session: outlives poolmgr
         assert stat.start_time == engine.start_time == engines.launcher.read_start_time(engine.pid)
         assert os.readlink(f"/proc/{engine.pid}/fd/0") == "/dev/null"
-        await _wait_ready(engines, engine)
+        await engines.wait_ready(engine, sock)
         assert engines.launcher.is_alive(engine.pid, engine.start_time)
         return await engines.launcher.stop(engine.pid, engine.start_time, grace_s=5)
 
@@ -50,16 +44,16 @@ def test_engine_runs_in_its_own_session_with_its_output_in_the_pool_log(engines:
     engine = engines.spawned[0]
     log = engine.log_path.read_text()
     assert log.startswith("--- poolmgr ") and "spawn " in log[: engine.log_offset]
-    assert "listening on http://127.0.0.1:" in log[engine.log_offset :]
+    assert f"listening on unix://{sock}" in log[engine.log_offset :]
     assert info == ExitInfo(code=0, signal=None, host_oom=False)  # SIGTERM when ready: a clean exit 0
     assert not engines.launcher.is_alive(engine.pid, engine.start_time)
     assert read_stat(engine.pid) is None  # reaped: no zombie
 
 
-def test_exit_is_seen_at_once_after_a_kill(engines: Engines, fake_model: Path) -> None:
+def test_exit_is_seen_at_once_after_a_kill(engines: Engines, fake_model: Path, sock: Path) -> None:
     async def scenario() -> tuple[ExitInfo, float]:
-        engine = engines.spawn(fake_argv(fake_model))
-        await _wait_ready(engines, engine)
+        engine = engines.spawn(fake_argv(fake_model, sock))
+        await engines.wait_ready(engine, sock)
         waiter = asyncio.create_task(engines.launcher.wait_exit(engine.pid, engine.start_time))
         await asyncio.sleep(0.2)
         assert not waiter.done()
@@ -75,9 +69,11 @@ def test_exit_is_seen_at_once_after_a_kill(engines: Engines, fake_model: Path) -
     assert info.describe() == "killed by signal SIGKILL"
 
 
-def test_exit_code_of_an_engine_that_exits_is_reported(engines: Engines, fake_model: Path) -> None:
+def test_exit_code_of_an_engine_that_exits_is_reported(engines: Engines, fake_model: Path, sock: Path) -> None:
     async def scenario() -> ExitInfo:
-        engine = engines.spawn(fake_argv(fake_model), fake_env(FAKE_ENGINE_MODE="exit", FAKE_ENGINE_EXIT_CODE="7"))
+        engine = engines.spawn(
+            fake_argv(fake_model, sock), fake_env(FAKE_ENGINE_MODE="exit", FAKE_ENGINE_EXIT_CODE="7")
+        )
         return await engines.launcher.wait_exit(engine.pid, engine.start_time)
 
     info = asyncio.run(scenario())
@@ -85,20 +81,22 @@ def test_exit_code_of_an_engine_that_exits_is_reported(engines: Engines, fake_mo
     assert info.describe() == "exited with code 7"
 
 
-def test_a_crash_reports_the_signal(engines: Engines, fake_model: Path) -> None:
+def test_a_crash_reports_the_signal(engines: Engines, fake_model: Path, sock: Path) -> None:
     env = fake_env(FAKE_ENGINE_MODE="crash_after", FAKE_ENGINE_CRASH_AFTER_MS="50")
 
     async def scenario() -> ExitInfo:
-        engine = engines.spawn(fake_argv(fake_model), env)
+        engine = engines.spawn(fake_argv(fake_model, sock), env)
         return await engines.launcher.wait_exit(engine.pid, engine.start_time)
 
     info = asyncio.run(scenario())
     assert info.signal == signal.SIGSEGV and info.code is None and not info.host_oom
 
 
-def test_an_exited_child_is_reaped_even_when_nobody_waits(engines: Engines, fake_model: Path) -> None:
+def test_an_exited_child_is_reaped_even_when_nobody_waits(engines: Engines, fake_model: Path, sock: Path) -> None:
     async def scenario() -> tuple[SpawnedEngine, bool]:
-        engine = engines.spawn(fake_argv(fake_model), fake_env(FAKE_ENGINE_MODE="exit", FAKE_ENGINE_EXIT_CODE="3"))
+        engine = engines.spawn(
+            fake_argv(fake_model, sock), fake_env(FAKE_ENGINE_MODE="exit", FAKE_ENGINE_EXIT_CODE="3")
+        )
         deadline = time.monotonic() + 5
         while read_stat(engine.pid) is not None and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
@@ -114,8 +112,10 @@ def test_an_exited_child_is_reaped_even_when_nobody_waits(engines: Engines, fake
     assert asyncio.run(later()).code == 3
 
 
-def test_an_engine_spawned_outside_an_event_loop_is_watched_later(engines: Engines, fake_model: Path) -> None:
-    engine = engines.spawn(fake_argv(fake_model), fake_env(FAKE_ENGINE_MODE="exit", FAKE_ENGINE_EXIT_CODE="5"))
+def test_an_engine_spawned_outside_an_event_loop_is_watched_later(
+    engines: Engines, fake_model: Path, sock: Path
+) -> None:
+    engine = engines.spawn(fake_argv(fake_model, sock), fake_env(FAKE_ENGINE_MODE="exit", FAKE_ENGINE_EXIT_CODE="5"))
 
     async def scenario() -> ExitInfo:
         return await engines.launcher.wait_exit(engine.pid, engine.start_time)
@@ -144,14 +144,14 @@ def _spawn_orphan(tmp_path: Path, argv: list[str], env: dict[str, str]) -> tuple
 
 
 def test_exit_of_an_adopted_engine_is_seen_at_once_through_its_pidfd(
-    tmp_path: Path, fake_model: Path, engines: Engines
+    tmp_path: Path, fake_model: Path, engines: Engines, sock: Path
 ) -> None:
-    pid, start, log = _spawn_orphan(tmp_path, fake_argv(fake_model), fake_env())
+    pid, start, log = _spawn_orphan(tmp_path, fake_argv(fake_model, sock), fake_env())
     assert os.getpid() != _parent(pid)  # poolmgr is not its parent: what a restarted poolmgr finds
     launcher = ProcessLauncher()  # a fresh launcher: "after a poolmgr restart"
 
     async def scenario() -> tuple[ExitInfo, float]:
-        assert wait_until(lambda: "listening on" in log.read_text())
+        assert (await wait_healthy(sock, time.monotonic() + 10))[-1].ok, log.read_text()
         assert launcher.is_alive(pid, start)
         waiter = asyncio.create_task(launcher.wait_exit(pid, start))
         await asyncio.sleep(0.2)
@@ -173,9 +173,9 @@ def test_exit_of_an_adopted_engine_is_seen_at_once_through_its_pidfd(
     assert not launcher.is_alive(pid, start)
 
 
-def test_an_adopted_engine_is_stopped_with_its_group(tmp_path: Path, fake_model: Path) -> None:
+def test_an_adopted_engine_is_stopped_with_its_group(tmp_path: Path, fake_model: Path, sock: Path) -> None:
     env = fake_env(FAKE_ENGINE_GRANDCHILD="ignore_term")
-    pid, start, log = _spawn_orphan(tmp_path, fake_argv(fake_model), env)
+    pid, start, log = _spawn_orphan(tmp_path, fake_argv(fake_model, sock), env)
     assert wait_until(lambda: "listening on" in log.read_text())
     grandchild = int(re.findall(r"grandchild pid (\d+)", log.read_text())[0])
     launcher = ProcessLauncher()
@@ -217,12 +217,12 @@ def test_a_live_pid_with_another_start_time_is_never_signalled(engines: Engines)
         other.wait()
 
 
-def test_stop_kills_a_grandchild_that_ignores_sigterm(engines: Engines, fake_model: Path) -> None:
+def test_stop_kills_a_grandchild_that_ignores_sigterm(engines: Engines, fake_model: Path, sock: Path) -> None:
     env = fake_env(FAKE_ENGINE_GRANDCHILD="ignore_term")
 
     async def scenario() -> tuple[ExitInfo, int]:
-        engine = engines.spawn(fake_argv(fake_model), env)
-        await _wait_ready(engines, engine)
+        engine = engines.spawn(fake_argv(fake_model, sock), env)
+        await engines.wait_ready(engine, sock)
         grandchild = int(re.findall(r"grandchild pid (\d+)", engines.log_text(engine))[0])
         assert not _gone(grandchild)
         info = await engines.launcher.stop(engine.pid, engine.start_time, grace_s=0.3)
@@ -233,10 +233,12 @@ def test_stop_kills_a_grandchild_that_ignores_sigterm(engines: Engines, fake_mod
     assert _gone(grandchild), "the grandchild outlived stop()"
 
 
-def test_stop_escalates_to_sigkill_when_the_engine_ignores_sigterm(engines: Engines, fake_model: Path) -> None:
+def test_stop_escalates_to_sigkill_when_the_engine_ignores_sigterm(
+    engines: Engines, fake_model: Path, sock: Path
+) -> None:
     async def scenario() -> tuple[ExitInfo, float]:
-        engine = engines.spawn(fake_argv(fake_model), fake_env(FAKE_ENGINE_IGNORE_TERM="1"))
-        await _wait_ready(engines, engine)
+        engine = engines.spawn(fake_argv(fake_model, sock), fake_env(FAKE_ENGINE_IGNORE_TERM="1"))
+        await engines.wait_ready(engine, sock)
         started = time.monotonic()
         info = await engines.launcher.stop(engine.pid, engine.start_time, grace_s=0.3)
         return info, time.monotonic() - started
@@ -246,18 +248,22 @@ def test_stop_escalates_to_sigkill_when_the_engine_ignores_sigterm(engines: Engi
     assert 0.3 <= took < 2.0
 
 
-def test_sigterm_while_loading_kills_the_engine_by_the_signal(engines: Engines, fake_model: Path) -> None:
+def test_sigterm_while_loading_kills_the_engine_by_the_signal(engines: Engines, fake_model: Path, sock: Path) -> None:
     async def scenario() -> ExitInfo:
-        engine = engines.spawn(fake_argv(fake_model), fake_env(FAKE_ENGINE_MODE="hang"))
+        engine = engines.spawn(fake_argv(fake_model, sock), fake_env(FAKE_ENGINE_MODE="hang"))
         assert wait_until(lambda: "loading model" in engines.log_text(engine))
         return await engines.launcher.stop(engine.pid, engine.start_time, grace_s=5)
 
     assert asyncio.run(scenario()) == ExitInfo(code=None, signal=signal.SIGTERM)
 
 
-def test_stopping_an_engine_that_already_exited_returns_its_exit(engines: Engines, fake_model: Path) -> None:
+def test_stopping_an_engine_that_already_exited_returns_its_exit(
+    engines: Engines, fake_model: Path, sock: Path
+) -> None:
     async def scenario() -> tuple[ExitInfo, ExitInfo]:
-        engine = engines.spawn(fake_argv(fake_model), fake_env(FAKE_ENGINE_MODE="exit", FAKE_ENGINE_EXIT_CODE="2"))
+        engine = engines.spawn(
+            fake_argv(fake_model, sock), fake_env(FAKE_ENGINE_MODE="exit", FAKE_ENGINE_EXIT_CODE="2")
+        )
         first = await engines.launcher.wait_exit(engine.pid, engine.start_time)
         again = await engines.launcher.stop(engine.pid, engine.start_time, grace_s=1)
         return first, again
@@ -266,45 +272,18 @@ def test_stopping_an_engine_that_already_exited_returns_its_exit(engines: Engine
     assert first == again == ExitInfo(code=2)
 
 
-def test_waiting_for_the_port_gives_up_as_soon_as_the_engine_exits(engines: Engines, tmp_path: Path) -> None:
-    async def scenario() -> tuple[int | None, float]:
-        engine = engines.spawn(fake_argv(tmp_path / "missing.gguf"))
-        started = time.monotonic()
-        port = await engines.launcher.wait_listen_port(
-            engine.log_path, engine.log_offset, started + 20, pid=engine.pid, start_time=engine.start_time
-        )
-        return port, time.monotonic() - started
-
-    port, took = asyncio.run(scenario())
-    assert port is None and took < 5
-    assert "failed to open GGUF file" in engines.log_text(engines.spawned[0])
-
-
-def test_waiting_for_the_port_ends_at_the_deadline(engines: Engines, fake_model: Path) -> None:
-    async def scenario() -> tuple[int | None, float]:
-        engine = engines.spawn(fake_argv(fake_model), fake_env(FAKE_ENGINE_MODE="hang"))
-        started = time.monotonic()
-        port = await engines.launcher.wait_listen_port(
-            engine.log_path, engine.log_offset, started + 0.4, pid=engine.pid, start_time=engine.start_time
-        )
-        return port, time.monotonic() - started
-
-    port, took = asyncio.run(scenario())
-    assert port is None and 0.35 <= took < 2
-
-
-def test_a_missing_binary_is_an_engine_error_written_to_the_log(engines: Engines) -> None:
+def test_a_missing_binary_is_an_engine_error_written_to_the_log(engines: Engines, sock: Path) -> None:
     with pytest.raises(EngineError, match="cannot start /nonexistent/llama-server: No such file or directory"):
-        engines.spawn(["/nonexistent/llama-server", "--port", "0"])
+        engines.spawn(["/nonexistent/llama-server", "--host", "/nonexistent/e.sock"])
     assert "spawn failed: No such file or directory" in (engines.tmp_path / "engine.log").read_text()
 
 
-def test_wrap_rewrites_the_command_and_environment(engines: Engines, fake_model: Path) -> None:
+def test_wrap_rewrites_the_command_and_environment(engines: Engines, fake_model: Path, sock: Path) -> None:
     def wrap(argv: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
         return ["/usr/bin/env", "WRAPPED_BY=test", *argv], {**env, "POOLMGR_POOL": "wrapped"}
 
     req = LaunchRequest(
-        argv=fake_argv(fake_model), env=fake_env(), log_path=engines.tmp_path / "w.log", wrap=wrap, pool_id="w"
+        argv=fake_argv(fake_model, sock), env=fake_env(), log_path=engines.tmp_path / "w.log", wrap=wrap, pool_id="w"
     )
     engine = engines.launcher.spawn(req)
     engines.spawned.append(engine)

@@ -1,4 +1,5 @@
-"""The llama.cpp adapter: command lines, the port in the log, verdicts on the real recorded stderr."""
+"""The llama.cpp adapter: command lines (served on a unix socket, under the served name), verdicts on the real
+recorded stderr."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from poolmgr.engines import LlamaCppAdapter, StderrReason, classify_stderr, parse_listen_port
+from poolmgr.engines import LlamaCppAdapter, StderrReason, classify_stderr
 from poolmgr.errors import EngineError
 from poolmgr.poolsfile import PoolSpec
 
 from ._support import CPU_FIXTURES, CUDA_FIXTURES
 
 ADAPTER = LlamaCppAdapter()
+SOCK = "/var/lib/poolmgr/work/tiny/engine.sock"
 
 
 def _flag(argv: list[str], name: str) -> str:
@@ -21,11 +23,12 @@ def _flag(argv: list[str], name: str) -> str:
 
 def test_cpu_pool_command_line_carries_every_flag_poolmgr_owns() -> None:
     spec = PoolSpec(id="tiny", model="/m/tiny.gguf", slots=3, ctx_size=1536, extra_args=("--temp", "0"))
-    argv = ADAPTER.command(spec, binary="/opt/llama-server", model_path="/m/tiny.gguf")
+    argv = ADAPTER.command(spec, binary="/opt/llama-server", model_path="/m/tiny.gguf", socket_path=SOCK)
     assert argv[0] == "/opt/llama-server"
     assert _flag(argv, "--model") == "/m/tiny.gguf"
-    assert _flag(argv, "--host") == "127.0.0.1"
-    assert _flag(argv, "--port") == "0"  # race-free ephemeral port
+    assert _flag(argv, "--host") == SOCK  # llama-server serves on the unix socket, no TCP at all
+    assert "--port" not in argv
+    assert _flag(argv, "--alias") == "tiny"  # no served_model_name: clients call the model by the pool id
     assert _flag(argv, "--parallel") == "3"
     assert _flag(argv, "--ctx-size") == "1536"
     assert _flag(argv, "--n-gpu-layers") == "0"
@@ -33,11 +36,19 @@ def test_cpu_pool_command_line_carries_every_flag_poolmgr_owns() -> None:
     assert argv[-2:] == ["--temp", "0"]  # the pool's extra args come last
 
 
+def test_the_engine_serves_the_model_under_the_pools_served_model_name() -> None:
+    spec = PoolSpec(id="chat-a", model="/m/q.gguf", served_model_name="Qwen/Qwen2.5-0.5B-Instruct")
+    argv = ADAPTER.command(spec, binary="llama-server", model_path="/m/q.gguf", socket_path=Path(SOCK))
+    assert _flag(argv, "--alias") == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert _flag(argv, "--host") == SOCK
+    assert argv.count("--alias") == 1 and argv.count("--host") == 1
+
+
 def test_gpu_pool_command_line_uses_the_placement_flags_verbatim() -> None:
     spec = PoolSpec(id="big", model="/m/big.gguf", device_mask="0,1", slots=2)
     gpu = ["--n-gpu-layers", "99", "--fit", "off", "--split-mode", "layer", "--tensor-split", "0.6,0.4"]
-    argv = ADAPTER.command(spec, binary="llama-server", model_path=Path("/m/big.gguf"), port=8123, gpu_flags=gpu)
-    assert _flag(argv, "--port") == "8123"
+    argv = ADAPTER.command(spec, binary="llama-server", model_path=Path("/m/big.gguf"), socket_path=SOCK, gpu_flags=gpu)
+    assert _flag(argv, "--host") == SOCK and "--port" not in argv
     assert argv[-len(gpu) :] == gpu
     assert argv.count("--n-gpu-layers") == 1
 
@@ -45,38 +56,54 @@ def test_gpu_pool_command_line_uses_the_placement_flags_verbatim() -> None:
 def test_gpu_pool_without_placement_flags_is_refused() -> None:
     spec = PoolSpec(id="big", model="/m/big.gguf", device_mask="0")
     with pytest.raises(EngineError, match="needs the placement's GPU flags"):
-        ADAPTER.command(spec, binary="llama-server", model_path="/m/big.gguf")
+        ADAPTER.command(spec, binary="llama-server", model_path="/m/big.gguf", socket_path=SOCK)
 
 
 def test_cpu_pool_with_gpu_flags_is_refused() -> None:
     spec = PoolSpec(id="tiny", model="/m/t.gguf")
     with pytest.raises(EngineError, match="takes no GPU flags"):
-        ADAPTER.command(spec, binary="x", model_path="/m/t.gguf", gpu_flags=["--n-gpu-layers", "99"])
+        ADAPTER.command(spec, binary="x", model_path="/m/t.gguf", socket_path=SOCK, gpu_flags=["--n-gpu-layers", "99"])
 
 
-def test_port_out_of_range_is_refused() -> None:
-    with pytest.raises(EngineError, match="out of range"):
-        ADAPTER.command(PoolSpec(id="t", model="m"), binary="x", model_path="m", port=70000)
+@pytest.mark.parametrize("where", ["127.0.0.1", "0.0.0.0", "/run/poolmgr/engine", "/run/poolmgr/engine.sock.d/x"])
+def test_an_engine_address_that_is_not_a_socket_path_is_refused(where: str) -> None:
+    # llama-server takes `--host` as a unix socket only when it ends in .sock; anything else would be TCP.
+    with pytest.raises(EngineError, match=r"pool 't': the engine socket .* must end in \.sock"):
+        ADAPTER.command(PoolSpec(id="t", model="m"), binary="x", model_path="m", socket_path=where)
 
 
 @pytest.mark.parametrize(
-    ("fixture", "port"),
+    ("fixture", "expect_gpu", "reason"),
     [
-        (CPU_FIXTURES / "ok-sigterm-stderr.txt", 36883),
-        (CUDA_FIXTURES / "cuda-ok-stderr.txt", 35291),
-        (CUDA_FIXTURES / "no-gpu-visible-stderr.txt", 60257),
+        (CPU_FIXTURES / "ok-sigterm-stderr.txt", False, None),
+        (CUDA_FIXTURES / "cuda-ok-stderr.txt", True, None),
+        (CUDA_FIXTURES / "no-gpu-visible-stderr.txt", True, StderrReason.CPU_SPILLOVER),
     ],
 )
-def test_listen_port_is_read_from_the_real_log(fixture: Path, port: int) -> None:
-    assert parse_listen_port(fixture.read_text()) == port
-    assert ADAPTER.parse_listen_port(fixture.read_text()) == port
+def test_logs_of_engines_that_served_keep_their_verdicts(
+    fixture: Path, expect_gpu: bool, reason: StderrReason | None
+) -> None:
+    # These engines loaded and served (each log has its `listening on` line): only the CUDA build that found no
+    # GPU is a failure, the silent spill-over to the CPU.
+    text = fixture.read_text()
+    assert "srv  llama_server: listening on http://127.0.0.1:" in text
+    verdict = classify_stderr(text, expect_gpu=expect_gpu)
+    assert (verdict.reason if verdict is not None else None) is reason
+    assert ADAPTER.classify_stderr(text, expect_gpu=expect_gpu) == verdict
 
 
-def test_listen_port_handles_ipv6_and_is_none_before_the_model_is_loaded() -> None:
-    assert parse_listen_port("0.00.1 I srv  llama_server: listening on http://[::1]:8080\n") == 8080
-    loading = (CPU_FIXTURES / "ok-sigterm-stderr.txt").read_text().split("model loaded")[0]
-    assert parse_listen_port(loading) is None
-    assert parse_listen_port((CPU_FIXTURES / "missing-stderr.txt").read_text()) is None
+def test_a_socket_path_that_cannot_be_bound_is_a_port_in_use_verdict() -> None:
+    # Measured with b11434 and `--host /tmp/lsm.6M8D/a.sock` over the socket file its previous run left behind:
+    # the same line as a taken TCP port (llama-server prints its default port, unused for a socket).
+    text = (
+        "0.00.009.792 E srv         start: couldn't bind HTTP server socket, hostname: /tmp/lsm.6M8D/a.sock, "
+        "port: 8080\n"
+        "0.00.009.795 I srv    operator(): operator(): cleaning up before exit...\n"
+        "0.00.010.023 E srv  llama_server: exiting due to HTTP server error\n"
+    )
+    verdict = classify_stderr(text, expect_gpu=False)
+    assert verdict is not None and verdict.reason is StderrReason.PORT_IN_USE
+    assert "hostname: /tmp/lsm.6M8D/a.sock" in verdict.message
 
 
 @pytest.mark.parametrize(
@@ -108,10 +135,6 @@ def test_vram_oom_beats_the_generic_model_loading_error_that_follows_it() -> Non
     verdict = classify_stderr(text)
     assert verdict is not None and verdict.reason is StderrReason.VRAM_OOM
     assert verdict.message.startswith("ggml_backend_cuda_buffer_type_alloc_buffer: allocating 1318912.64 MiB")
-
-
-def test_a_healthy_engine_log_has_no_verdict() -> None:
-    assert classify_stderr((CUDA_FIXTURES / "cuda-ok-stderr.txt").read_text()) is None
 
 
 def test_cpu_pool_ignores_the_no_gpu_warning_a_cpu_build_prints_for_n_gpu_layers() -> None:

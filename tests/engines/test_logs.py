@@ -1,13 +1,12 @@
-"""Per-pool engine logs: size-based rotation (keep 3) before each spawn, secrets kept out, tailing for the port."""
+"""Per-pool engine logs: size-based rotation (keep 3) before each spawn, secrets kept out of the header."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 
 from poolmgr.engines import LaunchRequest, rotate_log
-from poolmgr.engines._logs import redact_argv, tail_for_listen_port
+from poolmgr.engines._logs import redact_argv
 
 from ._support import Engines, fake_argv, fake_env
 
@@ -34,13 +33,13 @@ def test_small_or_missing_log_is_not_rotated(tmp_path: Path) -> None:
     assert log.read_text() == "short\n" and not Path(f"{log}.1").exists()
 
 
-def test_spawn_rotates_the_pool_log_first_and_appends_otherwise(engines: Engines, fake_model: Path) -> None:
+def test_spawn_rotates_the_pool_log_first_and_appends_otherwise(engines: Engines, fake_model: Path, sock: Path) -> None:
     log = engines.tmp_path / "pool.log"
     log.write_text("old run\n" * 400)
 
     def spawn() -> None:
         req = LaunchRequest(
-            argv=fake_argv(fake_model), env=fake_env(FAKE_ENGINE_MODE="exit"), log_path=log, log_max_bytes=2000
+            argv=fake_argv(fake_model, sock), env=fake_env(FAKE_ENGINE_MODE="exit"), log_path=log, log_max_bytes=2000
         )
         engine = engines.launcher.spawn(req)
         engines.spawned.append(engine)
@@ -55,39 +54,18 @@ def test_spawn_rotates_the_pool_log_first_and_appends_otherwise(engines: Engines
     assert Path(f"{log}.1").read_text() == "old run\n" * 400
 
 
-def test_secrets_never_reach_the_log_header(engines: Engines, fake_model: Path) -> None:
-    argv = fake_argv(fake_model, extra=("--api-key", "s3cret-token", "--api-key-file=/run/key"))
+def test_secrets_never_reach_the_log_header(engines: Engines, fake_model: Path, sock: Path) -> None:
+    argv = fake_argv(fake_model, sock, extra=("--api-key", "s3cret-token", "--api-key-file=/run/key"))
     engine = engines.spawn(argv, fake_env(FAKE_ENGINE_MODE="exit"))
     asyncio.run(engines.launcher.wait_exit(engine.pid, engine.start_time))
     text = engine.log_path.read_text()
     assert "s3cret-token" not in text
     assert "--api-key '***'" in text or "--api-key ***" in text
-    assert redact_argv(["x", "--api-key", "k", "--api-key-file=/f", "--port", "1"]) == [
+    assert redact_argv(["x", "--api-key", "k", "--api-key-file=/f", "--host", "/w/e.sock"]) == [
         "x",
         "--api-key",
         "***",
         "--api-key-file=***",
-        "--port",
-        "1",
+        "--host",
+        "/w/e.sock",
     ]
-
-
-def test_tail_finds_a_port_line_written_in_pieces_after_the_offset(tmp_path: Path) -> None:
-    log = tmp_path / "engine.log"
-    log.write_text("0.00.1 I srv  llama_server: listening on http://127.0.0.1:1111\n")  # a previous run
-    offset = log.stat().st_size
-
-    async def scenario() -> int | None:
-        async def writer() -> None:
-            with log.open("a") as fh:
-                for piece in ("0.00.2 I srv  llama_server: listen", "ing on http://127.0.0.1:4", "2424\n"):
-                    await asyncio.sleep(0.05)
-                    fh.write(piece)
-                    fh.flush()
-
-        task = asyncio.create_task(writer())
-        port = await tail_for_listen_port(log, offset, time.monotonic() + 5)
-        await task
-        return port
-
-    assert asyncio.run(scenario()) == 42424

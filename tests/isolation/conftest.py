@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +30,19 @@ from poolmgr.isolation import (
 
 TEST_ENGINE_USER = "poolmgr-itest"
 PROBE_PYTHON = "/usr/bin/python3"
+# A stand-in engine: serves one connection on the unix socket it is given, as llama-server does with
+# `--host <workdir>/engine.sock`.
+ENGINE_CODE = """
+import socket, sys
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+    server.bind(sys.argv[1])
+    server.listen()
+    conn, _ = server.accept()
+    with conn:
+        conn.sendall(b"hello from the engine")
+"""
+ENGINE_REPLY = b"hello from the engine"
+PROBE_CODE = (Path(__file__).parent / "sandbox_probe.py").read_text()
 
 
 def status_fields(pid: int) -> dict[str, str]:
@@ -46,6 +62,17 @@ def wait_for_exec(pid: int, comm: str, timeout: float = 5.0) -> None:
             break
         time.sleep(0.005)
     raise AssertionError(f"pid {pid} never became {comm!r}")
+
+
+def reply_over_unix_socket(proc: subprocess.Popen[bytes], path: Path, timeout: float = 30) -> bytes:
+    """What poolmgr's data plane does: connect to the engine's socket once it appears, read its reply."""
+    deadline = time.monotonic() + timeout
+    while not path.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(timeout)
+        client.connect(str(path))
+        return client.recv(64)
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +111,6 @@ class Sandbox:
             engine_user=TEST_ENGINE_USER,
             workdir_root=self.root,
             pool_id=self.pool_id,
-            bind_port=fields.pop("bind_port", None),
             readable_paths=fields.pop("readable_paths", ()),
         )
         return replace(spec, **fields)
@@ -95,18 +121,26 @@ class Sandbox:
         return prepared
 
     def spawn(
-        self, prepared: PreparedIsolation, argv: Sequence[str], env: Mapping[str, str] | None = None
+        self,
+        prepared: PreparedIsolation,
+        argv: Sequence[str],
+        env: Mapping[str, str] | None = None,
+        *,
+        log: Path | None = None,
     ) -> subprocess.Popen[bytes]:
+        """`log`: stdout and stderr go to that file (a chatty engine would fill a pipe and block)."""
         argv2, env2 = wrap_command(prepared, argv, env or {})
-        proc = subprocess.Popen(
-            argv2,
-            env=env2,
-            start_new_session=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            close_fds=True,
-        )
+        with contextlib.ExitStack() as stack:
+            out = stack.enter_context(log.open("wb")) if log is not None else subprocess.PIPE
+            proc = subprocess.Popen(
+                argv2,
+                env=env2,
+                start_new_session=True,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT if log is not None else subprocess.PIPE,
+                close_fds=True,
+            )
         self.procs.append(proc)
         return proc
 
@@ -114,6 +148,17 @@ class Sandbox:
         proc = self.spawn(prepared, argv)
         out, err = proc.communicate(timeout=timeout)
         return proc.returncode, out.decode(), err.decode()
+
+    def probe(self, prepared: PreparedIsolation, python: str) -> dict[str, str]:
+        """sandbox_probe.py's results under `prepared`, with a TCP listener on loopback it must not reach."""
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            target = listener.getsockname()[1]
+            code, out, err = self.run(prepared, [python, "-c", PROBE_CODE, str(target)])
+        assert code == 0, err
+        result: dict[str, str] = json.loads(out)
+        return result
 
     def close(self) -> None:
         for proc in self.procs:

@@ -1,6 +1,6 @@
 """Plays a NON-root poolmgr (run by test_nonroot.py as an unprivileged user): prepare + wrap + spawn.
 
-argv: [workdir root, pool id, engine user to ask for, probe code file, listener port, bind port, other port]
+argv: [workdir root, pool id, engine user to ask for, probe code file, port of a TCP listener]
 Prints one JSON object: the layer decisions, /proc status of a sandboxed `sleep`, and the probe's results.
 """
 
@@ -12,10 +12,8 @@ from pathlib import Path
 
 from poolmgr.isolation import build_isolation, prepare, release, wrap_command
 
-root, pool_id, user, probe_file, target, allowed, other = sys.argv[1:8]
-spec = build_isolation(
-    {}, engine_user=user, workdir_root=Path(root), pool_id=pool_id, bind_port=int(allowed), readable_paths=()
-)
+root, pool_id, user, probe_file, target = sys.argv[1:6]
+spec = build_isolation({}, engine_user=user, workdir_root=Path(root), pool_id=pool_id, readable_paths=())
 prepared = prepare(spec)
 argv, env = wrap_command(prepared, ["sleep", "30"], {})
 proc = subprocess.Popen(argv, env=env, start_new_session=True, stdin=subprocess.DEVNULL, close_fds=True)
@@ -28,7 +26,7 @@ cwd = str(Path(f"/proc/{proc.pid}/cwd").readlink())
 proc.kill()
 proc.wait()
 code = Path(probe_file).read_text()
-argv, env = wrap_command(prepared, [sys.executable, "-c", code, target, allowed, other], {})
+argv, env = wrap_command(prepared, [sys.executable, "-c", code, target], {})
 probe = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=30, check=True)
 release(prepared)
 print(

@@ -39,7 +39,10 @@ def test_doctor_rows_agree_with_the_host() -> None:
     assert rows["landlock"].supported == (abi >= 1)
     if abi:
         assert f"ABI {abi}" in rows["landlock"].detail
+        assert ("no TCP bind or connect" in rows["landlock"].detail) == (abi >= 4)
     assert rows["seccomp"].supported == (seccomp_unavailable_reason() is None)
+    if rows["seccomp"].supported:
+        assert "no AF_INET/AF_INET6/AF_PACKET sockets" in rows["seccomp"].detail
     layout = detect()
     assert rows["cgroup v1"].supported == (layout.version == 1)
     assert rows["cgroup v2"].supported == (layout.version == 2 and bool(layout.controllers))

@@ -1,31 +1,33 @@
-"""Steps for features/security/isolation.feature (B-SEC-001..003, 010..012): real processes, real files."""
+"""Steps for features/security/isolation.feature (B-SEC-001..003, 010..012): real processes, files, sockets."""
 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import stat
 import subprocess
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from pytest_bdd import given, parsers, scenarios, then, when
+from pytest_bdd import given, scenarios, then, when
 
 from poolmgr.isolation import podman_command, write_seccomp_profile
 from poolmgr.isolation._podman import default_profile_path
-from poolmgr.isolation._prepare import unreachable_by
 from poolmgr.isolation._seccomp import DENIED_SYSCALLS, seccomp_unavailable_reason
 from poolmgr.isolation._trampoline import landlock_abi
 
-from .conftest import Sandbox, make_rootfs, podman_missing, status_fields, wait_for_exec
+from .conftest import (
+    ENGINE_CODE,
+    ENGINE_REPLY,
+    Sandbox,
+    make_rootfs,
+    podman_missing,
+    reply_over_unix_socket,
+    status_fields,
+    wait_for_exec,
+)
 
 scenarios("security/isolation.feature")
-
-PROBE_CODE = (Path(__file__).parent / "sandbox_probe.py").read_text()
 
 
 @pytest.fixture
@@ -70,14 +72,7 @@ def _workdir(ctx: dict[str, Any]) -> None:
 
 def _probe(ctx: dict[str, Any], probe_python: str) -> dict[str, str]:
     box: Sandbox = ctx["box"]
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = str(listener.getsockname()[1])
-        code, out, err = box.run(ctx["prepared"], [probe_python, "-c", PROBE_CODE, port, "0", port])
-    assert code == 0, err
-    result: dict[str, str] = json.loads(out)
-    return result
+    return box.probe(ctx["prepared"], probe_python)
 
 
 @then("the engine cannot write outside its workdir (skipped where the kernel has no Landlock)")
@@ -86,6 +81,23 @@ def _no_write_outside(ctx: dict[str, Any], probe_python: str) -> None:
         pytest.skip("kernel has no Landlock")
     probe = _probe(ctx, probe_python)
     assert probe["write_outside"] == "EACCES" and probe["write_workdir"] == "ok"
+
+
+@then("the engine serves on a unix socket in its workdir, which poolmgr reaches")
+def _serves_on_workdir_socket(ctx: dict[str, Any], probe_python: str) -> None:
+    box: Sandbox = ctx["box"]
+    sock_path = ctx["prepared"].spec.workdir / "engine.sock"
+    proc = box.spawn(ctx["prepared"], [probe_python, "-c", ENGINE_CODE, str(sock_path)])
+    assert reply_over_unix_socket(proc, sock_path) == ENGINE_REPLY
+    assert proc.wait(timeout=10) == 0
+
+
+@then("the engine cannot create a unix socket outside its workdir (skipped where the kernel has no Landlock)")
+def _no_socket_outside(ctx: dict[str, Any], probe_python: str) -> None:
+    if landlock_abi() < 1:
+        pytest.skip("kernel has no Landlock")
+    probe = _probe(ctx, probe_python)
+    assert probe["unix_bind_outside"] == "EACCES" and probe["unix_serve_workdir"] == "ok"
 
 
 @then("all five capability sets of the engine are empty")
@@ -102,12 +114,25 @@ def _nnp_seccomp(ctx: dict[str, Any]) -> None:
     assert ctx["status"]["Seccomp"] == "2"
 
 
-@then("ptrace and UDP sockets are refused to the engine")
-def _ptrace_udp(ctx: dict[str, Any], probe_python: str) -> None:
+@then("ptrace and every IPv4 and IPv6 socket, TCP and UDP alike, are refused to the engine")
+def _ptrace_ip(ctx: dict[str, Any], probe_python: str) -> None:
     if why := seccomp_unavailable_reason():
         pytest.skip(f"seccomp unavailable: {why}")
     probe = _probe(ctx, probe_python)
-    assert probe["ptrace"] == "EPERM" and probe["udp_socket"] == "EPERM"
+    assert probe["ptrace"] == "EPERM"
+    for kind in ("tcp_socket", "udp_socket", "tcp6_socket", "udp6_socket", "tcp_connect", "tcp_bind"):
+        assert probe[kind] == "EPERM", kind
+
+
+@then("Landlock alone refuses the engine any TCP bind or connect (skipped where Landlock ABI < 4)")
+def _landlock_no_tcp(ctx: dict[str, Any], probe_python: str) -> None:
+    if (abi := landlock_abi()) < 4:
+        pytest.skip(f"Landlock ABI {abi} < 4 cannot restrict TCP")
+    box: Sandbox = ctx["box"]
+    prepared = box.prepare(box.spec({"seccomp": False}))  # the pool file's switch: only Landlock is left
+    probe = box.probe(prepared, probe_python)
+    assert probe["tcp_socket"] == "ok"
+    assert probe["tcp_bind"] == "EACCES" and probe["tcp_connect"] == "EACCES"
 
 
 @given("a pool that runs its engine in a podman container")
@@ -119,14 +144,9 @@ def _podman_pool(sandbox: Sandbox, ctx: dict[str, Any]) -> None:
 
 
 @when("poolmgr builds the container command")
-@when("poolmgr builds the container command without a port")
 def _build_cmd(ctx: dict[str, Any]) -> None:
-    ctx["cmd"] = podman_command(ctx["spec"], "localhost/llama:cpu", ["llama-server"], None)
-
-
-@when(parsers.parse("poolmgr builds the container command for port {port:d}"))
-def _build_cmd_port(ctx: dict[str, Any], port: int) -> None:
-    ctx["cmd"] = podman_command(ctx["spec"], "localhost/llama:cpu", ["llama-server"], port)
+    sock = ctx["spec"].workdir / "engine.sock"
+    ctx["cmd"] = podman_command(ctx["spec"], "localhost/llama:cpu", ["llama-server", "--host", str(sock)])
 
 
 def _run_args(ctx: dict[str, Any]) -> list[str]:
@@ -150,16 +170,16 @@ def _caps_flags(ctx: dict[str, Any]) -> None:
     assert not any(a.startswith("--cap-add") or "privileged" in a for a in run)
 
 
-def _container_cmd(ctx: dict[str, Any], script: str, port: int | None) -> list[str]:
+def _container_cmd(ctx: dict[str, Any], argv: list[str]) -> list[str]:
     if why := podman_missing():
         pytest.skip(why)
     box: Sandbox = ctx["box"]
     rootfs = make_rootfs(box.root, *ctx["ids"])
-    return podman_command(ctx["spec"], str(rootfs), ["sh", "-c", script], port)
+    return podman_command(ctx["spec"], str(rootfs), argv)
 
 
 def _run_container(ctx: dict[str, Any], script: str) -> subprocess.CompletedProcess[str]:
-    cmd = _container_cmd(ctx, script, None)
+    cmd = _container_cmd(ctx, ["sh", "-c", script])
     return subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
 
 
@@ -184,28 +204,21 @@ def _profile(ctx: dict[str, Any]) -> None:
     assert profile["defaultAction"] == "SCMP_ACT_ALLOW"
 
 
-@then("in the running container a UDP socket is refused (skipped where podman is missing)")
-def _run_udp(ctx: dict[str, Any]) -> None:
+@then("in the running container a TCP socket is refused (skipped where podman is missing)")
+def _run_tcp(ctx: dict[str, Any]) -> None:
     out = _run_container(
-        ctx, "python3 -c 'import socket; socket.socket(2, 2)' && echo UDP-OPEN; grep Seccomp: /proc/self/status"
+        ctx, "python3 -c 'import socket; socket.socket(2, 1)' && echo TCP-OPEN; grep Seccomp: /proc/self/status"
     )
-    assert "UDP-OPEN" not in out.stdout
+    assert "TCP-OPEN" not in out.stdout
     assert "PermissionError" in out.stderr
     assert "Seccomp:\t2" in out.stdout
 
 
-@then("the container has no network at all")
+@then("the container has no network at all and publishes no port")
 def _no_network(ctx: dict[str, Any]) -> None:
     run = _run_args(ctx)
-    assert "--network=none" in run
+    assert [a for a in run if a.startswith("--network")] == ["--network=none"]
     assert not any(a.startswith(("--publish", "-p")) for a in run)
-
-
-@then(parsers.parse("only TCP port {port:d} is published, on loopback only"))
-def _one_port(ctx: dict[str, Any], port: int) -> None:
-    run = _run_args(ctx)
-    assert [a for a in run if a.startswith("--publish")] == [f"--publish=127.0.0.1:{port}:{port}/tcp"]
-    assert "--network=none" not in run and "--network=host" not in run
 
 
 @then("in the running container loopback is the only interface (skipped where podman is missing)")
@@ -214,33 +227,15 @@ def _run_no_network(ctx: dict[str, Any]) -> None:
     assert out.stdout.split() == ["lo"], out.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@then("the published port reaches the engine (skipped where podman or a usable /dev/net/tun is missing)")
-def _run_published(ctx: dict[str, Any]) -> None:
-    if why := podman_missing():
-        pytest.skip(why)
-    uid, gid = ctx["ids"]
-    if why := unreachable_by(Path("/dev/net/tun"), uid, gid, os.R_OK | os.W_OK):
-        pytest.skip(f"slirp4netns needs /dev/net/tun: {why}")
-    port = _free_port()
-    server = f"python3 -m http.server --bind 0.0.0.0 {port}"
-    proc = subprocess.Popen(_container_cmd(ctx, server, port), cwd="/", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+@then("the engine's unix socket in its mounted workdir reaches the host (skipped where podman is missing)")
+def _run_unix_socket(ctx: dict[str, Any]) -> None:
+    sock_path = ctx["spec"].workdir / "engine.sock"
+    cmd = _container_cmd(ctx, ["python3", "-c", ENGINE_CODE, str(sock_path)])
+    proc = subprocess.Popen(cmd, cwd="/", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=1) as resp:
-                    assert resp.status == 200
-                    return
-            except OSError:
-                time.sleep(0.2)
+        reply = reply_over_unix_socket(proc, sock_path, timeout=120)
     finally:
-        proc.terminate()
-        _out, err = proc.communicate(timeout=30)
-    raise AssertionError(f"published port {port} never answered: {err.decode()[-500:]}")
+        if proc.poll() is None:
+            proc.terminate()
+        _out, err = proc.communicate(timeout=60)
+    assert reply == ENGINE_REPLY, err.decode()[-500:]

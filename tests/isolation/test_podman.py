@@ -11,7 +11,7 @@ import pytest
 
 from poolmgr.isolation import podman_command, write_seccomp_profile
 from poolmgr.isolation._podman import default_profile_path, seccomp_profile
-from poolmgr.isolation._seccomp import ARG_RULES, DENIED_SYSCALLS
+from poolmgr.isolation._seccomp import ARG_RULES, DENIED_FAMILIES, DENIED_SYSCALLS
 
 from .conftest import Sandbox, make_rootfs, podman_missing
 
@@ -24,14 +24,13 @@ def test_profile_denies_the_same_syscalls_as_the_process_sandbox() -> None:
     for name in ("ptrace", "mount", "unshare", "setns", "bpf", "keyctl", "perf_event_open", "userfaultfd"):
         assert name in eperm["names"]
     assert any(s["names"] == ["clone3"] and s["errnoRet"] == 38 for s in profile["syscalls"])
-    socket_rules = [s for s in profile["syscalls"] if s["names"] == ["socket"]]
-    assert len(socket_rules) == sum(r.syscall == "socket" for r in ARG_RULES)
-    udp = next(r for r in socket_rules if r["comment"] == "AF_INET SOCK_DGRAM")
-    assert udp["args"] == [
-        {"index": 0, "value": 2, "valueTwo": 0, "op": "SCMP_CMP_EQ"},
-        {"index": 1, "value": 0xF, "valueTwo": 2, "op": "SCMP_CMP_MASKED_EQ"},
-    ]
-    assert any(r["args"] == [{"index": 0, "value": 17, "valueTwo": 0, "op": "SCMP_CMP_EQ"}] for r in socket_rules)
+    socket_rules = {r["comment"]: r for r in profile["syscalls"] if r["names"] in (["socket"], ["socketpair"])}
+    assert len(socket_rules) == sum(r.syscall in ("socket", "socketpair") for r in ARG_RULES)
+    for call in ("socket", "socketpair"):
+        for name, family in DENIED_FAMILIES:  # the whole family: no type or protocol condition
+            rule = socket_rules[f"{call} {name}"]
+            assert rule["errnoRet"] == 1
+            assert rule["args"] == [{"index": 0, "value": 0xFFFF_FFFF, "valueTwo": family, "op": "SCMP_CMP_MASKED_EQ"}]
 
 
 def test_profile_file_is_the_profile_as_json(tmp_path: Path) -> None:
@@ -40,9 +39,9 @@ def test_profile_file_is_the_profile_as_json(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
 
 
-def test_command_is_rootless_capless_and_offline_without_a_port(sandbox: Sandbox, engine_ids: tuple[int, int]) -> None:
+def test_command_is_rootless_capless_and_offline(sandbox: Sandbox, engine_ids: tuple[int, int]) -> None:
     spec = sandbox.spec(readable_paths=(Path("/models/m.gguf"),), pids_max=64)
-    cmd = podman_command(spec, "localhost/llama:cpu", ["llama-server", "--port", "8080"], None)
+    cmd = podman_command(spec, "localhost/llama:cpu", ["llama-server", "--host", f"{spec.workdir}/engine.sock"])
     podman = cmd.index("podman")
     assert cmd[0] == "setpriv" and f"--reuid={engine_ids[0]}" in cmd[:podman]  # podman never runs as root
     assert cmd[cmd.index("env") + 1] == "-i"  # nor with poolmgr's environment
@@ -57,14 +56,12 @@ def test_command_is_rootless_capless_and_offline_without_a_port(sandbox: Sandbox
     ]
     assert "--pids-limit=64" in run and "--ulimit=core=0:0" in run
     assert not any("privileged" in a or a.startswith("--publish") for a in run)
-    assert run[-4:] == ["localhost/llama:cpu", "llama-server", "--port", "8080"]
+    assert run[-4:] == ["localhost/llama:cpu", "llama-server", "--host", f"{spec.workdir}/engine.sock"]
 
 
-def test_command_publishes_only_the_pools_port_on_loopback(sandbox: Sandbox) -> None:
-    cmd = podman_command(sandbox.spec(), str(sandbox.root), ["x"], 8123)
-    assert [a for a in cmd if a.startswith("--publish")] == ["--publish=127.0.0.1:8123:8123/tcp"]
-    assert "--network=none" not in cmd
-    assert cmd[-3:] == ["--rootfs", str(sandbox.root), "x"]  # a directory is used as the rootfs
+def test_a_rootfs_directory_is_used_as_the_container_root(sandbox: Sandbox) -> None:
+    cmd = podman_command(sandbox.spec(), str(sandbox.root), ["x"])
+    assert cmd[-3:] == ["--rootfs", str(sandbox.root), "x"]
 
 
 def test_rootless_container_runs_without_caps_and_with_the_profile(
@@ -78,13 +75,13 @@ def test_rootless_container_runs_without_caps_and_with_the_profile(
     write_seccomp_profile(default_profile_path(spec))
     script = (
         "grep -E '^(Cap|NoNewPrivs|Seccomp:)' /proc/self/status; echo \"uid_map:\t$(cat /proc/self/uid_map)\"; "
-        "python3 -c 'import socket; socket.socket(2, 2)'"
+        "python3 -c 'import socket; socket.socket(2, 1)'"
     )
-    cmd = podman_command(spec, str(rootfs), ["sh", "-c", script], None)
+    cmd = podman_command(spec, str(rootfs), ["sh", "-c", script])
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
     status = dict(line.split(":\t", 1) for line in out.stdout.splitlines())
     assert all(int(status[k], 16) == 0 for k in ("CapEff", "CapPrm", "CapBnd", "CapAmb")), out.stderr
     assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
-    assert "PermissionError" in out.stderr  # UDP refused by poolmgr's profile
+    assert "PermissionError" in out.stderr  # even a TCP socket is refused by poolmgr's profile
     _inside, outside, _count = (int(x) for x in status["uid_map"].split())
     assert outside == engine_ids[0]  # whatever uid it has inside, on the host it is the engine user

@@ -2,33 +2,28 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import socket
 import stat
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
-from poolmgr.errors import IsolationError
+from poolmgr.engines._install import resolve_llama_server
+from poolmgr.engines.tiny_model import write_tiny_model
+from poolmgr.errors import EngineError, IsolationError
 from poolmgr.isolation import EXIT_EXEC_FAILED, EXIT_ISOLATION_FAILED
 from poolmgr.isolation._seccomp import seccomp_unavailable_reason
 from poolmgr.isolation._trampoline import landlock_abi
 
-from .conftest import Sandbox, status_fields, wait_for_exec
+from .conftest import ENGINE_CODE, ENGINE_REPLY, Sandbox, reply_over_unix_socket, status_fields, wait_for_exec
 
-PROBE_CODE = (Path(__file__).parent / "sandbox_probe.py").read_text()
 LANDLOCK_ABI = landlock_abi()
 SECCOMP_MISSING = seccomp_unavailable_reason()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -36,24 +31,16 @@ def sleeping(sandbox: Sandbox, monkeypatch: pytest.MonkeyPatch) -> Iterator[tupl
     """A `sleep` engine under the full sandbox, with a secret in poolmgr's own environment."""
     monkeypatch.setenv("POOL_MANAGERD_API_TOKEN", "s3cret")
     monkeypatch.setenv("HF_TOKEN", "hf-s3cret")
-    prepared = sandbox.prepare(sandbox.spec({"pids_max": 32, "memory_max": "512M"}, bind_port=_free_port()))
+    prepared = sandbox.prepare(sandbox.spec({"pids_max": 32, "memory_max": "512M"}))
     proc = sandbox.spawn(prepared, ["sleep", "30"], {"CUDA_VISIBLE_DEVICES": "GPU-1234"})
     wait_for_exec(proc.pid, "sleep")
     yield proc.pid, sandbox
 
 
 @pytest.fixture
-def probe(sandbox: Sandbox, probe_python: str) -> Iterator[dict[str, str]]:
-    """The behaviour probe's results, run under the full sandbox with a listener it must not reach."""
-    allowed, other = _free_port(), _free_port()
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        target = listener.getsockname()[1]
-        prepared = sandbox.prepare(sandbox.spec(bind_port=allowed))
-        code, out, err = sandbox.run(prepared, [probe_python, "-c", PROBE_CODE, str(target), str(allowed), str(other)])
-    assert code == 0, err
-    yield json.loads(out)
+def probe(sandbox: Sandbox, probe_python: str) -> dict[str, str]:
+    """The behaviour probe's results under the full sandbox."""
+    return sandbox.probe(sandbox.prepare(sandbox.spec()), probe_python)
 
 
 def test_engine_runs_as_the_engine_user_with_no_supplementary_groups(
@@ -124,25 +111,64 @@ def test_engine_cannot_dump_core(sleeping: tuple[int, Sandbox]) -> None:
     assert core.split()[4:6] == ["0", "0"]
 
 
-def test_outbound_tcp_connect_is_refused(probe: dict[str, str]) -> None:
-    if LANDLOCK_ABI < 4:
-        pytest.skip(f"Landlock ABI {LANDLOCK_ABI} < 4 cannot restrict TCP")
-    assert probe["tcp_connect"] == "EACCES"
+IP_SOCKETS = [
+    "tcp_socket",
+    "udp_socket",
+    "tcp6_socket",
+    "udp6_socket",
+    "sctp_socket",
+    "raw_socket",
+    "packet_socket",
+    "tcp_socket_high_bits",
+    "inet_socketpair",
+    "tcp_connect",
+    "tcp_bind",
+    "tcp6_bind",
+]
 
 
-def test_engine_binds_only_its_own_port(probe: dict[str, str]) -> None:
-    if LANDLOCK_ABI < 4:
-        pytest.skip(f"Landlock ABI {LANDLOCK_ABI} < 4 cannot restrict TCP")
-    assert probe["bind_allowed"] == "ok"
-    assert probe["bind_other"] == "EACCES"
-
-
-@pytest.mark.parametrize("kind", ["udp_socket", "udp6_socket", "raw_socket", "packet_socket"])
-def test_datagram_raw_and_packet_sockets_are_refused(probe: dict[str, str], kind: str) -> None:
+@pytest.mark.parametrize("kind", IP_SOCKETS)
+def test_every_ipv4_ipv6_and_packet_socket_is_refused_with_eperm(probe: dict[str, str], kind: str) -> None:
     if SECCOMP_MISSING:
         pytest.skip(f"seccomp unavailable: {SECCOMP_MISSING}")
-    assert probe[kind] == "EPERM"
-    assert probe["tcp_socket"] == "ok"
+    assert probe[kind] == "EPERM"  # seccomp refuses socket() itself, before Landlock sees a bind or connect
+
+
+def test_netlink_and_unix_sockets_stay_open(probe: dict[str, str]) -> None:
+    assert probe["netlink_socket"] == "ok"  # glibc asks the kernel for interfaces over netlink
+    assert probe["unix_socketpair"] == "ok"
+
+
+def test_engine_serves_on_a_unix_socket_in_its_workdir_and_nowhere_else(probe: dict[str, str]) -> None:
+    assert probe["unix_serve_workdir"] == "ok"  # bind + listen + a reply: LL_FS_MAKE_SOCK holds in the workdir
+    if LANDLOCK_ABI < 1:
+        pytest.skip("kernel has no Landlock: nothing stops a socket file in /tmp")
+    assert probe["unix_bind_outside"] == "EACCES"  # /tmp is world-writable: only Landlock says no
+
+
+def test_poolmgr_reaches_the_engine_through_the_socket_in_its_workdir(sandbox: Sandbox, probe_python: str) -> None:
+    prepared = sandbox.prepare(sandbox.spec())
+    sock_path = prepared.spec.workdir / "engine.sock"
+    proc = sandbox.spawn(prepared, [probe_python, "-c", ENGINE_CODE, str(sock_path)])
+    reply = reply_over_unix_socket(proc, sock_path)
+    _out, err = proc.communicate(timeout=10)
+    assert reply == ENGINE_REPLY, err.decode()
+    assert proc.returncode == 0, err.decode()
+
+
+def test_landlock_alone_refuses_every_tcp_bind_and_connect(sandbox: Sandbox, probe_python: str) -> None:
+    if LANDLOCK_ABI < 4:
+        pytest.skip(f"Landlock ABI {LANDLOCK_ABI} < 4 cannot restrict TCP")
+    prepared = sandbox.prepare(sandbox.spec({"seccomp": False}))
+    assert not prepared.layer("seccomp").in_force
+    assert "no TCP bind or connect" in prepared.layer("landlock").detail
+    result = sandbox.probe(prepared, probe_python)
+    assert result["tcp_socket"] == "ok"  # seccomp is off: the socket opens, Landlock stops what it would do
+    assert result["tcp_connect"] == "EACCES"
+    assert result["tcp_bind"] == "EACCES"  # port 0 (ephemeral) included: no port has a rule
+    if result["tcp6_socket"] == "ok":  # a kernel without IPv6 refuses the socket itself
+        assert result["tcp6_bind"] == "EACCES"
+    assert result["unix_serve_workdir"] == "ok"
 
 
 def test_ptrace_and_new_user_namespaces_are_refused(probe: dict[str, str]) -> None:
@@ -164,19 +190,6 @@ def test_writes_outside_the_workdir_are_refused(probe: dict[str, str]) -> None:
 def test_threads_still_start_and_root_is_out_of_reach(probe: dict[str, str]) -> None:
     assert probe["thread"] == "ok"  # clone3 gets ENOSYS, libc falls back to clone
     assert probe["setuid_root"] == "EPERM"
-
-
-def test_ephemeral_port_bind_when_the_pool_has_no_fixed_port(sandbox: Sandbox, probe_python: str) -> None:
-    if LANDLOCK_ABI < 4:
-        pytest.skip(f"Landlock ABI {LANDLOCK_ABI} < 4 cannot restrict TCP")
-    prepared = sandbox.prepare(sandbox.spec(bind_port=None))
-    other = _free_port()
-    code, out, err = sandbox.run(prepared, [probe_python, "-c", PROBE_CODE, str(other), "0", str(other)])
-    assert code == 0, err
-    result = json.loads(out)
-    assert result["bind_allowed"] == "ok"
-    assert result["bind_other"] == "EACCES"
-    assert "ephemeral" in prepared.layer("landlock").detail
 
 
 def test_a_failing_layer_exits_126_and_never_runs_the_engine(sandbox: Sandbox) -> None:
@@ -222,17 +235,40 @@ def test_engine_user_without_group_never_keeps_gid_0(sandbox: Sandbox, engine_id
     assert out.split() == [str(engine_ids[1])]
 
 
-LLAMA_SERVER = Path("/tmp/llbuild/build/bin/llama-server")
+@pytest.fixture
+def llama_server() -> Path:
+    try:
+        return resolve_llama_server(os.environ.get("POOL_MANAGERD_LLAMA_SERVER", ""))
+    except EngineError as exc:
+        pytest.skip(f"no llama-server on this machine: {exc}")
 
 
-def test_llama_server_gets_past_exec_under_the_sandbox(sandbox: Sandbox) -> None:
-    if not LLAMA_SERVER.exists():
-        pytest.skip(f"{LLAMA_SERVER} not built on this machine")
-    bogus = sandbox.root / "bogus.gguf"
-    bogus.write_bytes(b"not a model")
-    bogus.chmod(0o644)
-    prepared = sandbox.prepare(sandbox.spec(readable_paths=(LLAMA_SERVER, bogus)))
-    code, out, err = sandbox.run(prepared, [str(LLAMA_SERVER), "--port", "0", "-m", str(bogus)], timeout=60)
-    assert "poolmgr-isolation" not in err
-    assert code not in (EXIT_ISOLATION_FAILED, EXIT_EXEC_FAILED)
-    assert "bogus.gguf" in out + err  # its own loader ran and complained about the file
+def _health_over_socket(proc: subprocess.Popen[bytes], sock: Path, log: Path, timeout: float) -> int:
+    """Poll /health through the unix socket, as the node's data plane does, until 200 (or the engine dies)."""
+    transport = httpx.HTTPTransport(uds=str(sock))
+    deadline = time.monotonic() + timeout
+    with httpx.Client(transport=transport, base_url="http://engine", timeout=5) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise AssertionError(f"engine exited {proc.returncode}: {log.read_text()[-2000:]}")
+            try:
+                if (code := client.get("/health").status_code) == 200:
+                    return code
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+    raise AssertionError(f"no /health 200 within {timeout} s: {log.read_text()[-2000:]}")
+
+
+def test_llama_server_serves_on_its_workdir_socket_with_no_ip_at_all(sandbox: Sandbox, llama_server: Path) -> None:
+    model = write_tiny_model(sandbox.root / "tiny.gguf")
+    model.chmod(0o644)
+    prepared = sandbox.prepare(sandbox.spec(readable_paths=(llama_server, model)))
+    assert not prepared.warnings
+    sock, log = prepared.spec.workdir / "engine.sock", sandbox.root / "engine.log"
+    argv = [str(llama_server), "--model", str(model), "--host", str(sock), "--n-gpu-layers", "0"]
+    proc = sandbox.spawn(prepared, [*argv, "--ctx-size", "256", "--parallel", "1", "--no-webui"], log=log)
+    assert _health_over_socket(proc, sock, log, timeout=120) == 200
+    if not SECCOMP_MISSING:
+        assert status_fields(proc.pid)["Seccomp"] == "2"  # it served with every IP socket refused
+    assert "poolmgr-isolation" not in log.read_text()

@@ -17,7 +17,6 @@ def _build(overrides: dict[str, object], **kw: object) -> IsolationSpec:
         "engine_user": "poolmgr-engine",
         "workdir_root": Path("/var/lib/poolmgr/engines"),
         "pool_id": "tiny",
-        "bind_port": 8081,
     }
     args.update(kw)
     return build_isolation(overrides, **args)  # type: ignore[arg-type]
@@ -28,7 +27,6 @@ def test_defaults_switch_user_drop_everything_and_keep_core_dumps_off() -> None:
     assert spec.user == "poolmgr-engine" and spec.group is None
     assert spec.workdir == Path("/var/lib/poolmgr/engines/tiny")
     assert (spec.drop_caps, spec.no_new_privs, spec.seccomp, spec.landlock, spec.clean_env) == (True,) * 5
-    assert spec.bind_port == 8081
     assert spec.readable_paths == (Path("/models/tiny.gguf"),)
     assert ("CORE", 0, 0) in spec.rlimits
     assert "AS" not in {name for name, _s, _h in spec.rlimits}

@@ -28,7 +28,7 @@ def test_plan_parser_reads_what_prepare_writes() -> None:
         "workdir": "/w/é",
         "rlimits": [[4, 0, 0]],
     }
-    plan["landlock"] = {"abi": 7, "paths": [["/w", 1 << 15]], "ports": [[0, 1]], "scoped": 3}
+    plan["landlock"] = {"abi": 7, "fs": 1 << 9, "net": 3, "paths": [["/w", 1 << 15]], "scoped": 3}
     assert _parse_plan(json.dumps(plan, separators=(",", ":"))) == plan
 
 

@@ -12,8 +12,10 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Iterator, Sequence
@@ -40,21 +42,20 @@ from tests.chaos._rig import FAKE_ENGINE, engines, marked_processes, model_file
 from tests.pool_steps import seed, step
 
 S, T = PoolState, Trigger
-_LISTEN = re.compile(rb"listening on (http://127\.0\.0\.1:\d+)")
+_LISTEN = re.compile(rb"listening on unix://(\S+)")
 
 
 @dataclass
 class Kit:
-    """A poolmgr installation: state dir, a fake llama-server, a model, one launcher (reaps our children)."""
+    """A poolmgr installation: state dir, a fake llama-server, a model, one launcher (reaps our children).
+    The state dir is a short one in /tmp: the engines' unix sockets live under it, and a socket path has at
+    most 107 bytes (pytest's tmp_path can be longer)."""
 
     dir: Path
+    state_dir: Path
     url: str
     launcher: ProcessLauncher
     pool_ids: list[str]
-
-    @property
-    def state_dir(self) -> Path:
-        return self.dir / "state"
 
     @property
     def wrapper(self) -> Path:
@@ -76,9 +77,21 @@ class Kit:
     def log_path(self, pool_id: str) -> Path:
         return self.state_dir / "logs" / f"{pool_id}.log"
 
+    def socket_path(self, pool_id: str) -> Path:
+        """Where poolmgr runs a pool's engine: its unix socket in the pool's workdir (the address a new poolmgr
+        must find an old one's engine at)."""
+        return self.state_dir / "work" / pool_id / "engine.sock"
+
+    def endpoint_url(self, pool_id: str) -> str:
+        """What poolmgr records as a ready pool's address: the node's data plane, not the engine's socket."""
+        return f"{self.cfg().advertised_url}/pools/{pool_id}/engine"
+
     def detached_engine(self, spec: PoolSpec, *, marked: bool = True) -> tuple[int, int, str]:
-        """An engine that outlived the poolmgr that started it: its own session, not our child, output in the
-        pool's log after the launcher's spawn header. (pid, start time, endpoint) once it serves."""
+        """An engine that outlived the poolmgr that started it: its own session, not our child, serving on the
+        pool's socket, output in the pool's log after the launcher's spawn header. (pid, start time, the
+        endpoint_url poolmgr recorded for it) once it serves."""
+        sock = self.socket_path(spec.id)
+        sock.parent.mkdir(parents=True, exist_ok=True)
         log = self.log_path(spec.id)
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "ab") as fh:
@@ -87,7 +100,7 @@ class Kit:
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         if marked:
             env |= {SPAWN_MARKER: spec.id, INSTANCE_MARKER: str(self.state_dir.absolute())}
-        argv = [str(self.wrapper), "--model", spec.model, "--host", "127.0.0.1", "--port", "0"]
+        argv = [str(self.wrapper), "--model", spec.model, "--host", str(sock), "--alias", spec.served_name]
         with open(log, "ab") as fh:
             subprocess.run(["setsid", "-f", *argv], env=env, stdout=fh, stderr=fh, stdin=subprocess.DEVNULL, check=True)
         deadline = time.monotonic() + 20
@@ -95,8 +108,9 @@ class Kit:
             found = _leaders_with(spec.model)
             match = _LISTEN.search(log.read_bytes()[offset:])
             if found and match:
+                assert match.group(1).decode() == str(sock)
                 pid, start = found[0]
-                return pid, start, match.group(1).decode()
+                return pid, start, self.endpoint_url(spec.id)
             time.sleep(0.02)
         raise AssertionError(f"the detached engine did not come up:\n{log.read_text()[-2000:]}")
 
@@ -122,11 +136,13 @@ def _kit(tmp_path: Path, url: str) -> Iterator[Kit]:
     wrapper = tmp_path / "llama-server"
     wrapper.write_text(f'#!/bin/sh\nexport FAKE_ENGINE_LOAD_MS=100\nexec python3 {tmp_path / "fake_engine.py"} "$@"\n')
     wrapper.chmod(0o755)
-    k = Kit(dir=tmp_path, url=url, launcher=ProcessLauncher(), pool_ids=[])
+    state_dir = Path(tempfile.mkdtemp(prefix="adopt.", dir="/tmp"))
+    k = Kit(dir=tmp_path, state_dir=state_dir, url=url, launcher=ProcessLauncher(), pool_ids=[])
     try:
         yield k
     finally:
         _kill_all(k)
+        shutil.rmtree(state_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -225,8 +241,8 @@ def test_a_ready_pool_whose_engine_died_meanwhile_crashes_and_backs_off_from_its
     gone = subprocess.Popen(["true"])
     gone.wait()
     reg = Registry(kit.url, node_id=kit.cfg().node_id)
-    _seed(reg, spec, TO_READY, pid=gone.pid, pid_start_time=1, endpoint_url="http://127.0.0.1:9", backoff_step=3,
-          restart_count=7)  # fmt: skip
+    _seed(reg, spec, TO_READY, pid=gone.pid, pid_start_time=1, endpoint_url=kit.endpoint_url(spec.id),
+          backoff_step=3, restart_count=7)  # fmt: skip
 
     async def body(rec: Reconciler) -> None:
         await _until(rec, lambda: reg.get(spec.id).state is S.BACKOFF, "backoff")
@@ -243,10 +259,32 @@ def test_a_ready_pool_whose_engine_died_meanwhile_crashes_and_backs_off_from_its
     reg.close()
 
 
+def test_the_engine_restarted_after_one_died_meanwhile_binds_over_the_socket_it_left(kit: Kit) -> None:
+    spec = kit.spec()
+    pid, start, url = kit.detached_engine(spec)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while _leaders_with(spec.model) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert kit.socket_path(spec.id).is_socket()  # a killed engine does not remove its socket file
+    reg = Registry(kit.url, node_id=kit.cfg().node_id)
+    _seed(reg, spec, TO_READY, pid=pid, pid_start_time=start, endpoint_url=url)
+
+    async def body(rec: Reconciler) -> None:
+        await _until(rec, lambda: any(e.trigger == "retry" for e in reg.events(pool_id=spec.id)), "a restart")
+        await _until(rec, lambda: reg.get(spec.id).state is S.READY, "ready again")
+        view = reg.get(spec.id)
+        assert view.pid != pid and view.endpoint_url == url  # a new engine, at the pool's same address
+
+    _run(kit, [spec], body)
+    assert not any(e.trigger == "preload_failed" for e in reg.events(pool_id=spec.id))
+    reg.close()
+
+
 # -- preloading -------------------------------------------------------------------------------------------
 def test_a_preloading_pool_goes_on_with_its_live_engine_instead_of_a_second_one(kit: Kit) -> None:
     spec = kit.spec()
-    pid, start, url = kit.detached_engine(spec)  # it already printed its `listening on` line
+    pid, start, url = kit.detached_engine(spec)  # it already answers /health 200 on the pool's socket
     reg = Registry(kit.url, node_id=kit.cfg().node_id)
     _seed(reg, spec, TO_PRELOADING, pid=pid, pid_start_time=start)
 
@@ -325,7 +363,7 @@ def test_a_recorded_pid_now_owned_by_another_program_is_never_signalled(kit: Kit
     try:
         reg = Registry(kit.url, node_id=kit.cfg().node_id)
         # The number is the same, the start time is not: another program got the pid.
-        _seed(reg, spec, path, pid=other.pid, pid_start_time=1, endpoint_url="http://127.0.0.1:9")
+        _seed(reg, spec, path, pid=other.pid, pid_start_time=1, endpoint_url=kit.endpoint_url(spec.id))
 
         async def body(rec: Reconciler) -> None:
             await _until(rec, lambda: reg.get(spec.id).pid != other.pid, "the pid let go")

@@ -16,6 +16,7 @@ import pytest
 from poolmgr.clock import FakeClock
 from poolmgr.lifecycle import operations
 from poolmgr.lifecycle.reconciler import Reconciler
+from poolmgr.lifecycle.traffic import Cut
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
 from poolmgr.states import PoolState
@@ -124,6 +125,7 @@ def test_a_drain_whose_lease_is_never_released_ends_at_its_deadline_on_the_clock
         (drained,) = [e for e in registry.events(pool_id="holds") if e.kind == "drained"]
         detail = drained.detail or {}
         assert detail["force_stopped"] is True and detail["final_leases"] == 1 and detail["outcome"] == "forced"
+        assert detail["cut_requests"] == 0
         # Ended at the first look at the clock past the deadline (the drain looks every 50 ms).
         assert deadline_ms <= detail["duration_ms"] < deadline_ms + 100
         assert registry.get("holds").active_leases == 0
@@ -131,8 +133,47 @@ def test_a_drain_whose_lease_is_never_released_ends_at_its_deadline_on_the_clock
         registry.close()
 
 
+def test_a_drain_waits_for_a_request_in_flight_and_cuts_it_at_its_deadline_on_the_clock(
+    sqlite_url: str, make_engine_dir: MakeEngineDir
+) -> None:
+    """No lease held, one request still running through the data plane: the drain waits for it (not for real
+    time) and, at the deadline, cuts it; the audit row says how many requests were cut."""
+    engine_dir = make_engine_dir()
+    spec = PoolSpec(id="busy", model=str(engine_dir / "tiny.gguf"))
+    deadline_ms = 20_000
+
+    async def body(rec: Reconciler, registry: Registry) -> None:
+        await _until(lambda: registry.get("busy").state is PoolState.READY, 20, "ready")
+        traffic = rec.runtime.traffic.get("busy")
+
+        async def request() -> None:  # a generation that outlasts any deadline
+            async with traffic.admit() as ticket:
+                await ticket.run(asyncio.sleep(3600))
+
+        running = asyncio.ensure_future(request())
+        await _until(lambda: traffic.in_flight == 1, 5, "the request admitted")
+        started = time.monotonic()
+        operations.request_drain(registry, "busy", deadline_ms=deadline_ms, correlation_id="drain-10")
+        rec.kick("busy")
+        await _until(lambda: registry.get("busy").state is PoolState.STOPPED, 15, "drained at the deadline")
+        assert time.monotonic() - started < deadline_ms / 1000
+        with pytest.raises(Cut):
+            await running
+        assert traffic.in_flight == 0
+
+    registry = _run(_cfg(engine_dir), sqlite_url, FakeClock(), spec, body)
+    try:
+        (drained,) = [e for e in registry.events(pool_id="busy") if e.kind == "drained"]
+        detail = drained.detail or {}
+        assert (detail["cut_requests"], detail["final_leases"], detail["force_stopped"]) == (1, 0, True)
+        assert detail["outcome"] == "forced"
+        assert deadline_ms <= detail["duration_ms"] < deadline_ms + 100
+    finally:
+        registry.close()
+
+
 def test_a_preload_times_out_on_the_clock_not_on_the_wall(sqlite_url: str, make_engine_dir: MakeEngineDir) -> None:
-    engine_dir = make_engine_dir(env="FAKE_ENGINE_MODE=hang")  # never reports its port, never answers 200
+    engine_dir = make_engine_dir(env="FAKE_ENGINE_MODE=hang")  # its socket answers 503 "Loading model", never 200
     spec = PoolSpec(id="slow", model=str(engine_dir / "tiny.gguf"))
     clock = FakeClock()
 

@@ -28,7 +28,11 @@ def _failure_lines(caplog: pytest.LogCaptureFixture, pool_id: str) -> list[loggi
     return [r for r in caplog.records if r.getMessage().startswith(said)]
 
 
-def _serve_until_crashed(cfg: PoolManagerConfig, url: str, spec: PoolSpec, kill: bool) -> list[str]:
+def _serve_until_crashed(
+    cfg: PoolManagerConfig, url: str, spec: PoolSpec, kill: bool, caplog: pytest.LogCaptureFixture
+) -> list[str]:
+    """Serve `spec` until its engine failed and the worker logged it (the line follows the audit row: shutting
+    down in between would cancel the worker before it logs)."""
     registry = Registry(url, node_id=cfg.node_id)
 
     async def scenario() -> None:
@@ -37,7 +41,9 @@ def _serve_until_crashed(cfg: PoolManagerConfig, url: str, spec: PoolSpec, kill:
         try:
             deadline = time.monotonic() + 30
             ready_at: float | None = None
-            while not any(e.kind in _FAILED for e in registry.events(pool_id=spec.id)):
+            while not (
+                any(e.kind in _FAILED for e in registry.events(pool_id=spec.id)) and _failure_lines(caplog, spec.id)
+            ):
                 view = registry.get(spec.id)
                 if kill and view.state is PoolState.READY and view.pid:
                     ready_at = ready_at or time.monotonic()
@@ -67,12 +73,12 @@ def test_a_kernel_oom_kill_is_critical_a_plain_kill_is_an_error(
                             backoff_initial_ms=3_600_000, backoff_max_ms=3_600_000, stop_grace_ms=300)  # fmt: skip
     hog = PoolSpec(id="hog", model=str(hog_dir / "tiny.gguf"), isolation={"memory_max": 128 * 1024 * 1024})
     with caplog.at_level(logging.INFO, logger="poolmgr.pool"):
-        assert _serve_until_crashed(cfg, sqlite_url, hog, kill=False) == ["host_oom"]
+        assert _serve_until_crashed(cfg, sqlite_url, hog, kill=False, caplog=caplog) == ["host_oom"]
         plain_dir = make_engine_dir()
         cfg = PoolManagerConfig(state_dir=plain_dir / "state", llama_server=str(plain_dir / "llama-server"),
                                 backoff_initial_ms=3_600_000, backoff_max_ms=3_600_000, stop_grace_ms=300)  # fmt: skip
         plain = PoolSpec(id="plain", model=str(plain_dir / "tiny.gguf"))
-        assert _serve_until_crashed(cfg, sqlite_url, plain, kill=True) == ["signal"]
+        assert _serve_until_crashed(cfg, sqlite_url, plain, kill=True, caplog=caplog) == ["signal"]
     # The hog dies as soon as it is ready: while serving (a crash) or still in its preload's bookkeeping.
     (oom,) = _failure_lines(caplog, "hog")
     assert oom.levelno == logging.CRITICAL and vars(oom)["reason"] == "host_oom"

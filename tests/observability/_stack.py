@@ -238,6 +238,15 @@ class Stack:
             time.sleep(0.02)
         raise AssertionError(f"pool {pool_id}: {what} not reached in {timeout}s; last status {last}")
 
+    def engine_socket(self, pool_id: str) -> Path:
+        """Where the pool's engine listens: a unix socket in its workdir (engines have no TCP port)."""
+        return self.cfg.state_dir / "work" / pool_id / "engine.sock"
+
+    def engine(self, pool_id: str) -> httpx.Client:
+        """A client straight to the pool's engine over its socket, not through poolmgr (close it after use)."""
+        transport = httpx.HTTPTransport(uds=str(self.engine_socket(pool_id)))
+        return httpx.Client(transport=transport, base_url="http://engine", timeout=30, trust_env=False)
+
     def wait_state(self, pool_id: str, state: str, timeout: float = 20) -> dict[str, Any]:
         return self.wait_for(pool_id, lambda s: s["state"] == state, f"state {state}", timeout)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,45 +75,58 @@ def test_engine_api_keys_come_from_the_flag_the_inline_flag_or_the_key_file(tmp_
         extra_args=("--temp", "0", "--api-key", "k1,k2", "--api-key=k3", "--api-key-file", str(keyfile)),
     )  # fmt: skip
     assert engine_api_keys(spec) == ["k1", "k2", "k3", "from-file-1", "from-file-2"]
-    assert target_for("k", "http://h:1/", spec).headers == {"Authorization": "Bearer k1"}
-    assert target_for("k", "http://h:1", PoolSpec(id="k", model="/m")).headers == {}
+    keyed = target_for("k", "http://h:9200/pools/k/engine/", spec, socket_path="/s/work/k/engine.sock")
+    assert keyed.headers == {"Authorization": "Bearer k1"}
+    assert (keyed.base_url, keyed.socket_path) == ("http://h:9200/pools/k/engine", "/s/work/k/engine.sock")
+    plain = target_for("k", "http://h:9200/pools/k/engine", PoolSpec(id="k", model="/m"), socket_path="/s/k.sock")
+    assert plain.headers == {}
     assert engine_api_keys(PoolSpec(id="k", model="/m", extra_args=("--api-key-file", "/nonexistent"))) == []
+
+
+def _on_socket(sock: str) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(uds=sock), base_url="http://engine", trust_env=False)
 
 
 @pytest.fixture
 def keyed_engine(engine_files: EngineFiles) -> Iterator[str]:
-    """The fake llama-server guarding its routes with an API key (as `--api-key` makes the real one do)."""
+    """The fake llama-server guarding its routes with an API key (as `--api-key` makes the real one do), on a
+    unix socket as poolmgr runs engines: the socket's path once it serves."""
     model = engine_files.model("good.gguf")
+    sock = os.path.join(tempfile.mkdtemp(prefix="keyed.", dir=engine_files.root), "engine.sock")
     proc = subprocess.Popen(
-        ["/usr/bin/python3", str(FAKE_ENGINE), "-m", str(model), "--port", "0", "--metrics", "--api-key", "sk-1"],
-        stderr=subprocess.PIPE, text=True,
+        ["/usr/bin/python3", str(FAKE_ENGINE), "-m", str(model), "--host", sock, "--metrics", "--api-key", "sk-1"],
+        stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    assert proc.stderr is not None
-    base = ""
-    deadline = time.monotonic() + 10
-    while not base and time.monotonic() < deadline:
-        match = re.search(r"listening on (http://[\d.]+:\d+)", proc.stderr.readline())
-        base = match.group(1) if match else ""
     try:
-        assert base, "the fake engine did not start"
-        yield base
+        with _on_socket(sock) as client:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and proc.poll() is None:
+                with contextlib.suppress(httpx.TransportError):
+                    if client.get("/health").status_code == 200:
+                        break
+                time.sleep(0.02)
+            else:
+                raise AssertionError("the fake engine did not start")
+        yield sock
     finally:
         proc.terminate()
         proc.wait(10)
-        proc.stderr.close()
 
 
 def test_the_scrape_presents_the_pools_engine_key_and_marks_a_refused_engine_down(keyed_engine: str) -> None:
     keyed = PoolSpec(id="keyed", model="/m", extra_args=("--api-key", "sk-1"))
+    endpoint = "http://127.0.0.1:9200/pools/{}/engine"  # the registry's: never dialled, the socket is
     scraper = EngineScraper(timeout_s=2.0)
     try:
-        families, up = scraper.scrape([target_for("keyed", keyed_engine, keyed)])
-        _, refused = scraper.scrape([target_for("nokey", keyed_engine, PoolSpec(id="nokey", model="/m"))])
+        families, up = scraper.scrape([target_for("keyed", endpoint.format("keyed"), keyed, socket_path=keyed_engine)])
+        nokey = PoolSpec(id="nokey", model="/m")
+        _, refused = scraper.scrape([target_for("nokey", endpoint.format("nokey"), nokey, socket_path=keyed_engine)])
     finally:
         scraper.close()
     assert up == {"keyed": True} and refused == {"nokey": False}
     assert _expose(families).value("llamacpp:requests_processing", pool_id="keyed") == 0
-    assert httpx.get(keyed_engine + "/metrics").status_code == 401
+    with _on_socket(keyed_engine) as client:
+        assert client.get("/metrics").status_code == 401
 
 
 @pytest.mark.e2e
@@ -128,9 +142,10 @@ def test_a_real_llama_server_pools_metrics_are_re_exposed(
     model = write_tiny_model(engine_files.root / "tiny-real.gguf")
     model.chmod(0o644)
     st = stack_factory(sqlite_url, [PoolSpec(id="obs-real", model=str(model))], POOL_MANAGERD_LLAMA_SERVER=binary)
-    status = st.wait_state("obs-real", "ready", timeout=60)
-    httpx.post(status["endpoint_url"] + "/completion", json={"prompt": "hello", "n_predict": 4}, timeout=30)
-    own = {f.name: f for f in text_string_to_metric_families(httpx.get(status["endpoint_url"] + "/metrics").text)}
+    st.wait_state("obs-real", "ready", timeout=60)
+    with st.engine("obs-real") as engine:
+        engine.post("/completion", json={"prompt": "hello", "n_predict": 4})
+        own = {f.name: f for f in text_string_to_metric_families(engine.get("/metrics").text)}
     predicted = own["llamacpp:tokens_predicted"].samples[0].value
     assert predicted >= 4
     scrape = st.scrape_until(  # fetched in the background: a later fetch has the completion's tokens

@@ -153,7 +153,10 @@ def engines(monkeypatch: pytest.MonkeyPatch) -> Iterator[EngineMetrics]:
     """EngineMetrics whose engines answer with the recorded llama-server scrape (no process)."""
     text = RECORDED.read_text()
     monkeypatch.setattr(EngineScraper, "fetch", lambda self, t: relabel(text, t.pool_id))
-    targets = [EngineTarget("busy", "http://127.0.0.1:9"), EngineTarget("quiet-1", "http://127.0.0.1:9")]
+    targets = [
+        EngineTarget(p, f"http://127.0.0.1:9200/pools/{p}/engine", f"/var/lib/poolmgr/work/{p}/engine.sock")
+        for p in ("busy", "quiet-1")
+    ]
     metrics = EngineMetrics(lambda: targets, interval_s=3600)
     metrics.fetch_now()
     yield metrics

@@ -11,7 +11,6 @@ import time
 from collections import Counter
 from typing import Any
 
-import httpx
 import pytest
 
 from poolmgr.observability._audit import BUCKETS
@@ -70,9 +69,11 @@ def _drive(st: Stack, files: EngineFiles) -> dict[str, Any]:
     assert st.http.post(f"/pools/{MAIN}/preload").status_code == 202
     status = st.wait_state(MAIN, "ready")
     assert st.http.post(f"/pools/{MAIN}/leases", json={"ttl_s": 60}).status_code == 201
-    done = httpx.post(status["endpoint_url"] + "/completion", json={"prompt": "one two three", "n_predict": 4})
-    assert done.status_code == 200
-    return {"engine_metrics": httpx.get(status["endpoint_url"] + "/metrics").text}
+    assert status["endpoint_url"].endswith(f"/pools/{MAIN}/engine")  # the node's data plane, not the engine
+    with st.engine(MAIN) as engine:
+        done = engine.post("/completion", json={"prompt": "one two three", "n_predict": 4})
+        assert done.status_code == 200
+        return {"engine_metrics": engine.get("/metrics").text}
 
 
 def _rows(events: list[EventView], pool_id: str, kind: str) -> list[EventView]:
@@ -108,7 +109,7 @@ def _assert_counters(scrape: Scrape, events: list[EventView]) -> None:
     )
     assert v("pool_preload_success_total", pool_id=BAD, engine="llamacpp") == 0
     # A missing model fails with its own line: model_missing (health_failure when the engine is gone before
-    # poolmgr reads its port, a race of the lifecycle layer): the labels are what the audit rows say.
+    # poolmgr sees it exit, a race of the lifecycle layer): the labels are what the audit rows say.
     for pool_id, failures in ((BAD, 2), (MAIN, 1)):
         reasons = Counter(e.reason for e in _rows(events, pool_id, "preload_failed"))
         assert sum(reasons.values()) == failures and set(reasons) <= {"model_missing", "health_failure"}
