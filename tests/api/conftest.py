@@ -21,7 +21,7 @@ from poolmgr.engines._install import resolve_llama_server
 from poolmgr.engines.tiny_model import write_tiny_model
 from poolmgr.errors import EngineError
 
-from ._plane import Plane
+from ._plane import FakeEngine, Plane, fake_engines
 
 E2E_REQUIRED = os.environ.get("POOLMGR_TEST_E2E", "") == "required"
 
@@ -84,6 +84,13 @@ def engine_get(sock: str, path: str) -> Any:
     """GET `path` of the engine directly (not through poolmgr)."""
     with httpx.Client(transport=httpx.HTTPTransport(uds=sock), timeout=10) as client:
         return client.get(f"http://engine{path}").json()
+
+
+@pytest.fixture
+def engine(sock_dir: Path) -> Iterator[FakeEngine]:
+    """One fake engine, pool "a", on a unix socket."""
+    with fake_engines(sock_dir, "a") as engines:
+        yield engines["a"]
 
 
 @pytest.fixture

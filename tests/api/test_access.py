@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
-import pytest
 
 from poolmgr.api.app import create_app
 from poolmgr.store import Registry
 
-from ._plane import FakeEngine, Plane, fake_engines, open_board, simple_app
+from ._plane import FakeEngine, Plane, open_board, simple_app
 
 API, INFERENCE, OTHER = "api-token-x", "inference-token-y", "inference-token-z"
 ROUTES = {"models": "/v1/models", "engine": "/pools/a/engine/echo", "admin": "/pools", "health": "/health"}
-
-
-@pytest.fixture
-def engine(sock_dir: Path) -> Iterator[FakeEngine]:
-    with fake_engines(sock_dir, "a") as engines:
-        yield engines["a"]
 
 
 def statuses(plane: Plane, token: str | None) -> dict[str, int]:

@@ -5,22 +5,15 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import pytest
 
 from poolmgr.lifecycle.traffic import Mode
 
-from ._plane import FakeEngine, Plane, fake_engines, open_board, simple_app, wait_until
+from ._plane import FakeEngine, Plane, open_board, simple_app, wait_until
 from .conftest import engine_get
-
-
-@pytest.fixture
-def engine(sock_dir: Path) -> Iterator[FakeEngine]:
-    with fake_engines(sock_dir, "a") as engines:
-        yield engines["a"]
 
 
 @pytest.fixture

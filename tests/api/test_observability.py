@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,15 +18,9 @@ from poolmgr.observability.metrics import MetricsEndpoint, PoolMetricsCollector
 from poolmgr.store import Registry
 from tests.observability._stack import Scrape
 
-from ._plane import FakeEngine, Plane, fake_engines, open_board, simple_app, wait_until
+from ._plane import FakeEngine, Plane, open_board, simple_app, wait_until
 
 TOKEN = "inference-secret-123"
-
-
-@pytest.fixture
-def engine(sock_dir: Path) -> Iterator[FakeEngine]:
-    with fake_engines(sock_dir, "a") as engines:
-        yield engines["a"]
 
 
 @pytest.fixture

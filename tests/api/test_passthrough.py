@@ -10,13 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ._plane import FakeEngine, Plane, fake_engines, open_board, simple_app, wait_until
-
-
-@pytest.fixture
-def engine(sock_dir: Path) -> Iterator[FakeEngine]:
-    with fake_engines(sock_dir, "a") as engines:
-        yield engines["a"]
+from ._plane import FakeEngine, Plane, open_board, simple_app, wait_until
 
 
 @pytest.fixture
