@@ -44,6 +44,7 @@ _NOT_DOWN = HOP_BY_HOP | {b"date", b"server", b"x-correlation-id"}  # the API po
 CORRELATION_HEADER = b"x-correlation-id"
 
 ErrorBody = Callable[[int, str, str], bytes]  # (status, message, kind) -> a JSON error body
+_ENGINE_GONE_WAIT_S = 1.0  # how long an unreachable engine of an open pool may take to be seen gone
 
 
 class ClientGone(Exception):
@@ -116,8 +117,7 @@ async def proxy(call: Call, traffic: PoolTraffic, out: Outgoing, *, connect_time
         watch(call)  # nothing left to read from the client: a disconnect can be seen from now on
     try:
         try:
-            async with traffic.admit() as ticket:
-                await ticket.run(_forward(call, traffic, out, connect_timeout_s))
+            await _admitted(call, traffic, out, connect_timeout_s)
         except (Refused, Cut, EngineUnreachable, EngineBroken, ClientGone) as exc:
             await _failed(call, exc)
         except Exception:  # a bug here: the client gets a clear answer, the log the traceback
@@ -136,6 +136,20 @@ async def proxy(call: Call, traffic: PoolTraffic, out: Outgoing, *, connect_time
         if call.disconnected:
             call.status, call.outcome = 499, "client_disconnect"
         _record(call, traffic)
+
+
+async def _admitted(call: Call, traffic: PoolTraffic, out: Outgoing, connect_timeout_s: float) -> None:
+    """Admit and forward. An engine that does not answer its socket before anything was sent has most likely just
+    died, a few ms before its worker sees the exit and the gate stops admitting: then the request waits, once, for
+    the pool's next engine like any request to a restarting pool (502 if the pool stays open regardless)."""
+    try:
+        async with traffic.admit() as ticket:
+            await ticket.run(_forward(call, traffic, out, connect_timeout_s))
+    except EngineUnreachable:
+        if not await traffic.left_open(_ENGINE_GONE_WAIT_S):
+            raise
+        async with traffic.admit() as ticket:
+            await ticket.run(_forward(call, traffic, out, connect_timeout_s))
 
 
 async def _failed(call: Call, exc: Exception) -> None:

@@ -133,6 +133,18 @@ class PoolTraffic:
         async with self._changed:
             self._changed.notify_all()
 
+    async def left_open(self, timeout_s: float) -> bool:
+        """Wait until the pool is no longer open (its engine was seen gone), at most `timeout_s`: whether it left."""
+        deadline = self.clock() + timeout_s
+        while self.mode is Mode.OPEN:
+            left = deadline - self.clock()
+            if left <= 0:
+                return False
+            async with self._changed:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), left)
+        return True
+
     async def wait_open(self) -> None:
         """Until the pool is open; raises Refused when it refuses, or when it stayed queued too long."""
         deadline = self.clock() + self.queue_timeout_s

@@ -114,3 +114,25 @@ def test_a_client_leaving_mid_stream_frees_the_engines_slot(
         lambda: not any(slot["is_processing"] for slot in engine_get(engine_socket, "/slots")),
         timeout=5, what="the engine's slot free again",
     )  # fmt: skip
+
+
+def test_a_request_to_an_engine_that_just_died_waits_for_the_next_engine(plane: Plane, engine: FakeEngine) -> None:
+    traffic = plane.traffic("a")
+    traffic.socket_path = str(engine.path) + ".gone"  # the engine died; its worker has not seen the exit yet
+
+    def restarted() -> None:
+        traffic.socket_path = str(engine.path)
+        plane.set("a", Mode.OPEN, "ready")
+
+    closer = later(0.1, lambda: plane.set("a", Mode.QUEUE, "restarting after a crash"))
+    opener = later(0.3, restarted)
+    response = httpx.post(plane.url + "/v1/completions", json={"model": "a", "prompt": "hi"})
+    closer.join()
+    opener.join()
+    assert response.status_code == 200 and response.json()["engine"] == "a"
+
+
+def test_an_open_pool_whose_engine_stays_unreachable_is_a_502(plane: Plane, engine: FakeEngine) -> None:
+    plane.traffic("a").socket_path = str(engine.path) + ".gone"
+    response = httpx.post(plane.url + "/v1/completions", json={"model": "a", "prompt": "hi"})
+    assert response.status_code == 502 and "does not answer" in response.json()["error"]["message"]
