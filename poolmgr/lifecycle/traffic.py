@@ -140,10 +140,14 @@ class PoolTraffic:
             left = deadline - self.clock()
             if left <= 0:
                 return False
-            async with self._changed:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), left)
+            await self._next_change(left)
         return True
+
+    async def _next_change(self, timeout_s: float) -> None:
+        """Until the gate changes (`set`) or `timeout_s` passed, whichever comes first."""
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout_s)
 
     async def wait_open(self) -> None:
         """Until the pool is open; raises Refused when it refuses, or when it stayed queued too long."""
@@ -157,9 +161,7 @@ class PoolTraffic:
                 if left <= 0:
                     raise Refused(503, f"pool {self.pool_id!r} was not ready within {self.queue_timeout_s:g} s "
                                        f"({self.reason})", 1)  # fmt: skip
-                async with self._changed:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._changed.wait(), left)
+                await self._next_change(left)
         finally:
             self.queued -= 1
 
