@@ -1,7 +1,8 @@
 """Benchmark (issue: steady-state cost grows with changes, not with pools x seconds): N pools on one node.
 
 One `poolmgr serve` runs N real pools (llama-server, the tiny model, slots 1) on SQLite, then on PostgreSQL (a
-database the bench creates and drops), and N fake pools (tests/fake_engine.py) when memory allows. Per row:
+database the bench creates and drops), and N fake pools (bench/fake_engine.c, compiled by the bench) when memory
+allows. Per row:
 
   idle poolmgr CPU       % of one core used by the serve process itself (utime+stime of /proc/<pid>/stat, its
                          children excluded) over --window-s, starting --settle-s after every pool is ready
@@ -73,7 +74,7 @@ PREFIX = "POOL_MANAGERD_"
 REQUIRED_SETTINGS = ("ADDR", "STATE_DIR", "CONFIG", "DATABASE_URL", "LLAMA_SERVER")
 OPTIONAL_SETTINGS = {"LOG_LEVEL": "WARNING"}
 PG_URL = os.environ.get("POOLMGR_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-FAKE_ENGINE = REPO / "tests" / "fake_engine.py"
+FAKE_ENGINE = REPO / "bench" / "fake_engine.c"  # a C stand-in: 1,000 Python ones cost more than 2 cores have
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 MEMORY_SHARE = 0.70  # a row runs only if its estimate fits in this share of MemAvailable
 SERVE_BASE_BYTES = 200 * 2**20  # the estimate of serve's own memory: base + per pool (generous)
@@ -160,12 +161,10 @@ def make_engines(assets: Path, *, real: bool, fake: bool) -> dict[str, Engine]:
     if real:
         engines["real"] = Engine("real", llama_server_path(), model)
     if fake:
-        shutil.copy(FAKE_ENGINE, assets / "fake_engine.py")
-        (assets / "fake_engine.py").chmod(0o644)
-        wrapper = assets / "llama-server"
-        wrapper.write_text(f'#!/bin/sh\nexec /usr/bin/python3 {assets / "fake_engine.py"} "$@"\n')
-        wrapper.chmod(0o755)
-        engines["fake"] = Engine("fake", wrapper, model)
+        binary = assets / "llama-server"
+        subprocess.run(["cc", "-O2", "-o", str(binary), str(FAKE_ENGINE)], check=True)
+        binary.chmod(0o755)
+        engines["fake"] = Engine("fake", binary, model)
     for engine in engines.values():
         engine.pss_bytes = probe_pss(engine)
     return engines

@@ -5,6 +5,7 @@
 - `ProcessLauncher` (`Launcher`): spawn in an own session with the log rotated, (pid, start time) identity,
   exit seen at once through a pidfd, stop TERM → KILL of the whole process group.
 - `install_llamacpp` / `list_engines` / `resolve_llama_server`: the llama-server binary cache.
+- `async_socket_client` / `socket_client`: httpx clients over an engine's unix socket.
 - `read_stat` / `read_start_time` (`ProcStat`): a process's identity from /proc; `rotate_log` /
   `rotate_log_in_place`: engine logs.
 - `poolmgr.engines.tiny_model.write_tiny_model` (not imported here: it needs numpy) writes a tiny real GGUF.
@@ -20,6 +21,7 @@ from poolmgr.engines._adapter import (
     StderrReason,
     StderrVerdict,
 )
+from poolmgr.engines._http import async_socket_client, socket_client
 from poolmgr.engines._install import (
     BUILD_NUMBER,
     InstalledEngine,
@@ -61,6 +63,7 @@ __all__ = [
     "StderrReason",
     "StderrVerdict",
     "WrapFn",
+    "async_socket_client",
     "binary_version",
     "classify_stderr",
     "default_cache_dir",
@@ -71,4 +74,5 @@ __all__ = [
     "resolve_llama_server",
     "rotate_log",
     "rotate_log_in_place",
+    "socket_client",
 ]

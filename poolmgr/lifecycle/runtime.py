@@ -23,6 +23,7 @@ from poolmgr.engines import (
     ProcessLauncher,
     SpawnedEngine,
     StderrReason,
+    async_socket_client,
     read_stat,
     resolve_llama_server,
 )
@@ -90,8 +91,7 @@ class EngineRuntime:
         path = str(self.socket_path(pool_id))
         client = self._clients.get(path)
         if client is None:
-            transport = httpx.AsyncHTTPTransport(uds=path, limits=httpx.Limits(max_keepalive_connections=0))
-            client = self._clients[path] = httpx.AsyncClient(transport=transport, trust_env=False)
+            client = self._clients[path] = async_socket_client(path)
         return client
 
     @property

@@ -72,6 +72,7 @@ class RequestStats:
     """Running totals of one pool's proxied requests (since this poolmgr started)."""
 
     by_code: dict[int, int] = field(default_factory=dict)
+    answered: int = 0  # the sum of by_code (read without a lock by the engine-metrics thread)
     duration: Histogram = field(default_factory=Histogram)
     first_byte: Histogram = field(default_factory=Histogram)
 
@@ -178,6 +179,7 @@ class PoolTraffic:
     def record(self, status: int, duration_s: float, first_byte_s: float | None) -> None:
         stats = self.stats
         stats.by_code[status] = stats.by_code.get(status, 0) + 1
+        stats.answered += 1
         stats.duration.observe(duration_s)
         if first_byte_s is not None:
             stats.first_byte.observe(first_byte_s)
@@ -204,6 +206,11 @@ class TrafficBoard:
         self.socket_for = socket_for
         self.clock = clock
         self.pools: dict[str, PoolTraffic] = {}
+        self._listeners: list[Callable[[], None]] = []
+
+    def on_change(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` (on the event loop; it must not block) whenever a pool's gate changes."""
+        self._listeners.append(listener)
 
     def get(self, pool_id: str) -> PoolTraffic:
         traffic = self.pools.get(pool_id)
@@ -220,7 +227,11 @@ class TrafficBoard:
         traffic.engine_headers = [
             (k.lower().encode(), v.encode()) for k, v in api_key_headers(view.spec.extra_args).items()
         ]
+        before = (traffic.mode, traffic.reason)
         traffic.set(*gate_for(view))
+        if (traffic.mode, traffic.reason) != before:
+            for listener in self._listeners:
+                listener()
 
     def serving(self, model: str) -> list[PoolTraffic]:
         """The pools a request for `model` may go to (its pool id or served model name), open ones first."""

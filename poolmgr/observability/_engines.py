@@ -24,6 +24,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
+from poolmgr.engines import socket_client
 from poolmgr.poolsfile import PoolSpec
 
 log = logging.getLogger("poolmgr.metrics")
@@ -31,6 +32,8 @@ log = logging.getLogger("poolmgr.metrics")
 ENGINE_PREFIX = "llamacpp:"
 DEFAULT_TIMEOUT_S = 1.0
 DEFAULT_INTERVAL_S = 15.0  # Prometheus' usual scrape interval: an engine's numbers are at most this old
+_MIN_SYNC_GAP_S = 0.5  # refreshes closer together than this read the targets once (200 pools starting)
+_FIRST_FETCH_SPREAD_S = 2.0  # engines that began serving are first fetched within this (then every interval)
 # OpenMetrics counters end in _total; llama.cpp types a few gauges as counters (llamacpp:n_tokens_max). The
 # parser would rename those samples to `<name>_total`: we keep the engine's name and call the type unknown.
 _COUNTER_TYPE_RE = re.compile(r"^# TYPE (\S+) counter\s*$", re.MULTILINE)
@@ -44,6 +47,7 @@ class EngineTarget:
     base_url: str
     socket_path: str
     headers: dict[str, str] = field(default_factory=dict, repr=False)
+    pid: int | None = None  # the engine process: a restarted engine is a new target (its counters start over)
 
 
 def engine_api_keys(spec: PoolSpec) -> list[str]:
@@ -70,10 +74,12 @@ def _keys_from_file(path: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def target_for(pool_id: str, base_url: str, spec: PoolSpec, *, socket_path: str) -> EngineTarget:
+def target_for(
+    pool_id: str, base_url: str, spec: PoolSpec, *, socket_path: str, pid: int | None = None
+) -> EngineTarget:
     keys = engine_api_keys(spec)
     auth = {"Authorization": f"Bearer {keys[0]}"} if keys else {}
-    return EngineTarget(pool_id, base_url.rstrip("/"), socket_path, auth)
+    return EngineTarget(pool_id, base_url.rstrip("/"), socket_path, auth, pid)
 
 
 def relabel(text: str, pool_id: str) -> list[Metric]:
@@ -146,11 +152,7 @@ class EngineScraper:
         with self._clients_lock:
             client = self._clients.get(socket_path)
             if client is None:
-                transport = httpx.HTTPTransport(uds=socket_path, limits=httpx.Limits(max_keepalive_connections=0))
-                client = httpx.Client(
-                    transport=transport, trust_env=False, timeout=httpx.Timeout(self.timeout_s), follow_redirects=False
-                )
-                self._clients[socket_path] = client
+                client = self._clients[socket_path] = socket_client(socket_path, timeout_s=self.timeout_s)
             return client
 
     def fetch(self, target: EngineTarget) -> list[Metric]:
@@ -194,8 +196,15 @@ class _Fetched:
     blocks: dict[str, _Block]
 
 
+Activity = Callable[[str], tuple[int, int]]  # pool_id -> (requests answered, requests in flight)
+
+
 class EngineMetrics:
-    """The engines' own metrics, fetched in a background thread; `text()` and `up()` serve the last answers."""
+    """The engines' own metrics, fetched in a background thread; `text()` and `up()` serve the last answers.
+
+    With `activity` (the data plane's request counts), a due fetch is skipped while the engine has answered no
+    request since its last good fetch and has none in flight: an idle engine's numbers cannot have moved (the
+    data plane is the only way to its socket), so a thousand idle pools cost no fetch at all."""
 
     def __init__(
         self,
@@ -204,9 +213,13 @@ class EngineMetrics:
         timeout_s: float = DEFAULT_TIMEOUT_S,
         interval_s: float = DEFAULT_INTERVAL_S,
         concurrency: int = 8,
+        activity: Activity | None = None,
     ) -> None:
         self.interval_s = interval_s
         self._read_targets = targets
+        self._activity = activity
+        self._seen: dict[str, tuple[int, int]] = {}  # pool_id -> its activity when its last good fetch began
+        self.fetches = 0
         self._scraper = EngineScraper(timeout_s=timeout_s, max_workers=concurrency)
         self._lock = threading.Lock()
         self._targets: dict[str, EngineTarget] = {}
@@ -232,8 +245,12 @@ class EngineMetrics:
                 for pool_id, url in endpoints.items()
             )
         if unknown:
-            self._refresh = True
-            self._wake.set()
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Read the targets again soon (a pool began or stopped serving); calls close together read once."""
+        self._refresh = True
+        self._wake.set()
 
     def up(self) -> dict[str, bool]:
         with self._lock:
@@ -266,12 +283,14 @@ class EngineMetrics:
             self._fetch(target)
 
     def _run(self) -> None:
-        next_sync = 0.0
+        next_sync = last_sync = 0.0
         while not self._stopped:
             now = time.monotonic()
-            if self._refresh or now >= next_sync:
+            if self._refresh:
+                next_sync = min(next_sync, last_sync + _MIN_SYNC_GAP_S)
+            if now >= next_sync:
                 self._refresh = False
-                next_sync = now + self.interval_s
+                last_sync, next_sync = now, now + self.interval_s
                 self._sync(now)
             until = min(self._dispatch(now), next_sync)
             self._wake.wait(max(0.0, until - time.monotonic()))
@@ -286,21 +305,27 @@ class EngineMetrics:
             return
         with self._lock:
             new = [pool_id for pool_id in targets if pool_id not in self._targets]
-            for pool_id in [p for p, t in self._targets.items() if targets.get(p) != t]:  # gone, or moved
+            for pool_id in [p for p, t in self._targets.items() if targets.get(p) != t]:  # gone, moved, restarted
+                self._seen.pop(pool_id, None)
                 if self._fetched.pop(pool_id, None) is not None:
                     self._text = None
                 if pool_id in targets:
                     self._due[pool_id] = now
                 else:
                     self._due.pop(pool_id, None)
+            spread = min(self.interval_s, _FIRST_FETCH_SPREAD_S)
             for i, pool_id in enumerate(new):
-                self._due[pool_id] = now + self.interval_s * i / len(new)
+                self._due[pool_id] = now + spread * i / len(new)
             self._targets = targets
 
     def _dispatch(self, now: float) -> float:
         """Start the fetches that are due; when the next one is."""
         with self._lock:
             due = [p for p, at in self._due.items() if at <= now and p not in self._inflight]
+            skipped = [p for p in due if self._idle_since_fetched(p)]
+            for pool_id in skipped:
+                self._due[pool_id] = max(self._due[pool_id] + self.interval_s, now)
+            due = [p for p in due if p not in skipped]
             for pool_id in due:
                 self._inflight.add(pool_id)
                 self._due[pool_id] = max(self._due[pool_id] + self.interval_s, now)
@@ -311,7 +336,16 @@ class EngineMetrics:
             self._scraper.submit(functools.partial(self._fetch, target))
         return next_due
 
+    def _idle_since_fetched(self, pool_id: str) -> bool:
+        """Whether the pool's engine answered nothing since its last good fetch (under the lock)."""
+        if self._activity is None or pool_id not in self._seen:
+            return False
+        now = self._activity(pool_id)
+        return now[1] == 0 and now == self._seen[pool_id]
+
     def _fetch(self, target: EngineTarget) -> None:
+        before = self._activity(target.pool_id) if self._activity is not None else (0, 0)
+        self.fetches += 1
         try:
             fetched = _Fetched(True, written(self._scraper.fetch(target)))
         except Exception:  # refused, timed out, not the text format: down until the next fetch
@@ -321,6 +355,10 @@ class EngineMetrics:
             if self._targets.get(target.pool_id) == target:
                 self._fetched[target.pool_id] = fetched
                 self._text = None
+                if fetched.up:
+                    self._seen[target.pool_id] = before
+                else:
+                    self._seen.pop(target.pool_id, None)
         self._wake.set()
 
 

@@ -369,15 +369,23 @@ def build_metrics(
     audit history in the background; `close()` stops them. `traffic`: the data plane's board (by default the
     reconciler's, `runtime.traffic`)."""
     registry, node_id = reconciler.registry, reconciler.cfg.node_id
+    board = traffic if traffic is not None else reconciler.runtime.traffic
 
     def targets() -> list[EngineTarget]:
         return [
-            target_for(p.id, p.endpoint_url or "", p.spec, socket_path=str(reconciler.runtime.socket_path(p.id)))
+            target_for(
+                p.id, p.endpoint_url or "", p.spec, socket_path=str(reconciler.runtime.socket_path(p.id)), pid=p.pid
+            )
             for p in registry.pools(node_id=node_id)
             if p.state in _SERVING and p.endpoint_url and p.engine == "llamacpp"
         ]
 
-    engines = EngineMetrics(targets, timeout_s=engine_timeout_s, interval_s=engine_interval_s)
+    def activity(pool_id: str) -> tuple[int, int]:
+        pool = board.pools.get(pool_id)  # read from another thread: two ints, a stale read only delays a fetch
+        return (0, 0) if pool is None else (pool.stats.answered, pool.in_flight)
+
+    engines = EngineMetrics(targets, timeout_s=engine_timeout_s, interval_s=engine_interval_s, activity=activity)
+    board.on_change(engines.refresh)  # a pool began or stopped serving: its engine is (un)listed at once
     collector = PoolMetricsCollector(
         registry,
         node_id=node_id,
@@ -385,7 +393,7 @@ def build_metrics(
         window_s=float(reconciler.cfg.restart_window_secs),
         lag_s=lag_s,
         engines=engines,
-        traffic=traffic if traffic is not None else reconciler.runtime.traffic,
+        traffic=board,
     )
     engines.start()
     threading.Thread(target=collector.prime, name="metrics-history", daemon=True).start()

@@ -81,6 +81,9 @@ def test_a_hung_engine_is_found_after_threshold_intervals_of_clock_time(
 
     async def body(rec: Reconciler, registry: Registry) -> None:
         await _until(lambda: registry.get("hangs").state is PoolState.READY, 20, "ready")
+        # READY is written before the worker starts watching: a clock step taken in between would be one the
+        # prober never saw (its first probe is a phase of the interval after the watch begins)
+        await _until(lambda: rec.runtime.prober.watching() == 1, 5, "the engine watched")
         pid = registry.get("hangs").pid
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)  # alive to the pidfd, silent to /health: a hang

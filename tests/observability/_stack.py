@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from poolmgr.api.app import create_app
+from poolmgr.api.dataplane import DataPlane
 from poolmgr.lifecycle.reconciler import Reconciler
 from poolmgr.observability.logs import JsonFormatter, register_pool_secrets, register_settings_secrets
 from poolmgr.observability.metrics import MetricsEndpoint, build_metrics
@@ -186,11 +187,15 @@ class Stack:
             lag_s=self.lag_s,
             engine_interval_s=self.engine_interval_s,
         )
-        app = create_app(registry, kick=reconciler.kick, api_token=self.cfg.api_token, metrics=self.metrics)
+        board = reconciler.runtime.traffic
+        app = create_app(
+            registry, kick=reconciler.kick, api_token=self.cfg.api_token, metrics=self.metrics, follow=board.follow
+        )
+        plane = DataPlane(app, board=board, api_token=self.cfg.api_token)  # served as the daemon serves it
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
-        server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="off"))
+        server = uvicorn.Server(uvicorn.Config(plane, log_config=None, access_log=False, lifespan="off"))
         self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
         await reconciler.start(self.specs)
         serving = asyncio.create_task(server.serve(sockets=[sock]))

@@ -143,8 +143,9 @@ def test_a_real_llama_server_pools_metrics_are_re_exposed(
     model.chmod(0o644)
     st = stack_factory(sqlite_url, [PoolSpec(id="obs-real", model=str(model))], POOL_MANAGERD_LLAMA_SERVER=binary)
     st.wait_state("obs-real", "ready", timeout=60)
+    done = st.http.post("/pools/obs-real/engine/completion", json={"prompt": "hello", "n_predict": 4})
+    assert done.status_code == 200  # through the data plane: an engine is re-fetched once it answered requests
     with st.engine("obs-real") as engine:
-        engine.post("/completion", json={"prompt": "hello", "n_predict": 4})
         own = {f.name: f for f in text_string_to_metric_families(engine.get("/metrics").text)}
     predicted = own["llamacpp:tokens_predicted"].samples[0].value
     assert predicted >= 4

@@ -5,7 +5,7 @@ prometheus_client writes for the same families. On SQLite and PostgreSQL where a
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,43 @@ def test_engine_metrics_are_served_from_the_last_fetch_and_only_for_serving_pool
     engines.serving({"busy": "http://127.0.0.1:9"})  # quiet-1 stopped serving: gone from the next scrape at once
     assert engines.up() == {"busy": True}
     assert 'pool_id="quiet-1"' not in engines.text() and 'pool_id="busy"' in engines.text()
+
+
+def test_an_idle_engine_is_not_fetched_again_until_it_answers_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the data plane's request counts, the fetcher skips an engine that answered nothing since its last
+    good fetch: idle pools cost no fetch. A request answered, one in flight or a restarted engine (new pid) is
+    fetched again on the next round."""
+    text = RECORDED.read_text()
+    fetched: list[str] = []
+    monkeypatch.setattr(EngineScraper, "fetch", lambda self, t: fetched.append(t.pool_id) or relabel(text, t.pool_id))
+    activity = {"idle": (0, 0), "busy": (0, 0)}
+    pids = {"idle": 10, "busy": 20}
+
+    def targets() -> list[EngineTarget]:
+        return [EngineTarget(p, f"http://n/pools/{p}/engine", f"/s/{p}.sock", pid=pid) for p, pid in pids.items()]
+
+    metrics = EngineMetrics(targets, interval_s=0.05, activity=activity.__getitem__)
+    metrics.start()
+    try:
+        _until(lambda: {"idle", "busy"} <= set(fetched), "the first fetch of each")
+        time.sleep(0.5)  # ten intervals, nothing answered
+        assert sorted(fetched) == ["busy", "idle"]
+        activity["busy"] = (3, 0)  # answered three requests
+        _until(lambda: fetched.count("busy") == 2, "busy fetched again")
+        activity["busy"] = (3, 1)  # a request in flight: fetched each round while it runs
+        _until(lambda: fetched.count("busy") >= 4, "busy fetched while a request runs")
+        pids["idle"] = 11  # restarted: its counters start over (the targets are read again each interval)
+        _until(lambda: fetched.count("idle") == 2, "the restarted engine fetched")
+        assert metrics.up() == {"idle": True, "busy": True}
+    finally:
+        metrics.close()
+
+
+def _until(pred: Callable[[], bool], what: str, timeout: float = 5) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.01)
 
 
 def test_serve_prunes_the_audit_beyond_the_retention_and_keeps_the_totals(
