@@ -181,10 +181,10 @@ class Reconciler:
         while not self.stopping:
             await asyncio.sleep(_HOUSEKEEPING_S)
             with contextlib.suppress(Exception):
-                if await self.store.call(self.registry.reap_expired_leases):
-                    for pool_id in self.workers:
+                if await self.store.call(self.registry.heartbeat_node, socket.gethostname()):
+                    reaped: int = await self.store.call(self.registry.reap_expired_leases)
+                    for pool_id in self.workers if reaped else ():
                         self.kick(pool_id)
-                await self.store.call(self.registry.heartbeat_node, socket.gethostname())
                 if timer() - last["devices"] >= self.cfg.vram_refresh_secs and self.inventory.available:
                     last["devices"] = timer()
                     self.inventory = await asyncio.to_thread(self._inventory_fn)

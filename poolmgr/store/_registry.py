@@ -89,13 +89,24 @@ class Registry:
         }  # fmt: skip
 
     # -- nodes ----------------------------------------------------------------------------------------
-    def heartbeat_node(self, hostname: str) -> None:
-        """The node's one steady write: its row's heartbeat (created on the first call)."""
+    def heartbeat_node(self, hostname: str) -> bool:
+        """The node's one steady write: its row's heartbeat (created on the first call). In the same transaction,
+        the lease reaper's look: whether a lease of one of this node's pools has expired (then
+        `reap_expired_leases`). An idle node: one transaction a second, whatever it runs."""
         now = self.clock.now()
         with self.engine.begin() as conn:
             values = {"heartbeat_at": now, "version": __version__}
             if conn.execute(update(NODES).where(NODES.c.id == self.node_id).values(**values)).rowcount == 0:
                 conn.execute(insert(NODES).values(id=self.node_id, hostname=hostname, started_at=now, **values))
+            return conn.execute(self._expired_leases(now).limit(1)).first() is not None
+
+    def _expired_leases(self, now: datetime) -> Any:
+        """The expired leases of this node's pools (a node never touches another node's pools)."""
+        return (
+            select(Lease.pool_id)
+            .join(Pool, Pool.id == Lease.pool_id)
+            .where(Pool.node_id == self.node_id, Lease.expires_at <= now)
+        )
 
     def note_all(self, notes: Sequence[tuple[str, EventData]]) -> None:
         """Audit rows that change no pool (an engine re-adopted at start), in one transaction; a retry after a
@@ -283,12 +294,12 @@ class Registry:
         return view.active_leases if view is not None else 0
 
     def reap_expired_leases(self) -> int:
-        """Delete expired leases. Locks are taken pool row first, then its leases — the order allocate/release
-        use — so a release racing with the reaper cannot deadlock on PostgreSQL."""
+        """Delete the expired leases of this node's pools. Locks are taken pool row first, then its leases — the
+        order allocate/release use — so a release racing with the reaper cannot deadlock on PostgreSQL."""
         now = self.clock.now()
         reaped = 0
         with self._sessions() as s:
-            pool_ids = sorted(set(s.scalars(select(Lease.pool_id).where(Lease.expires_at <= now))))
+            pool_ids = sorted(set(s.scalars(self._expired_leases(now))))
         for pool_id in pool_ids:
             with self._tx() as s:
                 row = s.scalars(select(Pool).where(Pool.id == pool_id).with_for_update()).one_or_none()

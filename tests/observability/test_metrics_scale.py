@@ -123,12 +123,15 @@ def test_a_scrape_reads_the_history_once_then_only_rows_after_its_cursor(
     endpoint = MetricsEndpoint(PoolMetricsCollector(registry, node_id="node-a", inventory=Inventory))
     last = registry.events()[-1].id
     endpoint()
-    fire(registry, "p", _crashed("signal"))  # young: read again by each scrape until it is older than the lag
+    fire(registry, "p", _crashed("signal"))  # young: on PostgreSQL read again by each scrape until older than the lag
     endpoint()
     clock.advance(120)
     endpoint()
     endpoint()
-    assert calls == [("history", None), ("after", last), ("after", last), ("after", last + 1)]
+    if registry.engine.dialect.name == "sqlite":  # ids commit in order: folded at once
+        assert calls == [("history", None), ("after", last), ("after", last + 1), ("after", last + 1)]
+    else:
+        assert calls == [("history", None), ("after", last), ("after", last), ("after", last + 1)]
     endpoint.close()
 
 
