@@ -2,9 +2,9 @@
 
 One real llama-server (the tiny model, `--threads 1`, 8 slots) on a unix socket, as poolmgr runs engines. One
 poolmgr data plane in a process of its own: `DataPlane` around the real API app (`create_app`, SQLite registry),
-served by uvicorn on loopback as the daemon serves it (h11, no access log, a JSON log line per request to a
-file), the pool open, an inference token required. Every measurement is taken both ways, alternately request by
-request, so both see the same machine load:
+served by uvicorn on loopback as the daemon serves it (its "auto" HTTP: httptools, a dependency since 2026-12-06;
+no access log, a JSON log line per request to a file), the pool open, an inference token required. Every
+measurement is taken both ways, alternately request by request, so both see the same machine load:
 
 - added latency of a 1-token completion (`/v1/completions` and the passthrough `/pools/{id}/engine/completion`),
   over a kept-alive client connection on both sides (poolmgr opens one to the engine per request): p50 and p95
