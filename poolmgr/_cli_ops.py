@@ -49,7 +49,8 @@ def _serve(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
     setup_logging(args.log_format or cfg.log_format, cfg.log_level)
     for line in checked.warnings:
         logging.getLogger("poolmgr.daemon").warning("%s", line)
-    return asyncio.run(serve(cfg, checked.specs, keep_engines=True if args.keep_engines else None))
+    keep = True if args.keep_engines else None
+    return asyncio.run(serve(cfg, checked.specs, keep_engines=keep, pools_file=Path(path) if path else None))
 
 
 def cmd_engines_install(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
@@ -205,6 +206,49 @@ def _register(sub: Any) -> None:
     sub.add_parser("doctor", help="isolation layers this machine supports").set_defaults(handler=cmd_doctor)
     sub.add_parser("setup", help="create the engine user and state dir (root)").set_defaults(handler=cmd_setup)
     _register_ops(sub)
+    _register_desired(sub)
+
+
+def cmd_apply(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
+    """This node's file pools become FILE's: checked as `validate` checks it, written to the registry (a running
+    serve acts on it within a heartbeat); prints what it adds, changes and removes."""
+    from poolmgr.lifecycle.desired import apply_pools
+    from poolmgr.store import Registry
+    from poolmgr.validation import check_pools_file
+
+    checked = check_pools_file(Path(args.file), cfg)
+    registry = Registry(cfg.effective_database_url, node_id=cfg.node_id)
+    try:
+        done = apply_pools(registry, list(checked.specs))
+    finally:
+        registry.close()
+    for line in done.lines() or ["no change"]:
+        print(line)
+    return 0
+
+
+def cmd_pool_rm(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
+    """Remove one of this node's pools: it drains, stops, then its row goes (a running serve does it)."""
+    from poolmgr.lifecycle.desired import remove_pool
+    from poolmgr.store import Registry
+
+    registry = Registry(cfg.effective_database_url, node_id=cfg.node_id)
+    try:
+        view = remove_pool(registry, args.pool_id)
+    finally:
+        registry.close()
+    print(f"removing {view.id} (state {view.state.value}): it drains, stops, then leaves the registry")
+    return 0
+
+
+def _register_desired(sub: Any) -> None:
+    p = sub.add_parser("apply", help="make a pools file this node's pools (prints what it adds, changes, removes)")
+    p.add_argument("-f", "--file", required=True, help="pools file (TOML), checked like `validate`")
+    p.set_defaults(handler=cmd_apply)
+    pool = sub.add_parser("pool", help="change this node's pools").add_subparsers(dest="sub", required=True)
+    p = pool.add_parser("rm", help="remove a pool: it drains, stops, then leaves the registry")
+    p.add_argument("pool_id")
+    p.set_defaults(handler=cmd_pool_rm)
 
 
 def _register_ops(sub: Any) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from poolmgr import __version__
-from poolmgr.errors import ConfigError, DeviceError, PoolmgrError
+from poolmgr.errors import ConfigError, DeviceError, OwnedElsewhere, PoolmgrError
 from poolmgr.settings import PoolManagerConfig
 
 if TYPE_CHECKING:
@@ -165,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = _settings()
         handler: Handler = args.handler
         return handler(args, cfg)
-    except (ConfigError, DeviceError) as exc:
+    except (ConfigError, DeviceError, OwnedElsewhere) as exc:
         for line in str(exc).splitlines() or [type(exc).__name__]:
             print(f"poolmgr: error: {line}", file=sys.stderr)
         return 2

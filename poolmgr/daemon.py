@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 from collections.abc import Awaitable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import uvicorn
@@ -26,9 +27,12 @@ from starlette.responses import JSONResponse, Response
 from poolmgr import __version__
 from poolmgr.api.app import create_app
 from poolmgr.api.dataplane import DataPlane, uvicorn_tls
-from poolmgr.errors import ConfigError
+from poolmgr.errors import ConfigError, ConflictError
+from poolmgr.inflight import LOAD_ON_DEMAND
+from poolmgr.lifecycle.operations import request_preload
 from poolmgr.lifecycle.outage import database_unavailable
 from poolmgr.lifecycle.reconciler import Reconciler
+from poolmgr.lifecycle.traffic import Starter
 from poolmgr.observability.logs import register_pool_secrets, register_settings_secrets
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
@@ -64,6 +68,23 @@ def _metrics(reconciler: Reconciler) -> Any:
     return build_metrics(reconciler)
 
 
+def _on_demand(registry: Registry, reconciler: Reconciler) -> Starter:
+    """How the data plane starts a stopped pool with load_on_demand for a request: an operator's preload (audited
+    with reason load_on_demand), then its gate and worker follow at once, as after the API's preload."""
+    board = reconciler.runtime.traffic
+
+    async def start(pool_id: str, correlation_id: str | None) -> None:
+        log.info("pool %s: a request found it stopped (load_on_demand): starting it", pool_id,
+                 extra={"pool_id": pool_id, "correlation_id": correlation_id, "reason": LOAD_ON_DEMAND})  # fmt: skip
+        view = await asyncio.to_thread(
+            request_preload, registry, pool_id, correlation_id=correlation_id, reason=LOAD_ON_DEMAND
+        )
+        board.follow(view)
+        reconciler.kick(pool_id)
+
+    return start
+
+
 def _devices(reconciler: Reconciler) -> Any:
     from poolmgr.devices import devices_json
 
@@ -77,7 +98,10 @@ def _devices(reconciler: Reconciler) -> Any:
     return rows
 
 
-async def serve(cfg: PoolManagerConfig, specs: Sequence[PoolSpec], *, keep_engines: bool | None = None) -> int:
+async def serve(
+    cfg: PoolManagerConfig, specs: Sequence[PoolSpec], *, keep_engines: bool | None = None,
+    pools_file: Path | None = None,
+) -> int:  # fmt: skip
     check_bind_security(cfg)
     stop = _stop_on_signals()  # first: from here on SIGTERM / Ctrl-C is a clean stop, during start-up too
     keep = cfg.keep_engines if keep_engines is None else keep_engines
@@ -94,6 +118,7 @@ async def serve(cfg: PoolManagerConfig, specs: Sequence[PoolSpec], *, keep_engin
         await _unless(stop, reconciler.store.call(migrate, url))  # waits (and says so) while the database is away
         metrics = _metrics(reconciler)
         board = reconciler.runtime.traffic
+        board.starter = _on_demand(registry, reconciler)
         app = create_app(
             registry, kick=reconciler.kick, api_token=cfg.api_token, metrics=metrics, devices=_devices(reconciler),
             follow=board.follow,
@@ -108,15 +133,9 @@ async def serve(cfg: PoolManagerConfig, specs: Sequence[PoolSpec], *, keep_engin
         )  # fmt: skip
         sock = _listen(cfg)
         await _unless(stop, reconciler.start(specs))
+        _reapply_on_sighup(cfg, reconciler, pools_file)
         server_task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
-        log.info(
-            "poolmgr %s serving on %s://%s with %d pool(s) (their address: %s/pools/<id>/engine); database %s; "
-            "api token %s",
-            __version__, "https" if uvicorn_tls(cfg) else "http", cfg.addr, len(specs), cfg.advertised_url,
-            _safe_url(url),
-            token_fingerprint(cfg.api_token) if cfg.api_token else "off (loopback only)",
-            extra={"pid": os.getpid()},
-        )  # fmt: skip
+        _log_serving(cfg, len(reconciler.workers), url)
         await _unless(stop, asyncio.shield(server_task))
     except _Stopped:
         pass
@@ -134,6 +153,45 @@ async def serve(cfg: PoolManagerConfig, specs: Sequence[PoolSpec], *, keep_engin
     if failed:
         raise ConfigError(f"the API could not serve on {cfg.addr} (is the port in use?)")
     return 0
+
+
+def _log_serving(cfg: PoolManagerConfig, pools: int, url: str) -> None:
+    log.info(
+        "poolmgr %s serving on %s://%s with %d pool(s) (their address: %s/pools/<id>/engine); database %s; "
+        "api token %s",
+        __version__, "https" if uvicorn_tls(cfg) else "http", cfg.addr, pools, cfg.advertised_url, _safe_url(url),
+        token_fingerprint(cfg.api_token) if cfg.api_token else "off (loopback only)",
+        extra={"pid": os.getpid()},
+    )  # fmt: skip
+
+
+def _reapply_on_sighup(cfg: PoolManagerConfig, reconciler: Reconciler, pools_file: Path | None) -> None:
+    """SIGHUP: the pools file is read and checked again and applied as this node's file pools (what it adds,
+    changes and removes is logged); a file with problems, or naming another node's pool, changes nothing."""
+    if pools_file is None:
+        return
+    loop = asyncio.get_running_loop()
+    pending: set[asyncio.Task[None]] = set()
+
+    async def reapply() -> None:
+        from poolmgr.validation import check_pools_file
+
+        try:
+            checked = await asyncio.to_thread(check_pools_file, pools_file, cfg)
+            register_pool_secrets(checked.specs)
+            done = await reconciler.apply(checked.specs)
+        except (ConfigError, ConflictError) as exc:
+            log.error("SIGHUP: pools file %s not applied: %s", pools_file, str(exc).replace("\n", "; "))
+            return
+        log.info("SIGHUP: pools file %s applied: %d added, %d changed, %d removed", pools_file,
+                 len(done.added), len(done.changed), len(done.removed))  # fmt: skip
+
+    def on_hup() -> None:
+        task = loop.create_task(reapply(), name="sighup")
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
 
 
 class _Stopped(Exception):

@@ -45,6 +45,17 @@ class ConflictError(PoolmgrError):
     pass
 
 
+class OwnedElsewhere(ConflictError):
+    """A pool id names one pool in the whole fleet: this one belongs to another node."""
+
+    def __init__(self, pool_id: str, owner: str) -> None:
+        super().__init__(
+            f"pool {pool_id!r} belongs to node {owner!r}: a node never changes another node's pool "
+            f"(move it by removing it there first: `poolmgr pool rm {pool_id}` on {owner})"
+        )
+        self.pool_id, self.owner = pool_id, owner
+
+
 class IllegalTransition(ConflictError):
     def __init__(self, pool_id: str, trigger: str, state: str) -> None:
         super().__init__(f"pool {pool_id!r}: trigger {trigger!r} is not allowed from state {state!r}")
@@ -91,6 +102,7 @@ __all__ = [
     "IsolationError",
     "LeaseRefused",
     "NotFoundError",
+    "OwnedElsewhere",
     "PoolmgrError",
     "PreloadFailed",
 ]

@@ -8,6 +8,8 @@
     slots = 2
     ctx_size = 2048
     extra_args = ["--temp", "0"]
+    idle_unload_s = 600        # stop it after 10 idle minutes (default: never)
+    load_on_demand = true      # a request to it while stopped starts it (default: false)
     [pool.isolation]
     memory_max = "8G"
 
@@ -46,6 +48,8 @@ FIELDS = (
     "tensor_split",
     "isolation",
     "runtime",
+    "idle_unload_s",
+    "load_on_demand",
 )
 ISOLATION_KEYS = ("user", "group", "seccomp", "landlock", "memory_max", "cpu_max", "pids_max")
 # Flags poolmgr owns: a pool file may not set them through extra_args.
@@ -57,6 +61,7 @@ _INT32_MAX = 2**31 - 1  # llama-server reads --parallel and --ctx-size as C ints
 _MAX_BYTES = 2**63 - 1  # what a cgroup limit file holds
 CPU_PERIOD_US = 100_000  # the period of `cpu_max` given as a number of CPUs
 _CPU_PERIOD_RANGE = (1000, 1_000_000)  # µs, as cgroup v2's cpu.max accepts
+MAX_IDLE_UNLOAD_S = 365 * 24 * 3600
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 
 
@@ -74,6 +79,8 @@ class PoolSpec:
     isolation: dict[str, Any] = field(default_factory=dict)
     runtime: str = "process"
     served_model_name: str | None = None
+    idle_unload_s: float | None = None  # stop the pool once it had no request and no lease that long (None: never)
+    load_on_demand: bool = False  # a request to the stopped pool starts it and waits until it is ready
 
     @property
     def served_name(self) -> str:
@@ -245,11 +252,21 @@ def _extra_args(raw: Mapping[str, Any]) -> tuple[str, ...]:
     return tuple(extra)
 
 
-def _share_devices(raw: Mapping[str, Any]) -> bool:
-    share = raw.get("share_devices", False)
-    if not isinstance(share, bool):
-        raise _Bad(("share_devices", f"must be true or false, got {share!r}"))
-    return share
+def _flag(raw: Mapping[str, Any], name: str) -> bool:
+    value = raw.get(name, False)
+    if not isinstance(value, bool):
+        raise _Bad((name, f"must be true or false, got {value!r}"))
+    return value
+
+
+def _idle_unload_s(raw: Mapping[str, Any]) -> float | None:
+    value = raw.get("idle_unload_s")
+    if value is None:
+        return None
+    if not _is_number(value) or not math.isfinite(value) or not 0 < value <= MAX_IDLE_UNLOAD_S:
+        raise _Bad(("idle_unload_s", f"must be a number of seconds > 0 (at most {MAX_IDLE_UNLOAD_S}; leave it out "
+                                     f"for never), got {value!r}"))  # fmt: skip
+    return float(value)
 
 
 def _tensor_split(raw: Mapping[str, Any]) -> tuple[float, ...] | None:
@@ -286,9 +303,11 @@ _CHECKS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "slots": lambda raw: _positive_int(raw, "slots", 1),
     "ctx_size": lambda raw: _positive_int(raw, "ctx_size", 2048),
     "extra_args": _extra_args,
-    "share_devices": _share_devices,
+    "share_devices": lambda raw: _flag(raw, "share_devices"),
     "tensor_split": _tensor_split,
     "isolation": _isolation,
+    "idle_unload_s": _idle_unload_s,
+    "load_on_demand": lambda raw: _flag(raw, "load_on_demand"),
 }
 
 
@@ -376,6 +395,7 @@ __all__ = [
     "FIELDS",
     "ISOLATION_KEYS",
     "KNOWN_ENGINES",
+    "MAX_IDLE_UNLOAD_S",
     "PoolSpec",
     "collect_pool",
     "collect_pools",

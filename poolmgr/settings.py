@@ -63,6 +63,8 @@ class PoolManagerConfig:
     tls_key: Path | None = None
     queue_timeout_ms: int = 30_000
     advertise_url: str = ""
+    node_heartbeat_ms: int = 1000
+    node_grace_ms: int = 5000
 
     # Fields that must never reach a log line, an error body or /metrics.
     SECRET_FIELDS = ("api_token",)
@@ -146,6 +148,8 @@ class PoolManagerConfig:
             "restart_window_secs",
             "vram_refresh_secs",
             "audit_retention_days",
+            "node_heartbeat_ms",
+            "node_grace_ms",
         )
         for name in positive:
             value = getattr(self, name)
@@ -166,6 +170,11 @@ class PoolManagerConfig:
         if self.database_url and not self.database_url.startswith(("sqlite", "postgresql")):
             raise ConfigError(
                 f"{_var('database_url')}={_redact_url(self.database_url)}: must be a sqlite:/// or postgresql:// URL"
+            )
+        if self.node_grace_ms <= self.node_heartbeat_ms:
+            raise ConfigError(
+                f"{_var('node_grace_ms')}={self.node_grace_ms}: must exceed {_var('node_heartbeat_ms')}="
+                f"{self.node_heartbeat_ms} (a node is alive while its last heartbeat is younger than the grace)"
             )
         self._validate_data_plane()
 

@@ -35,3 +35,11 @@ Feature: The node data plane holds requests across a pool's lifecycle (B-PROXY, 
     Given a node with breaker threshold 1 serving a pool "broken" whose model is missing
     When the breaker of "broken" is open
     Then a chat completion for "broken" is refused at once with 503 naming the open breaker
+
+  Scenario: An idle pool with load_on_demand unloads, and a request to it starts it again and is answered
+    Given a node serving a ready pool "tiny" with load_on_demand and idle_unload_s 2
+    When "tiny" has no request for a while
+    Then "tiny" is unloaded as idle: stopped, no engine left, the audit saying idle_unload
+    When a chat completion for "tiny" is sent through the node
+    Then the chat completion is answered 200 by the new engine
+    And the audit of "tiny" says the request started it (load_on_demand)

@@ -4,8 +4,8 @@ exceptions: 401 AuthenticationError, 404 NotFoundError, ...).
 
 A `model` names a pool by its id or by its served model name (`served_model_name` in the pools file). Several
 pools may serve one name: an open one with the fewest requests in flight gets the request; with none open, the
-least busy queued one (its request waits for it to open); with only refusing ones, one of them (503 with its
-reason).
+least busy queued one (its request waits for it to open); with none queued, a stopped one with `load_on_demand`
+(the request starts it and waits); with only refusing ones, one of them (503 with its reason).
 """
 
 from __future__ import annotations
@@ -74,13 +74,14 @@ def choose(board: TrafficBoard, model: str) -> PoolTraffic:
         raise BadRequest(404, f"The model `{model}` does not exist on this node (models: {names})",
                          "model_not_found", param="model")  # fmt: skip
     open_ = [t for t in found if t.mode is Mode.OPEN]
-    return min(open_ or found, key=lambda t: t.in_flight + t.queued)
+    queueing = [t for t in found if t.mode is Mode.QUEUE]  # rather one already starting than start another
+    return min(open_ or queueing or found, key=lambda t: t.in_flight + t.queued)
 
 
 def served_names(board: TrafficBoard) -> list[str]:
-    """The served model names of the pools that take requests (open, or queueing them until they open); a pool's
-    id routes too, but is not listed unless it is its served name."""
-    names = {t.served_name for t in board.pools.values() if t.mode is not Mode.REFUSE}
+    """The served model names of the pools that take requests (open, queueing them until they open, or stopped
+    with load_on_demand); a pool's id routes too, but is not listed unless it is its served name."""
+    names = {t.served_name for t in board.pools.values() if t.takes_requests}
     return sorted(names)
 
 

@@ -21,8 +21,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from poolmgr import __version__
 from poolmgr.correlation import CORRELATION_ID, new_correlation_id, valid_correlation_id
-from poolmgr.errors import ConfigError, ConflictError, NotFoundError, PoolmgrError
-from poolmgr.lifecycle import operations
+from poolmgr.errors import ConfigError, ConflictError, NotFoundError, OwnedElsewhere, PoolmgrError
+from poolmgr.lifecycle import desired, operations
+from poolmgr.poolsfile import parse_pool
 from poolmgr.store import PoolView, Registry
 
 log = logging.getLogger("poolmgr.api")
@@ -64,6 +65,7 @@ def create_app(
     _add_node_routes(app, metrics, devices)
     _add_pool_routes(app, registry, kick)
     _add_operations(app, registry, kick, follow)
+    _add_desired_routes(app, registry, kick, follow)
     return app
 
 
@@ -113,12 +115,13 @@ def _add_pool_routes(app: FastAPI, registry: Registry, kick: Callable[[str], Non
     @app.post("/pools/{pool_id}/leases", status_code=201)
     async def allocate(pool_id: str, body: LeaseBody | None = None) -> dict[str, Any]:
         ttl = (body or LeaseBody()).ttl_s
+        await _db(_own, registry, pool_id)
         lease = await _db(registry.allocate_lease, pool_id, ttl_s=ttl, correlation_id=CORRELATION_ID.get())
         return dict(lease.to_json())
 
     @app.delete("/pools/{pool_id}/leases/{lease_id}")
     async def release(pool_id: str, lease_id: str) -> dict[str, Any]:
-        await _db(registry.get, pool_id)
+        await _db(_own, registry, pool_id)
         if not await _db(registry.release_lease, pool_id, lease_id, correlation_id=CORRELATION_ID.get()):
             raise NotFoundError(f"lease {lease_id!r} not found on pool {pool_id!r}")
         kick(pool_id)
@@ -129,6 +132,7 @@ def _add_operations(
     app: FastAPI, registry: Registry, kick: Callable[[str], None], follow: Callable[[PoolView], None]
 ) -> None:
     async def act(pool_id: str, fn: Callable[..., Any], **kwargs: Any) -> dict[str, Any]:
+        await _db(_own, registry, pool_id)
         view = await _db(fn, registry, pool_id, correlation_id=CORRELATION_ID.get(), **kwargs)
         follow(view)
         kick(pool_id)
@@ -149,6 +153,38 @@ def _add_operations(
     @app.post("/pools/{pool_id}/breaker/reset", status_code=202)
     async def breaker_reset(pool_id: str) -> dict[str, Any]:
         return await act(pool_id, operations.reset_breaker)
+
+
+def _own(registry: Registry, pool_id: str) -> PoolView:
+    """The pool, when it is this node's: a node never drives another node's pool (409 naming the owner)."""
+    view = registry.get(pool_id)
+    if view.node_id != registry.node_id:
+        raise OwnedElsewhere(pool_id, view.node_id)
+    return view
+
+
+def _add_desired_routes(
+    app: FastAPI, registry: Registry, kick: Callable[[str], None], follow: Callable[[PoolView], None]
+) -> None:
+    """Desired state through the API (lifecycle/desired.py): PUT creates or changes a pool of this node, DELETE
+    removes one (it drains, stops, then its row goes)."""
+
+    @app.put("/pools/{pool_id}", status_code=200)
+    async def put_pool(pool_id: str, body: dict[str, Any]) -> Response:
+        if "id" in body and body["id"] != pool_id:
+            raise ValueError(f"the body's id {body['id']!r} is not the path's {pool_id!r}")
+        spec = parse_pool({**body, "id": pool_id}, where=f"PUT /pools/{pool_id}")
+        created, view = await _db(desired.put_pool, registry, spec, correlation_id=CORRELATION_ID.get())
+        follow(view)
+        kick(pool_id)
+        doc = {"created": created, "correlation_id": CORRELATION_ID.get(), "status": view.status()}
+        return JSONResponse(doc, status_code=201 if created else 200)
+
+    @app.delete("/pools/{pool_id}", status_code=202)
+    async def delete_pool(pool_id: str) -> dict[str, Any]:
+        view = await _db(desired.remove_pool, registry, pool_id, correlation_id=CORRELATION_ID.get())
+        kick(pool_id)
+        return {"accepted": True, "correlation_id": CORRELATION_ID.get(), "status": view.status()}
 
 
 def _install_middleware(app: FastAPI, api_token: str) -> None:

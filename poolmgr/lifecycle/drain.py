@@ -86,6 +86,8 @@ class Drainer:
             "cut_requests": cut,
             "outcome": "forced" if forced else "drained",
         }
+        if isinstance(op, Drain) and op.reason is not None:
+            detail["reason"] = op.reason  # poolmgr's own drain (an idle pool unloaded)
         if isinstance(op, Reload):
             return ReloadStarted(op, detail)
         return Drained(detail)

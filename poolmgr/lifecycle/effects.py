@@ -14,6 +14,7 @@ them the same way: lock the row, let the machine decide, compare-and-swap, inser
     TrialStarted       breaker-open → preloading    MarkedStopped    engine gone and desired stopped, state kept
     BreakerReset       breaker-open → preloading
     DrainRequested     ready → draining             (Drain op)
+    IdleUnload         ready → draining             (Drain op, reason idle_unload)
     ReloadRequested    ready → draining             (Reload op)
     Drained            draining → stopped
     ReloadStarted      draining → placed            (new spec)
@@ -30,7 +31,7 @@ from typing import Any, ClassVar
 
 from poolmgr.engines import ExitInfo
 from poolmgr.errors import PreloadFailed
-from poolmgr.inflight import Drain, Preload, Reload, Rollback
+from poolmgr.inflight import IDLE_UNLOAD, Drain, Preload, Reload, Rollback
 from poolmgr.lifecycle.placing import Placement
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.states import ENGINE_STATES, DesiredState, PoolState, Trigger
@@ -226,6 +227,19 @@ class DrainRequested(Effect):
 
 
 @dataclass(frozen=True)
+class IdleUnload(DrainRequested):
+    """A ready pool had no request and no lease for its `idle_unload_s`: it drains (nothing to wait for) and
+    stops; its Drain op carries the reason (IDLE_UNLOAD), which the data plane's gate reads."""
+
+    idle_s: float = 0.0
+
+    def audit(self, before: PoolView) -> EventData:
+        detail = {"idle_s": round(self.idle_s, 3), "idle_unload_s": before.spec.idle_unload_s,
+                  "deadline_ms": self.op.deadline_ms}  # fmt: skip
+        return EventData(reason=IDLE_UNLOAD, detail=detail)
+
+
+@dataclass(frozen=True)
 class ReloadRequested(Effect):
     trigger: ClassVar[Trigger | None] = T.DRAIN
     op: Reload
@@ -269,7 +283,7 @@ class ReloadStarted(Effect):
     detail: dict[str, Any]
 
     def columns(self, before: PoolView, now: datetime) -> PoolColumns:
-        new = PoolSpec.from_json({**before.spec.to_json(), "model": self.op.model})
+        new = self.op.new_spec or PoolSpec.from_json({**before.spec.to_json(), "model": self.op.model})
         return {**_DRAIN_ENDS, "spec": new.to_json()}
 
     def audit(self, before: PoolView) -> EventData:
@@ -360,6 +374,7 @@ class PreloadRequested(Effect):
     with nothing in flight carries the request's correlation id into the preload it starts."""
 
     correlation_id: str | None = None
+    reason: str | None = None  # LOAD_ON_DEMAND for a request's start; None for an operator's
 
     def columns(self, before: PoolView, now: datetime) -> PoolColumns:
         cols: PoolColumns = {"desired_state": DesiredState.RUNNING.value}
@@ -371,7 +386,8 @@ class PreloadRequested(Effect):
         return cols
 
     def audit(self, before: PoolView) -> EventData:
-        return EventData(kind="preload_requested", reason=f"preload requested in state {before.state.value}",
+        why = f"{self.reason}: " if self.reason else ""
+        return EventData(kind="preload_requested", reason=f"{why}preload requested in state {before.state.value}",
                          correlation_id=self.correlation_id)  # fmt: skip
 
 
@@ -414,6 +430,7 @@ __all__ = [
     "EngineForgotten",
     "EngineRecorded",
     "ErrorNoted",
+    "IdleUnload",
     "MarkedStopped",
     "Noted",
     "Placed",

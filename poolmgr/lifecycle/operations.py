@@ -51,11 +51,14 @@ def request_reload(
         raise ConflictError(f"pool {pool_id!r} is {exc.state}: only a ready pool can reload") from None
 
 
-def request_preload(registry: Registry, pool_id: str, *, correlation_id: str | None) -> PoolView:
+def request_preload(
+    registry: Registry, pool_id: str, *, correlation_id: str | None, reason: str | None = None
+) -> PoolView:
     """Start a stopped pool again (its worker places and preloads it). An operator's start is a fresh start: the
-    failure counters of earlier runs are cleared. An open breaker is closed with breaker/reset, not here."""
+    failure counters of earlier runs are cleared. An open breaker is closed with breaker/reset, not here.
+    `reason`: who asked, when not an operator (LOAD_ON_DEMAND: a request to the stopped pool); in the audit row."""
     try:
-        return fire(registry, pool_id, PreloadRequested(correlation_id), expect=_PRELOADABLE)
+        return fire(registry, pool_id, PreloadRequested(correlation_id, reason), expect=_PRELOADABLE)
     except IllegalTransition as exc:
         if exc.state == PoolState.DRAINING.value:
             raise ConflictError(f"pool {pool_id!r} is draining: preload it once the drain has finished") from None

@@ -15,7 +15,8 @@ from datetime import timedelta
 from poolmgr.devices import Inventory, backend_from_env, discover
 from poolmgr.engines import SpawnedEngine, rotate_log_in_place
 from poolmgr.errors import IllegalTransition, NotFoundError, PreloadFailed
-from poolmgr.lifecycle.effects import EngineForgotten, MarkedStopped, Stopped, VramRefreshed, adoption_event
+from poolmgr.lifecycle.desired import Applied, apply_pools
+from poolmgr.lifecycle.effects import EngineForgotten, Stopped, VramRefreshed, adoption_event
 from poolmgr.lifecycle.outage import RetryingRegistry
 from poolmgr.lifecycle.placing import CPU_PLACEMENT, Placement, gpu_problem, place
 from poolmgr.lifecycle.policy import RestartPolicy
@@ -23,11 +24,10 @@ from poolmgr.lifecycle.runtime import EngineRuntime
 from poolmgr.lifecycle.worker import PoolWorker
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
-from poolmgr.states import ENGINE_STATES, DesiredState, PoolState
-from poolmgr.store import PoolView, Registry
+from poolmgr.states import ENGINE_STATES, PoolState
+from poolmgr.store import Beat, PoolView, Registry
 
 log = logging.getLogger("poolmgr.reconciler")
-_HOUSEKEEPING_S = 1.0
 _AUDIT_PRUNE_S = 3600.0  # audit retention runs hourly (POOL_MANAGERD_AUDIT_RETENTION_DAYS) ...
 _AUDIT_PRUNE_ROWS = 1000  # ... at most this many rows a round, so the heartbeat never waits long
 _LOG_ROTATE_CHECK_S = 10.0  # engine logs are checked for rotation this often (a stat per pool)
@@ -54,26 +54,47 @@ class Reconciler:
         self.workers: dict[str, PoolWorker] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._housekeeping: asyncio.Task[None] | None = None
+        self._generation = 0  # the node's desired_generation last acted on
+        self._sync_wanted = asyncio.Event()
         self.stopping = False
 
     # -- start ----------------------------------------------------------------------------------------
     async def start(self, specs: Sequence[PoolSpec]) -> None:
         """Register every pool in one transaction, look at /proc once for engines of a previous poolmgr, re-adopt
         every live recorded engine in one pass (one audit transaction), then start all workers at once."""
-        await self.store.call(self.registry.heartbeat_node, socket.gethostname())
+        self._generation = (await self.store.call(self._heartbeat)).desired_generation
         self.inventory = await asyncio.to_thread(self._inventory_fn)
         await self._store_devices()
-        await self.store.call(self.registry.register_all, list(specs))
-        known = {s.id for s in specs}
+        await self.apply(specs)
         views = await self.store.call(self.registry.pools, node_id=self.cfg.node_id)
-        for view in views:
-            if view.id not in known:
-                await self._retire(view)
         await asyncio.to_thread(self.runtime.snapshot_unrecorded)
-        adopted = await self._adopt_all([v for v in views if v.id in known])
-        for spec in specs:
-            self._start_worker(spec.id, adopted.get(spec.id))
+        adopted = await self._adopt_all(views)
+        for view in views:
+            self._start_worker(view.id, adopted.get(view.id))
         self._housekeeping = asyncio.create_task(self._housekeep(), name="housekeeping")
+
+    async def apply(self, specs: Sequence[PoolSpec]) -> Applied:
+        """The pools file's pools as this node's desired file pools (at start, on SIGHUP): what it adds, changes
+        and removes is logged; workers start for new pools at once (OwnedElsewhere: nothing written)."""
+        done: Applied = await self.store.call(apply_pools, self.registry, list(specs))
+        for line in done.lines():
+            log.info("pools file: %s", line, extra={"pool_id": line.split(" ", 1)[1]})
+        if self._housekeeping is not None:  # running: new pools need workers now, changed ones a look
+            await self._sync_desired()
+        return done
+
+    def _heartbeat(self) -> Beat:
+        return self.registry.heartbeat_node(socket.gethostname(), grace_ms=self.cfg.node_grace_ms)
+
+    async def _sync_desired(self) -> None:
+        """This node's desired pools changed (another process, the API): start workers for pools that have none
+        and let every worker look at its row (a removal, a new spec)."""
+        self._sync_wanted.clear()
+        for view in await self.store.call(self.registry.pools, node_id=self.cfg.node_id):
+            if view.id not in self._tasks or self._tasks[view.id].done():
+                self._start_worker(view.id)
+        for worker in self.workers.values():
+            worker.kick()
 
     async def _adopt_all(self, views: Sequence[PoolView]) -> dict[str, SpawnedEngine]:
         """The engines that outlived the previous poolmgr, re-adopted together (same pid AND start time): their
@@ -94,22 +115,6 @@ class Reconciler:
                     extra={"pool_id": view.id, "pid": view.pid},
                 )  # fmt: skip
         return handles
-
-    async def _retire(self, view: PoolView) -> None:
-        """A pool no longer in the pools file: its engine (if one still runs) is stopped and the pool is
-        recorded stopped, desired stopped. Its row and audit stay for orchestratord and for SQL audits."""
-        self.runtime.traffic.forget(view.id)
-        if view.pid is not None and view.pid_start_time is not None:
-            await self.runtime.stop(view.pid, view.pid_start_time)  # checks the start time: never a reused pid
-        reason = "pool removed from the pools file"
-        try:
-            await self.store.apply(view.id, Stopped(reason, DesiredState.STOPPED))
-        except IllegalTransition:
-            if view.desired_state is not DesiredState.STOPPED or view.pid is not None:
-                await self.store.apply(view.id, MarkedStopped(reason))
-        log.warning(
-            "pool %s is in the registry but no longer in the pools file: stopped", view.id, extra={"pool_id": view.id}
-        )
 
     def _start_worker(self, pool_id: str, adopted: SpawnedEngine | None = None) -> None:
         worker = PoolWorker(
@@ -134,8 +139,11 @@ class Reconciler:
 
     def kick(self, pool_id: str) -> None:
         worker = self.workers.get(pool_id)
-        if worker is not None:
+        task = self._tasks.get(pool_id)
+        if worker is not None and task is not None and not task.done():
             worker.kick()
+        else:  # a pool this serve has no worker for (just added through the API): look at the node's pools now
+            self._sync_wanted.set()
 
     # -- placement ------------------------------------------------------------------------------------
     def _place(self, view: PoolView) -> Placement:
@@ -179,9 +187,14 @@ class Reconciler:
         timer = asyncio.get_running_loop().time
         last = {"devices": timer(), "logs": timer(), "audit": timer() - _AUDIT_PRUNE_S}
         while not self.stopping:
-            await asyncio.sleep(_HOUSEKEEPING_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sync_wanted.wait(), self.cfg.node_heartbeat_ms / 1000.0)
             with contextlib.suppress(Exception):
-                if await self.store.call(self.registry.heartbeat_node, socket.gethostname()):
+                beat = await self.store.call(self._heartbeat)
+                if beat.desired_generation != self._generation or self._sync_wanted.is_set():
+                    self._generation = beat.desired_generation
+                    await self._sync_desired()
+                if beat.expired_leases:
                     reaped: int = await self.store.call(self.registry.reap_expired_leases)
                     for pool_id in self.workers if reaped else ():
                         self.kick(pool_id)

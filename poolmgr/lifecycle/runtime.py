@@ -74,8 +74,9 @@ class EngineRuntime:
         self.work_dir = cfg.state_dir / "work"
         self.instance = str(cfg.state_dir.absolute())
         self.traffic = TrafficBoard(
-            queue_timeout_s=cfg.queue_timeout_ms / 1000.0, socket_for=lambda pool_id: str(self.socket_path(pool_id))
-        )
+            queue_timeout_s=cfg.queue_timeout_ms / 1000.0, socket_for=lambda pool_id: str(self.socket_path(pool_id)),
+            activity_clock=self.clock.monotonic,  # idle_unload_s is timed on the lifecycle's clock
+        )  # fmt: skip
 
     def socket_path(self, pool_id: str) -> Path:
         """Where the pool's engine listens: a unix socket in its workdir (engines have no TCP at all)."""

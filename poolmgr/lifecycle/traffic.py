@@ -9,6 +9,11 @@ its worker reads or writes it (and by the API right after an operation it accept
   then goes to the engine that is serving by then (a reload keeps the pool's address: zero failed requests);
 - REFUSE (draining, breaker open, stopped): 503 at once with the reason (and `Retry-After` where waiting helps).
 
+A stopped pool with `load_on_demand` is started by the first request that finds it stopped (the board's `starter`,
+given by the daemon: an operator's preload), and that request and those that follow wait as for any starting
+pool; an idle unload of such a pool (its Drain's reason IDLE_UNLOAD) queues the requests that arrive meanwhile,
+which start it again once it has stopped. A breaker-open pool is never started by a request.
+
 A drain waits until `in_flight` and the leases reach 0 (`Drainer`), and at its deadline `cut()` cancels the
 requests still running. Everything here runs on the event loop that serves the API and drives the workers.
 """
@@ -18,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
+from poolmgr.correlation import CORRELATION_ID
 from poolmgr.engines.llamacpp import api_key_headers
-from poolmgr.inflight import Reload, Rollback
+from poolmgr.inflight import IDLE_UNLOAD, Drain, Reload, Rollback
 from poolmgr.states import DesiredState, PoolState
 from poolmgr.store import PoolView
 
@@ -32,6 +38,8 @@ _T = TypeVar("_T")
 # Request duration and time to first byte, in seconds: a 1-token answer (ms) to a long generation (minutes).
 BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 DRAIN_RETRY_AFTER_S = 5
+# Start a stopped pool for a request: (pool id, the request's correlation id); raises when it cannot.
+Starter = Callable[[str, str | None], Awaitable[None]]
 
 
 class Mode(str, Enum):
@@ -105,10 +113,23 @@ class Cut(Exception):
 
 
 class PoolTraffic:
-    def __init__(self, pool_id: str, *, queue_timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        pool_id: str,
+        *,
+        queue_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        activity_clock: Callable[[], float] | None = None,
+    ) -> None:
         self.pool_id = pool_id
         self.queue_timeout_s = queue_timeout_s
         self.clock = clock
+        # The lifecycle's clock (its idle_unload_s is timed on it): when a request last began or ended.
+        self.activity_clock = activity_clock or clock
+        self.last_active = self.activity_clock()
+        self.startable = False  # stopped, and `load_on_demand`: a request starts it (see `starter`)
+        self.starter: Starter | None = None
+        self._starting: asyncio.Future[None] | None = None
         self.mode = Mode.QUEUE
         self.reason = "starting"
         self.retry_after_s: int | None = None
@@ -150,14 +171,25 @@ class PoolTraffic:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout_s)
 
+    @property
+    def takes_requests(self) -> bool:
+        """Open, queueing them, or stopped but started by a request (load_on_demand)."""
+        return self.mode is not Mode.REFUSE or self.startable
+
     async def wait_open(self) -> None:
-        """Until the pool is open; raises Refused when it refuses, or when it stayed queued too long."""
+        """Until the pool is open; raises Refused when it refuses, or when it stayed queued too long. A stopped
+        pool with load_on_demand is started (once, however many requests find it stopped) and waited for."""
         deadline = self.clock() + self.queue_timeout_s
+        started = False
         self.queued += 1
         try:
             while self.mode is not Mode.OPEN:
                 if self.mode is Mode.REFUSE:
-                    raise Refused(503, f"pool {self.pool_id!r} is {self.reason}", self.retry_after_s)
+                    if started or not self.startable:
+                        raise Refused(503, f"pool {self.pool_id!r} is {self.reason}", self.retry_after_s)
+                    started = True
+                    await self._start(deadline)
+                    continue
                 left = deadline - self.clock()
                 if left <= 0:
                     raise Refused(503, f"pool {self.pool_id!r} was not ready within {self.queue_timeout_s:g} s "
@@ -166,15 +198,33 @@ class PoolTraffic:
         finally:
             self.queued -= 1
 
+    async def _start(self, deadline: float) -> None:
+        """Ask for the pool to start (load_on_demand): one ask for all the requests that find it stopped together;
+        Refused when it cannot be started."""
+        if self.starter is None:
+            raise Refused(503, f"pool {self.pool_id!r} is {self.reason}", self.retry_after_s)
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.ensure_future(self.starter(self.pool_id, CORRELATION_ID.get()))
+        try:
+            await asyncio.wait_for(asyncio.shield(self._starting), max(0.0, deadline - self.clock()))
+        except TimeoutError:
+            why = f"pool {self.pool_id!r} could not be started within {self.queue_timeout_s:g} s"
+            raise Refused(503, why, 1) from None
+        except Exception as exc:  # a breaker opened, a drain began, the database is away: say so
+            why = f"pool {self.pool_id!r} is {self.reason} and could not be started: {exc}"
+            raise Refused(503, why, 1) from None
+
     @contextlib.asynccontextmanager
     async def admit(self) -> AsyncIterator[Ticket]:
         """Wait until the pool takes the request (see `wait_open`); in flight until the block ends."""
         await self.wait_open()
         self.in_flight += 1
+        self.last_active = self.activity_clock()
         try:
             yield Ticket(self)
         finally:
             self.in_flight -= 1
+            self.last_active = self.activity_clock()
 
     def record(self, status: int, duration_s: float, first_byte_s: float | None) -> None:
         stats = self.stats
@@ -201,10 +251,13 @@ class TrafficBoard:
         queue_timeout_s: float,
         socket_for: Callable[[str], str],
         clock: Callable[[], float] = time.monotonic,
+        activity_clock: Callable[[], float] | None = None,
     ) -> None:
         self.queue_timeout_s = queue_timeout_s
         self.socket_for = socket_for
         self.clock = clock
+        self.activity_clock = activity_clock or clock
+        self.starter: Starter | None = None  # set by the daemon: starts a stopped pool with load_on_demand
         self.pools: dict[str, PoolTraffic] = {}
         self._listeners: list[Callable[[], None]] = []
 
@@ -215,8 +268,11 @@ class TrafficBoard:
     def get(self, pool_id: str) -> PoolTraffic:
         traffic = self.pools.get(pool_id)
         if traffic is None:
-            traffic = self.pools[pool_id] = PoolTraffic(pool_id, queue_timeout_s=self.queue_timeout_s, clock=self.clock)
+            traffic = self.pools[pool_id] = PoolTraffic(
+                pool_id, queue_timeout_s=self.queue_timeout_s, clock=self.clock, activity_clock=self.activity_clock
+            )
             traffic.socket_path = self.socket_for(pool_id)
+            traffic.starter = self.starter
         return traffic
 
     def follow(self, view: PoolView) -> None:
@@ -228,14 +284,17 @@ class TrafficBoard:
             (k.lower().encode(), v.encode()) for k, v in api_key_headers(view.spec.extra_args).items()
         ]
         before = (traffic.mode, traffic.reason)
-        traffic.set(*gate_for(view))
+        mode, reason, retry_after_s = gate_for(view)
+        traffic.startable = mode is Mode.REFUSE and startable_on_demand(view)
+        traffic.starter = self.starter
+        traffic.set(mode, reason, retry_after_s)
         if (traffic.mode, traffic.reason) != before:
             for listener in self._listeners:
                 listener()
 
     def serving(self, model: str) -> list[PoolTraffic]:
         """The pools a request for `model` may go to (its pool id or served model name), open ones first."""
-        found = [t for t in self.pools.values() if model in t.names and t.mode is not Mode.REFUSE]
+        found = [t for t in self.pools.values() if model in t.names and t.takes_requests]
         if not found:
             found = [t for t in self.pools.values() if model in t.names]
         return found
@@ -243,6 +302,7 @@ class TrafficBoard:
     def forget(self, pool_id: str) -> None:
         traffic = self.pools.pop(pool_id, None)
         if traffic is not None:
+            traffic.startable = False
             traffic.set(Mode.REFUSE, "removed")
 
 
@@ -256,13 +316,36 @@ def gate_for(view: PoolView) -> tuple[Mode, str, int | None]:
     if state is PoolState.DRAINING:
         if isinstance(op, Reload):
             return Mode.QUEUE, f"reloading to {op.model}", None
+        if isinstance(op, Drain) and op.reason == IDLE_UNLOAD and view.spec.load_on_demand:
+            return Mode.QUEUE, "unloading after being idle (a request starts it again)", None
         return Mode.REFUSE, "draining", DRAIN_RETRY_AFTER_S
-    if view.desired_state is DesiredState.STOPPED or state is PoolState.STOPPED:
+    if view.desired_state is DesiredState.STOPPED:
         return Mode.REFUSE, "stopped", None
+    # desired running from here on: a stopped pool is about to be placed (a preload was accepted): it queues
     if isinstance(op, Reload | Rollback):
         return Mode.QUEUE, f"{op.kind} to {op.model}", None
-    words = {PoolState.CRASHED: "restarting after a crash", PoolState.BACKOFF: "backing off before a restart"}
+    words = {PoolState.CRASHED: "restarting after a crash", PoolState.BACKOFF: "backing off before a restart",
+             PoolState.STOPPED: "starting"}  # fmt: skip
     return Mode.QUEUE, words.get(state, state.value), None
 
 
-__all__ = ["BUCKETS", "Cut", "Histogram", "Mode", "PoolTraffic", "Refused", "RequestStats", "Ticket", "TrafficBoard"]
+def startable_on_demand(view: PoolView) -> bool:
+    """Whether a request may start the pool: it has load_on_demand and is stopped (or stopping) — never while its
+    breaker is open or a drain runs (request_preload refuses those too)."""
+    return view.spec.load_on_demand and view.state not in (PoolState.BREAKER_OPEN, PoolState.DRAINING)
+
+
+__all__ = [
+    "BUCKETS",
+    "Cut",
+    "Histogram",
+    "Mode",
+    "PoolTraffic",
+    "Refused",
+    "RequestStats",
+    "Starter",
+    "Ticket",
+    "TrafficBoard",
+    "gate_for",
+    "startable_on_demand",
+]

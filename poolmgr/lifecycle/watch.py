@@ -11,13 +11,17 @@ from typing import Any, Protocol
 
 from poolmgr.engines import ExitInfo, SpawnedEngine
 from poolmgr.errors import PreloadFailed
-from poolmgr.lifecycle.effects import Crashed, Stopped
+from poolmgr.inflight import IDLE_UNLOAD, Drain
+from poolmgr.lifecycle.effects import Crashed, IdleUnload, Stopped
 from poolmgr.lifecycle.port import PoolPort
 from poolmgr.states import DesiredState, PoolState
 from poolmgr.store import PoolView
 
 log = logging.getLogger("poolmgr.pool")
-Outcome = Crashed | Stopped | None
+Outcome = Crashed | Stopped | IdleUnload | None
+# An idle unload drains with nothing to wait for; a request admitted in the instant before the pool left `ready`
+# still gets the time an operator's drain gives by default.
+IDLE_DRAIN_DEADLINE_MS = 30_000
 
 
 class GpuCheck(Protocol):
@@ -33,8 +37,9 @@ class GpuCheck(Protocol):
 class ReadyWatch:
     """Waits, costing nothing meanwhile, for whichever comes first: the engine's exit (pidfd), the prober's word
     that it hung (engines.HealthProber: `threshold` unanswered probes, one per interval on the clock), a kick
-    (a request changed the pool: re-read it), an NVML round (GPU pools). Nothing is written while the engine is
-    healthy; whether it served long enough to restart its backoff is decided when it crashes."""
+    (a request changed the pool: re-read it), an NVML round (GPU pools), the end of its `idle_unload_s`. Nothing
+    is written while the engine is healthy; whether it served long enough to restart its backoff is decided when
+    it crashes."""
 
     def __init__(self, port: PoolPort, gpu_check: GpuCheck | None) -> None:
         self.port = port
@@ -78,8 +83,9 @@ class ReadyWatch:
     ) -> Outcome:
         port = self.port
         rounds = _Rounds(self, view)
+        idle = _Idle(port, view)
         while not port.stopping:
-            waiter = asyncio.ensure_future(port.wait(rounds.next_in()))
+            waiter = asyncio.ensure_future(port.wait(_soonest(rounds.next_in(), idle.next_in())))
             either: list[asyncio.Future[Any]] = [exit_task, hung, waiter]
             done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
             waiter.cancel()
@@ -89,13 +95,13 @@ class ReadyWatch:
                 await port.stop_engine()
                 return Crashed(PreloadFailed("health_failure", hung.result()))
             fresh = await port.read()
-            if fresh.state is not PoolState.READY or fresh.pid != eng.pid:
-                return None
+            if fresh.state is not PoolState.READY or fresh.pid != eng.pid or fresh.removed_at is not None:
+                return None  # another part takes over (a removal: the worker drains it)
             if fresh.desired_state is DesiredState.STOPPED:
                 # stopped while it was still preloading: it must not go on serving now that it is ready
                 await port.stop_engine()
                 return Stopped()
-            outcome = await rounds.due(fresh, eng)
+            outcome = await rounds.due(fresh, eng) or idle.due(fresh)
             if outcome is not None:
                 return outcome
         return None
@@ -140,4 +146,53 @@ class _Rounds:
         return Crashed(problem)
 
 
-__all__ = ["GpuCheck", "ReadyWatch"]
+class _Idle:
+    """`idle_unload_s` of a ready pool: once it has had no request through the data plane (none in flight, none
+    answered) and no lease for that long on the clock, it is unloaded (IdleUnload: a drain with nothing to wait
+    for). Requests are stamped by the traffic gate on the lifecycle's clock; leases are seen on each read of the
+    row (a release kicks the worker, and a held lease is looked at again each `idle_unload_s`)."""
+
+    def __init__(self, port: PoolPort, view: PoolView) -> None:
+        self.port = port
+        self.traffic = port.runtime.traffic.get(view.id)
+        self.limit = view.spec.idle_unload_s
+        self.since = port.clock.monotonic()  # ready (or adopted) now: idle from here on
+        self.leased = view.active_leases > 0
+
+    def _busy(self) -> bool:
+        return self.leased or self.traffic.in_flight > 0 or self.traffic.queued > 0
+
+    def next_in(self) -> float | None:
+        """Seconds until the pool may have been idle long enough (None: never unloaded)."""
+        if self.limit is None:
+            return None
+        if self._busy():
+            return self.limit
+        last = max(self.since, self.traffic.last_active)
+        return max(0.0, last + self.limit - self.port.clock.monotonic())
+
+    def due(self, view: PoolView) -> IdleUnload | None:
+        self.limit = view.spec.idle_unload_s
+        now = self.port.clock.monotonic()
+        if view.active_leases > 0:
+            self.leased = True
+        elif self.leased:  # its last lease ended (released, or expired) since the previous look
+            self.leased, self.since = False, now
+        if self.limit is None or self._busy():
+            return None
+        idle_s = now - max(self.since, self.traffic.last_active)
+        if idle_s < self.limit:
+            return None
+        log.info("pool %s: idle for %.1f s (idle_unload_s %g): unloading it", view.id, idle_s, self.limit,
+                 extra=self.port.log_extra(view, reason=IDLE_UNLOAD, idle_s=round(idle_s, 3)))  # fmt: skip
+        op = Drain(self.port.clock.now(), IDLE_DRAIN_DEADLINE_MS, None, IDLE_UNLOAD)
+        return IdleUnload(op, idle_s=idle_s)
+
+
+def _soonest(*delays: float | None) -> float | None:
+    """The shortest of the delays that are set (None: none is)."""
+    known = [d for d in delays if d is not None]
+    return min(known) if known else None
+
+
+__all__ = ["IDLE_DRAIN_DEADLINE_MS", "GpuCheck", "ReadyWatch"]

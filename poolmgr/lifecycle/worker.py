@@ -24,7 +24,9 @@ from typing import Any
 from poolmgr.clock import Clock
 from poolmgr.engines import SpawnedEngine
 from poolmgr.errors import IllegalTransition, PreloadFailed
+from poolmgr.inflight import Drain
 from poolmgr.lifecycle import effects as fx
+from poolmgr.lifecycle.desired import CHANGE_DRAIN_MS
 from poolmgr.lifecycle.drain import Drainer
 from poolmgr.lifecycle.outage import RetryingRegistry
 from poolmgr.lifecycle.placing import Placement
@@ -159,11 +161,31 @@ class PoolWorker:
                     self._swept = True
                     await self._sweep(view)
                     continue
+                if view.removed_at is not None and await self._removing(view):
+                    continue
                 await self._handlers[view.state](view)
             except IllegalTransition as exc:
                 log.debug("pool %s: %s; re-reading", self._pool_id, exc)
             except Exception as exc:  # a bug or an unforeseen OS error in one step never kills the worker
                 await self._failed_step(exc)
+
+    async def _removing(self, view: PoolView) -> bool:
+        """A pool being removed (desired.remove_pool): a ready one drains (its requests get CHANGE_DRAIN_MS), a
+        starting one is asked to stop; once no engine runs, its row is deleted — the next read finds none and
+        the worker ends. False: the state's own handler goes on (a drain finishing, a start stopping)."""
+        if view.state is S.READY:
+            drain = Drain(self.clock.now(), CHANGE_DRAIN_MS, None, "pool removed")
+            await self.fire(fx.DrainRequested(drain), expect=[S.READY])
+            return True
+        if view.state in ENGINE_STATES:
+            if view.desired_state is _RUNNING_DESIRED:
+                await self.fire(fx.StopRequested(), expect=[view.state])
+                return True
+            return False
+        await self.store.call(self.store.registry.deregister, view.id)
+        self._runtime.traffic.forget(view.id)
+        log.info("pool %s removed", view.id, extra=self.log_extra(view))
+        return True
 
     def traceback_once(self, exc: BaseException) -> BaseException | None:
         """`exc` (for exc_info) the first time this cause is seen, None after: a pool that fails the same way

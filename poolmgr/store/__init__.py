@@ -3,7 +3,7 @@
 from poolmgr.store._audit_read import PoolGauge, RollupRow
 from poolmgr.store._db import current_revision, make_engine, migrate, normalize_url
 from poolmgr.store._effect import Effect, EventData, PoolColumns, StateMachine
-from poolmgr.store._registry import Registry
+from poolmgr.store._registry import Beat, Registry
 from poolmgr.store._tally import (
     BACKOFF_DELAY,
     BREAKER_OPEN,
@@ -46,6 +46,7 @@ __all__ = [
     "RESTART_RATE",
     "STORM",
     "AuditRow",
+    "Beat",
     "Effect",
     "EventData",
     "EventView",

@@ -60,6 +60,10 @@ class Node(Base):
     version: Mapped[str] = mapped_column(String(64))
     started_at: Mapped[datetime] = mapped_column(UTCDateTime())
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # 0005: the database's clock + the node's grace at its last heartbeat (pool_registry.node_alive reads it)
+    alive_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    grace_ms: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    desired_generation: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
 
 
 class Pool(Base):
@@ -103,6 +107,10 @@ class Pool(Base):
     pending_op: Mapped[dict[str, Any] | None] = mapped_column(JSON)
     drain_deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     version: Mapped[int] = mapped_column(Integer, default=1)
+    # 0005: bumped when an operator changes the pool's spec or desired state (apply, PUT, DELETE, pool rm)
+    generation: Mapped[int] = mapped_column(Integer, server_default="1", default=1)
+    source: Mapped[str] = mapped_column(String(16), server_default="file", default="file")  # "file" | "api"
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)  # drains, stops, then goes
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 

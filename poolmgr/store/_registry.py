@@ -14,21 +14,21 @@ import sqlite3
 from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import ColumnElement, delete, func, insert, literal_column, select, update
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from poolmgr import __version__
 from poolmgr.clock import Clock, SystemClock
-from poolmgr.errors import LeaseRefused, NotFoundError
+from poolmgr.errors import LeaseRefused, NotFoundError, OwnedElsewhere
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.states import DesiredState, PoolState
 from poolmgr.store._audit_read import AuditReader
 from poolmgr.store._db import make_engine, make_sessionmaker
 from poolmgr.store._effect import Effect, EventData, StateMachine
-from poolmgr.store._models import Device, Lease, Pool, PoolEvent
+from poolmgr.store._models import Device, Lease, Node, Pool, PoolEvent
 from poolmgr.store._retention import DEFAULT_BATCH, prune_audit
 from poolmgr.store._views import EventView, LeaseView, PoolView
 from poolmgr.store._write import (
@@ -47,6 +47,21 @@ log = logging.getLogger("poolmgr.store")
 
 _MAX_CAS_RETRIES = 20
 _READ_POOLS = select(POOLS, LEASE_COUNT, NODE_HEARTBEAT)
+
+
+class Beat(NamedTuple):
+    """What a node's heartbeat transaction read for it."""
+
+    expired_leases: bool
+    desired_generation: int
+
+
+def _database_clock_plus(dialect: str, ms: int) -> ColumnElement[Any]:
+    """The database server's clock + `ms` (liveness must not depend on the nodes' clocks agreeing)."""
+    if dialect == "postgresql":
+        return literal_column(f"now() + interval '{int(ms)} milliseconds'")
+    # SQLite: UTC text as SQLAlchemy writes it (microseconds), comparable with the view's strftime('%f')
+    return literal_column(f"strftime('%Y-%m-%d %H:%M:%f', 'now', '+{int(ms) / 1000:.3f} seconds') || '000'")
 
 
 class _LostRace(Exception):
@@ -89,16 +104,20 @@ class Registry:
         }  # fmt: skip
 
     # -- nodes ----------------------------------------------------------------------------------------
-    def heartbeat_node(self, hostname: str) -> bool:
-        """The node's one steady write: its row's heartbeat (created on the first call). In the same transaction,
-        the lease reaper's look: whether a lease of one of this node's pools has expired (then
-        `reap_expired_leases`). An idle node: one transaction a second, whatever it runs."""
+    def heartbeat_node(self, hostname: str, *, grace_ms: int = 5000) -> Beat:
+        """The node's one steady write: its row's heartbeat (created on the first call), `alive_until` = the
+        database's clock + `grace_ms` (pool_registry.node_alive). In the same transaction, what the node must
+        act on: whether a lease of its pools expired (then `reap_expired_leases`) and the generation of its
+        desired pools (a change: re-read them). An idle node: one transaction a heartbeat, whatever it runs."""
         now = self.clock.now()
+        alive = _database_clock_plus(self.engine.dialect.name, grace_ms)
         with self.engine.begin() as conn:
-            values = {"heartbeat_at": now, "version": __version__}
+            values = {"heartbeat_at": now, "version": __version__, "alive_until": alive, "grace_ms": grace_ms}
             if conn.execute(update(NODES).where(NODES.c.id == self.node_id).values(**values)).rowcount == 0:
                 conn.execute(insert(NODES).values(id=self.node_id, hostname=hostname, started_at=now, **values))
-            return conn.execute(self._expired_leases(now).limit(1)).first() is not None
+            expired = conn.execute(self._expired_leases(now).limit(1)).first() is not None
+            generation = conn.execute(select(NODES.c.desired_generation).where(NODES.c.id == self.node_id))
+            return Beat(expired, int(generation.scalar_one() or 0))
 
     def _expired_leases(self, now: datetime) -> Any:
         """The expired leases of this node's pools (a node never touches another node's pools)."""
@@ -122,43 +141,87 @@ class Registry:
                     s.add(PoolEvent(**self._event_values(pool_id, 0, ev, from_state=None, to_state=None)))
 
     # -- pools ----------------------------------------------------------------------------------------
-    def register_all(self, specs: Sequence[PoolSpec]) -> None:
+    def register_all(self, specs: Sequence[PoolSpec], *, source: str = "file") -> None:
         """`register` for every spec, in one transaction (a node's start: one commit, not one per pool)."""
         with self._tx() as s:
             for spec in specs:
-                self._register_in(s, spec, correlation_id=None)
+                self._register_in(s, spec, correlation_id=None, source=source)
 
-    def register(self, spec: PoolSpec, *, correlation_id: str | None = None) -> PoolView:
-        """Add a pool in state `discovered`, or record a new spec of a known one (no state change)."""
+    def touch_desired(self, pool_id: str, *, source: str) -> None:
+        """An operator changed this node's pool by another way than its spec row (a reload to a new spec):
+        its generation moves, its source is `source`, a removal is called off."""
         with self._tx() as s:
-            self._register_in(s, spec, correlation_id=correlation_id)
+            row = self._locked(s, pool_id)
+            if row.node_id != self.node_id:
+                raise OwnedElsewhere(pool_id, row.node_id)
+            row.generation, row.source, row.removed_at = row.generation + 1, source, None
+            self._bump_node(s)
+
+    def register(self, spec: PoolSpec, *, correlation_id: str | None = None, source: str = "file") -> PoolView:
+        """Add a pool of this node in state `discovered`, or record a new spec of one (no state change; a pool
+        being removed is kept instead). OwnedElsewhere when the id is another node's pool."""
+        with self._tx() as s:
+            self._register_in(s, spec, correlation_id=correlation_id, source=source)
         return self.get(spec.id)
 
-    def _register_in(self, s: Session, spec: PoolSpec, *, correlation_id: str | None) -> None:
+    def _register_in(self, s: Session, spec: PoolSpec, *, correlation_id: str | None, source: str = "file") -> str:
+        """'added', 'changed' or 'unchanged' (see `register`)."""
         now = self.clock.now()
         row = s.scalars(select(Pool).where(Pool.id == spec.id).with_for_update()).one_or_none()
+        if row is not None and row.node_id != self.node_id:
+            raise OwnedElsewhere(spec.id, row.node_id)
         if row is None:
             row = Pool(
                 id=spec.id, node_id=self.node_id, spec=spec.to_json(), engine=spec.engine, model=spec.model,
                 device_mask=spec.device_mask, state=PoolState.DISCOVERED.value,
                 desired_state=DesiredState.RUNNING.value, slots_total=spec.slots, restart_count=0,
                 backoff_step=0, consecutive_failures=0, breaker_timeout_s=0.0, breaker_trial=False, version=1,
-                created_at=now, updated_at=now,
+                created_at=now, updated_at=now, generation=1, source=source,
             )  # fmt: skip
             s.add(row)
             s.flush()
             self._add_event(s, row, EventData(kind="registered", correlation_id=correlation_id), to_state=row.state)
-        elif row.spec != spec.to_json():
-            row.spec, row.model, row.engine = spec.to_json(), spec.model, spec.engine
-            row.device_mask, row.version, row.updated_at = spec.device_mask, row.version + 1, now
-            self._add_event(s, row, EventData(kind="spec_updated", correlation_id=correlation_id))
+            self._bump_node(s)
+            return "added"
+        if row.spec == spec.to_json() and row.removed_at is None and row.source == source:
+            return "unchanged"
+        row.spec, row.model, row.engine = spec.to_json(), spec.model, spec.engine
+        row.device_mask, row.version, row.updated_at = spec.device_mask, row.version + 1, now
+        row.generation, row.source, row.removed_at = row.generation + 1, source, None
+        self._add_event(s, row, EventData(kind="spec_updated", correlation_id=correlation_id))
+        self._bump_node(s)
+        return "changed"
+
+    def _bump_node(self, s: Session) -> None:
+        """This node's desired pools changed: its serve re-reads them at its next heartbeat."""
+        bumped = update(Node).where(Node.id == self.node_id).values(desired_generation=Node.desired_generation + 1)
+        if s.execute(bumped).rowcount == 0:  # type: ignore[attr-defined]
+            now = self.clock.now()
+            s.add(Node(id=self.node_id, hostname="", version=__version__, started_at=now, heartbeat_at=now,
+                       desired_generation=1))  # fmt: skip
+
+    def mark_removed(self, pool_id: str, *, correlation_id: str | None = None) -> PoolView:
+        """Start removing this node's pool: its worker drains and stops it, then deletes its row."""
+        with self._tx() as s:
+            row = self._locked(s, pool_id)
+            if row.node_id != self.node_id:
+                raise OwnedElsewhere(pool_id, row.node_id)
+            if row.removed_at is None:
+                row.removed_at, row.generation = self.clock.now(), row.generation + 1
+                row.version, row.updated_at = row.version + 1, self.clock.now()
+                self._add_event(s, row, EventData(kind="remove_requested", correlation_id=correlation_id))
+                self._bump_node(s)
+        return self.get(pool_id)
 
     def deregister(self, pool_id: str, *, correlation_id: str | None = None) -> None:
         with self._tx() as s:
             row = self._locked(s, pool_id)
+            if row.node_id != self.node_id:
+                raise OwnedElsewhere(pool_id, row.node_id)
             self._add_event(s, row, EventData(kind="deregistered", correlation_id=correlation_id), from_state=row.state)
             s.execute(delete(Lease).where(Lease.pool_id == pool_id))
             s.delete(row)
+            self._bump_node(s)
 
     def find(self, pool_id: str) -> PoolView | None:
         with self.engine.connect() as conn:

@@ -52,6 +52,9 @@ class PoolView:
     version: int
     created_at: datetime
     updated_at: datetime
+    generation: int = 1  # bumped by an operator's change of the spec or the desired state
+    source: str = "file"  # "file" (pools file / apply) | "api" (PUT /pools/{id})
+    removed_at: datetime | None = None  # being removed: drains, stops, then the row goes
 
     @classmethod
     def of(cls, row: Mapping[str, Any]) -> PoolView:
@@ -126,6 +129,9 @@ class PoolView:
             "split_plan": self.split_plan,
             "pending_op": public_json(self.pending_op),
             "registry_version": self.version,
+            "generation": self.generation,
+            "source": self.source,
+            "removing": self.removed_at is not None,
         }
 
 

@@ -76,6 +76,8 @@ def test_a_cut_ends_a_streaming_answer_where_it_is_and_is_recorded_as_cut(
                     assert plane.call(plane.traffic("a").cut) == 1
     assert response.status_code == 200 and 3 <= len(events) < 100  # the body ended, short of its end
     wait_until(lambda: plane.traffic("a").stats.by_code == {503: 1}, what="the cut recorded")
+    # the log line follows the record, on the server's thread
+    wait_until(lambda: any(r.name == "poolmgr.proxy" for r in caplog.records), what="the cut logged")
     (record,) = [r for r in caplog.records if r.name == "poolmgr.proxy"]
     assert (record.outcome, record.status) == ("cut", 503)  # type: ignore[attr-defined]
     assert plane.traffic("a").in_flight == 0

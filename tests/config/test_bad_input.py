@@ -99,6 +99,9 @@ CASES: dict[str, Case] = {
     "served_model_name empty": Case(
         pool('served_model_name = ""'), (_field("served_model_name", "must be 1-128 characters"),)
     ),
+    "idle_unload_s zero": Case(pool("idle_unload_s = 0"), (_field("idle_unload_s", "a number of seconds > 0"),)),
+    "idle_unload_s a duration": Case(pool('idle_unload_s = "10m"'), (_field("idle_unload_s", "got '10m'"),)),
+    "load_on_demand yes": Case(pool('load_on_demand = "yes"'), (_field("load_on_demand", "must be true or false"),)),
     "extra_args not a list": Case(pool('extra_args = "--temp 0"'), (_field("extra_args", "list of strings"),)),
     "share_devices yes": Case(pool('share_devices = "yes"'), (_field("share_devices", "must be true or false"),)),
     "tensor_split empty": Case(pool('device_mask = "0"', "tensor_split = []"), (_field("tensor_split", "non-empty"),)),

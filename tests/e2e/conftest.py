@@ -98,7 +98,10 @@ def pools_toml(*pools: dict[str, Any]) -> str:
     for pool in pools:
         out.append("[[pool]]")
         for key, value in pool.items():
-            out.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
+            if isinstance(value, bool):
+                out.append(f"{key} = {str(value).lower()}")
+            else:
+                out.append(f"{key} = {value!r}" if not isinstance(value, str) else f'{key} = "{value}"')
     return "\n".join(out) + "\n"
 
 

@@ -210,3 +210,49 @@ def refused_breaker(world: World, pool: str) -> None:
     resp = httpx.post(f"{world.serve.base}/v1/chat/completions", json=_chat(pool), timeout=10)
     assert time.monotonic() - started < 1.0
     assert resp.status_code == 503 and "breaker-open" in resp.json()["error"]["message"], resp.text
+
+
+@given(parsers.parse('a node serving a ready pool "{pool}" with load_on_demand and idle_unload_s {idle:d}'))
+def on_demand_pool(world: World, serve_factory: Any, sqlite_url: str, tiny_model: Path, pool: str, idle: int) -> None:
+    world.srv = serve_factory(sqlite_url)
+    world.serve.write_pools(
+        {"id": pool, "model": str(tiny_model), "ctx_size": 2048, "extra_args": ["--threads", "1"],
+         "load_on_demand": True, "idle_unload_s": idle}
+    )  # fmt: skip
+    world.serve.start()
+    world.pid = world.serve.wait_state(pool, "ready")["pid"]
+    world.out["ready_at"], world.out["idle_s"] = time.monotonic(), idle
+
+
+@when(parsers.parse('"{pool}" has no request for a while'))
+def no_request(world: World, pool: str) -> None:
+    world.serve.wait_state(pool, "stopped", timeout=world.out["idle_s"] + 20)
+    world.out["unloaded_after_s"] = time.monotonic() - world.out["ready_at"]
+
+
+@then(parsers.parse('"{pool}" is unloaded as idle: stopped, no engine left, the audit saying idle_unload'))
+def unloaded_as_idle(world: World, pool: str) -> None:
+    assert world.out["unloaded_after_s"] >= world.out["idle_s"] - 0.5  # not before its idle time (less the poll)
+    events = world.serve.events(pool)
+    (unload,) = [e for e in events if e["reason"] == "idle_unload"]
+    assert (unload["from_state"], unload["to_state"]) == ("ready", "draining")
+    assert unload["detail"]["idle_s"] >= world.out["idle_s"]
+    drained = [e for e in events if e["trigger"] == "drain_done"][-1]
+    assert (drained["detail"]["reason"], drained["detail"]["outcome"]) == ("idle_unload", "drained")
+    assert engine_pids(pool) == []
+    assert "unloading it" in world.serve.log_path.read_text()
+
+
+@when(parsers.parse('a chat completion for "{model}" is sent through the node'))
+def ask(world: World, model: str) -> None:
+    world.out["resp"] = httpx.post(f"{world.serve.base}/v1/chat/completions", json=_chat(model), timeout=60)
+
+
+@then(parsers.parse('the audit of "{pool}" says the request started it (load_on_demand)'))
+def started_on_demand(world: World, pool: str) -> None:
+    events = world.serve.events(pool)
+    (asked,) = [e for e in events if e["kind"] == "preload_requested"]
+    assert asked["reason"] == "load_on_demand: preload requested in state stopped", asked
+    assert asked["correlation_id"] == world.out["resp"].headers["x-correlation-id"]
+    ready = [e for e in events if e["trigger"] == "preload_ok"]
+    assert len(ready) == 2 and ready[-1]["id"] > asked["id"]  # started again after the request, once

@@ -1,4 +1,5 @@
-"""A pool removed from the pools file is stopped on the next start: its engine does not run on unsupervised."""
+"""A pool removed from the pools file is removed on the next start: drained, its engine stopped (it does not run on
+unsupervised), then its row deleted; its audit stays."""
 
 from __future__ import annotations
 
@@ -12,12 +13,12 @@ from poolmgr.lifecycle.fsm import fire
 from poolmgr.lifecycle.reconciler import Reconciler
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
-from poolmgr.states import DesiredState, PoolState, Trigger
+from poolmgr.states import PoolState, Trigger
 from poolmgr.store import Registry
 from tests.pool_steps import step
 
 
-def test_a_pool_no_longer_in_the_file_is_stopped_and_its_engine_ended(sqlite_url: str, tmp_path: Path) -> None:
+def test_a_pool_no_longer_in_the_file_is_drained_stopped_and_removed(sqlite_url: str, tmp_path: Path) -> None:
     cfg = PoolManagerConfig(state_dir=tmp_path / "state", stop_grace_ms=1000)
     registry = Registry(sqlite_url, node_id=cfg.node_id)
     registry.register(PoolSpec(id="gone", model="/m.gguf"))
@@ -30,15 +31,20 @@ def test_a_pool_no_longer_in_the_file_is_stopped_and_its_engine_ended(sqlite_url
     async def scenario() -> None:
         rec = Reconciler(cfg, registry)
         await rec.start([])
-        await rec.shutdown(keep_engines=True)
+        for _ in range(500):  # the worker drains it, stops the engine, deletes the row
+            if registry.find("gone") is None:
+                break
+            await asyncio.sleep(0.01)
+        await rec.shutdown(keep_engines=True)  # upgrade mode: it would leave a supervised engine running
 
     try:
         asyncio.run(scenario())
         assert engine.wait(timeout=5) is not None
-        view = registry.get("gone")
-        assert (view.state, view.desired_state, view.pid) == (PoolState.STOPPED, DesiredState.STOPPED, None)
-        last = registry.events(pool_id="gone")[-1]
-        assert (last.trigger, last.reason) == ("stop", "pool removed from the pools file")
+        assert registry.find("gone") is None
+        kinds = [(e.kind, e.to_state) for e in registry.events(pool_id="gone")]
+        assert ("remove_requested", None) in kinds
+        assert kinds[-1][0] == "deregistered"
+        assert ("drained", PoolState.STOPPED.value) in kinds or ("stop", PoolState.STOPPED.value) in kinds
     finally:
         if engine.poll() is None:
             engine.kill()

@@ -159,14 +159,16 @@ def test_expired_leases_are_reaped(registry: Registry, clock: FakeClock) -> None
     _ready_pool(registry, slots=2)
     registry.allocate_lease("p1", ttl_s=10)
     registry.allocate_lease("p1", ttl_s=100)
-    assert registry.heartbeat_node("host") is False  # the heartbeat's transaction says whether to reap
+    assert registry.heartbeat_node("host").expired_leases is False  # the heartbeat's transaction says whether to reap
     clock.advance(11)
     other = Registry(registry.url, node_id="node-b", clock=clock)
     try:
-        assert other.heartbeat_node("host-b") is False and other.reap_expired_leases() == 0  # not node-b's pool
+        assert (
+            other.heartbeat_node("host-b").expired_leases is False and other.reap_expired_leases() == 0
+        )  # not node-b's pool
     finally:
         other.close()
-    assert registry.heartbeat_node("host") is True
+    assert registry.heartbeat_node("host").expired_leases is True
     assert registry.reap_expired_leases() == 1
     view = registry.get("p1")
     assert (view.active_leases, view.slots_free) == (1, 1)
