@@ -112,9 +112,10 @@ class Registry:
         now = self.clock.now()
         alive = _database_clock_plus(self.engine.dialect.name, grace_ms)
         with self.engine.begin() as conn:
-            values = {"heartbeat_at": now, "version": __version__, "alive_until": alive, "grace_ms": grace_ms}
+            values = {"heartbeat_at": now, "version": __version__, "alive_until": alive, "grace_ms": grace_ms,
+                      "hostname": hostname}  # fmt: skip
             if conn.execute(update(NODES).where(NODES.c.id == self.node_id).values(**values)).rowcount == 0:
-                conn.execute(insert(NODES).values(id=self.node_id, hostname=hostname, started_at=now, **values))
+                conn.execute(insert(NODES).values(id=self.node_id, started_at=now, **values))
             expired = conn.execute(self._expired_leases(now).limit(1)).first() is not None
             generation = conn.execute(select(NODES.c.desired_generation).where(NODES.c.id == self.node_id))
             return Beat(expired, int(generation.scalar_one() or 0))
