@@ -77,8 +77,8 @@ class Reconciler:
         """The pools file's pools as this node's desired file pools (at start, on SIGHUP): what it adds, changes
         and removes is logged; workers start for new pools at once (OwnedElsewhere: nothing written)."""
         done: Applied = await self.store.call(apply_pools, self.registry, list(specs))
-        for line in done.lines():
-            log.info("pools file: %s", line, extra={"pool_id": line.split(" ", 1)[1]})
+        if done.added or done.changed or done.removed:
+            log.info("pools file applied: %s", "; ".join(done.lines()))
         if self._housekeeping is not None:  # running: new pools need workers now, changed ones a look
             await self._sync_desired()
         return done

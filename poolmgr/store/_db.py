@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("poolmgr.store")
@@ -36,7 +38,36 @@ def make_engine(url: str) -> Engine:
         # read-then-write transaction never fails with "database is locked" halfway.
         event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    # Most recently used connection first (LIFO): a node's steady work (its heartbeat) keeps reusing one hot
+    # connection, and only a connection idle for longer than _PING_AFTER_IDLE_S is checked before use.
+    engine = create_engine(url, pool_size=5, max_overflow=5, pool_use_lifo=True)
+    event.listen(engine.pool, "checkin", _idle_since)
+    event.listen(engine.pool, "checkout", _ping_if_idle)
+    return engine
+
+
+# SQLAlchemy's pool_pre_ping checks every connection at every checkout: on PostgreSQL an empty statement that
+# counts as one more committed transaction per transaction (a fleet of 100 idle nodes: 200 commits/s instead of
+# 100). A connection used within the last few seconds is taken as is: if the server went away meanwhile, its
+# first statement fails as a disconnect, SQLAlchemy invalidates the pool, and poolmgr's retry (or the client, for
+# an API call's 503) gets a new one.
+_PING_AFTER_IDLE_S = 10.0
+
+
+def _idle_since(_dbapi_conn: Any, record: Any) -> None:
+    record.info["idle_since"] = time.monotonic()
+
+
+def _ping_if_idle(dbapi_conn: Any, record: Any, _proxy: Any) -> None:
+    since = record.info.get("idle_since")
+    if since is not None and time.monotonic() - since < _PING_AFTER_IDLE_S:
+        return
+    try:
+        with dbapi_conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        dbapi_conn.rollback()  # a rollback, not a commit: the check leaves no transaction behind
+    except Exception as exc:  # the server closed it: the pool drops this one and checks out another
+        raise DisconnectionError(f"a pooled connection was dead: {exc}") from exc
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
