@@ -43,6 +43,17 @@ def mean(values: Sequence[float]) -> float:
     return float(statistics.fmean(values)) if values else float("nan")
 
 
+def pg_problem(url: str) -> str | None:
+    """Why PostgreSQL at `url` cannot be used (None: it answers)."""
+    try:
+        import psycopg
+
+        with psycopg.connect(url, autocommit=True, connect_timeout=3):
+            return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on (they mean little without it)."""
     model = ""

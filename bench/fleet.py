@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from _common import emit, machine, median, print_table
+from _common import emit, machine, median, pg_problem, print_table
 
 from poolmgr.lifecycle.effects import Placed, PreloadStarted, PreloadSucceeded, ReadyInfo
 from poolmgr.lifecycle.fsm import fire
@@ -120,16 +120,6 @@ class FleetDb:
         with contextlib.suppress(Exception):
             self.admin.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
         self.admin.close()
-
-
-def pg_problem(url: str) -> str | None:
-    try:
-        import psycopg
-
-        with psycopg.connect(url, autocommit=True, connect_timeout=3):
-            return None
-    except Exception as exc:
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
 def node_name(i: int) -> str:

@@ -61,6 +61,7 @@ from _common import (
     llama_server_path,
     machine,
     median,
+    pg_problem,
     print_table,
     shared_dir,
     stop_process,
@@ -323,16 +324,6 @@ class EventReader:
         if isinstance(last, datetime):
             return int(count), (last if last.tzinfo else last.replace(tzinfo=UTC)).timestamp()
         return int(count), None
-
-
-def pg_problem(url: str) -> str | None:
-    try:
-        import psycopg
-
-        with psycopg.connect(url, autocommit=True, connect_timeout=3):
-            return None
-    except Exception as exc:
-        return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
 
 
 # -- one serve ------------------------------------------------------------------------------------------------
