@@ -134,15 +134,17 @@ def cmd_doctor(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
 
 
 def cmd_setup(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
-    from poolmgr.isolation import ensure_engine_user
+    from poolmgr.isolation import ensure_engine_user, ensure_subids
     from poolmgr.lifecycle.sandbox import engine_user
 
     if os.geteuid() != 0:
         raise ConfigError("poolmgr setup creates the engine user and must run as root")
     name = engine_user(cfg)
     uid, gid = ensure_engine_user(name)
+    first, count = ensure_subids(name)  # rootless podman (runtime = "podman" pools) maps container ids onto these
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    print(f"engine user {name}: uid {uid} gid {gid}; state dir {cfg.state_dir}")
+    print(f"engine user {name}: uid {uid} gid {gid}, subordinate ids {first}-{first + count - 1}; "
+          f"state dir {cfg.state_dir}")  # fmt: skip
     return 0
 
 

@@ -32,8 +32,8 @@ from typing import Any
 from poolmgr.errors import ConfigError, ConfigProblems
 
 KNOWN_ENGINES = ("llamacpp",)
-# "podman" is accepted by poolmgr.isolation's command builder, but serve does not run container pools yet.
-RUNTIMES = ("process",)
+# "podman": the engine in a rootless container, its root `rootfs` (a directory) or `image` (one of the two).
+RUNTIMES = ("process", "podman")
 POOL_ID_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 FIELDS = (
     "id",
@@ -48,6 +48,8 @@ FIELDS = (
     "tensor_split",
     "isolation",
     "runtime",
+    "rootfs",
+    "image",
     "idle_unload_s",
     "load_on_demand",
 )
@@ -78,6 +80,8 @@ class PoolSpec:
     tensor_split: tuple[float, ...] | None = None
     isolation: dict[str, Any] = field(default_factory=dict)
     runtime: str = "process"
+    rootfs: str | None = None  # runtime "podman": a prepared root filesystem (a directory) ...
+    image: str | None = None  # ... or an image (podman pulls it into the pool's own storage)
     served_model_name: str | None = None
     idle_unload_s: float | None = None  # stop the pool once it had no request and no lease that long (None: never)
     load_on_demand: bool = False  # a request to the stopped pool starts it and waits until it is ready
@@ -96,6 +100,9 @@ class PoolSpec:
         data = asdict(self)
         data["extra_args"] = list(self.extra_args)
         data["tensor_split"] = list(self.tensor_split) if self.tensor_split is not None else None
+        for key in ("rootfs", "image"):  # container fields: absent from a process pool's stored spec
+            if data[key] is None:
+                del data[key]
         return data
 
     @classmethod
@@ -294,9 +301,30 @@ def _isolation(raw: Mapping[str, Any]) -> dict[str, Any]:
     return dict(table)
 
 
+def _container_root(raw: Mapping[str, Any], key: str) -> str | None:
+    value = raw.get(key)
+    runtime = raw.get("runtime", "process")
+    other = "image" if key == "rootfs" else "rootfs"
+    if value is None:
+        if runtime == "podman" and raw.get(other) is None and key == "rootfs":
+            raise _Bad(("runtime", 'runtime "podman" needs `rootfs = "/path"` (a directory) or `image = "name"`'))
+        return None
+    if runtime != "podman":
+        raise _Bad((key, 'only for runtime = "podman"'))
+    if not isinstance(value, str) or not value.strip():
+        raise _Bad((key, "must be a non-empty string"))
+    if key == "rootfs" and not value.startswith("/"):
+        raise _Bad((key, f"must be an absolute path, got {value!r}"))
+    if raw.get(other) is not None and key == "image":
+        raise _Bad((key, "give either rootfs or image, not both"))
+    return value
+
+
 _CHECKS: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "engine": lambda raw: _choice(raw, "engine", "llamacpp", KNOWN_ENGINES),
     "runtime": lambda raw: _choice(raw, "runtime", "process", RUNTIMES),
+    "rootfs": lambda raw: _container_root(raw, "rootfs"),
+    "image": lambda raw: _container_root(raw, "image"),
     "model": _model,
     "served_model_name": _served_model_name,
     "device_mask": _device_mask,
@@ -396,6 +424,7 @@ __all__ = [
     "ISOLATION_KEYS",
     "KNOWN_ENGINES",
     "MAX_IDLE_UNLOAD_S",
+    "RUNTIMES",
     "PoolSpec",
     "collect_pool",
     "collect_pools",

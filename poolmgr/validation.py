@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import grp
 import pwd
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,21 @@ def _isolation_ids(specs: Sequence[PoolSpec], source: str, report: _Report) -> N
                 report.problems.append(problem(source, spec.id, f"isolation.{key}", why))
 
 
+PODMAN_MISSING = (
+    'podman is not installed on this host: runtime "podman" pools cannot run '
+    "(Debian: apt-get install podman uidmap runc)"
+)
+
+
+def _containers(specs: Sequence[PoolSpec], source: str, report: _Report) -> None:
+    pods = [spec for spec in specs if spec.runtime == "podman"]
+    if pods and shutil.which("podman") is None:
+        report.problems.append(problem(source, pods[0].id, "runtime", PODMAN_MISSING))
+    for spec in pods:
+        if spec.rootfs is not None and not Path(spec.rootfs).is_dir():
+            report.problems.append(problem(source, spec.id, "rootfs", f"{spec.rootfs} is not a directory"))
+
+
 def validate_pools(
     specs: Sequence[PoolSpec], inventory: Inventory | Callable[[], Inventory], *, source: str
 ) -> CheckedPools:
@@ -128,6 +144,7 @@ def validate_pools(
                 f"{inv.reason or 'NVML unavailable'}; CPU pools run"
             )
     _isolation_ids(specs, source, report)
+    _containers(specs, source, report)
     if report.problems:
         raise ConfigProblems(report.problems)
     return CheckedPools(specs=list(specs), devices=report.devices, warnings=report.warnings, inventory=inv)
@@ -167,4 +184,4 @@ def check_pools_file(path: Path | None, cfg: PoolManagerConfig) -> CheckedPools:
     return checked
 
 
-__all__ = ["NO_CONFIG", "CheckedPools", "check_pools_file", "validate_pools"]
+__all__ = ["NO_CONFIG", "PODMAN_MISSING", "CheckedPools", "check_pools_file", "validate_pools"]

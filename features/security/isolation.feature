@@ -32,16 +32,19 @@ Feature: Engine isolation
     Then podman is started as the engine user with a clean environment
     And the container drops every capability and sets no-new-privileges
     And in the running container the host sees only the engine user (skipped where podman is missing)
+    And seen from the host the container's engine has a non-zero uid, no capabilities, no_new_privs and seccomp (skipped where podman is missing)
 
   Scenario: B-SEC-011 containers have a seccomp profile (run step skipped where podman is missing)
     Given a pool that runs its engine in a podman container
     When poolmgr builds the container command
     Then the command loads poolmgr's profile, which denies the process sandbox's syscalls
     And in the running container a TCP socket is refused (skipped where podman is missing)
+    And in the running container a syscall the profile denies fails (skipped where podman is missing)
 
   Scenario: B-SEC-012 containers have no network access
     Given a pool that runs its engine in a podman container
     When poolmgr builds the container command
     Then the container has no network at all and publishes no port
     And in the running container loopback is the only interface (skipped where podman is missing)
+    And in the running container only the workdir is writable (skipped where podman is missing)
     And the engine's unix socket in its mounted workdir reaches the host (skipped where podman is missing)

@@ -4,6 +4,8 @@
   /slots, /props, the decisive stderr line (`classify_stderr`).
 - `ProcessLauncher` (`Launcher`): spawn in an own session with the log rotated, (pid, start time) identity,
   exit seen at once through a pidfd, stop TERM → KILL of the whole process group.
+- `ContainerLauncher` (`Launcher`): the same, plus engines in a detached rootless podman container (their
+  exit status read back from podman).
 - `install_llamacpp` / `list_engines` / `resolve_llama_server`: the llama-server binary cache.
 - `async_socket_client` / `socket_client`: httpx clients over an engine's unix socket.
 - `read_stat` / `read_start_time` (`ProcStat`): a process's identity from /proc; `rotate_log` /
@@ -21,6 +23,7 @@ from poolmgr.engines._adapter import (
     StderrReason,
     StderrVerdict,
 )
+from poolmgr.engines._container import ContainerLauncher
 from poolmgr.engines._http import async_socket_client, socket_client
 from poolmgr.engines._install import (
     BUILD_NUMBER,
@@ -47,6 +50,7 @@ from poolmgr.engines.llamacpp import LlamaCppAdapter, classify_stderr
 __all__ = [
     "BUILD_NUMBER",
     "Address",
+    "ContainerLauncher",
     "EngineAdapter",
     "ExitInfo",
     "HealthProber",

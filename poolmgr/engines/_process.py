@@ -224,6 +224,8 @@ class ProcessLauncher:
             oom = bool(_procfs.kmsg_reports_oom_kill(*key))
             return ExitInfo(None, signal.SIGKILL if oom else None, oom)
 
+        check = self._status_reader(*key) or check
+
         def record(fut: asyncio.Future[ExitInfo]) -> None:
             if not fut.cancelled() and fut.exception() is None:
                 self._record(key, fut.result())
@@ -232,6 +234,11 @@ class ProcessLauncher:
         future.add_done_callback(record)
         return future
 
+    def _status_reader(self, pid: int, start_time: int) -> Callable[[], ExitInfo] | None:
+        """For a subclass whose engines' exit status someone else keeps (a container's: conmon): a blocking
+        function that reads it once the engine has ended. None: the status is the kernel's (waitid, OOM)."""
+        return None
+
     def _on_exit(self, watch: _Watch) -> None:
         code, sig = self._reap(watch)
         watch.close()
@@ -239,6 +246,10 @@ class ProcessLauncher:
         self._watches.pop(key, None)
         own_kill = key in self._killed
         self._killed.discard(key)
+        reader = self._status_reader(*key)
+        if reader is not None:
+            self._read_status(watch, reader)
+            return
         needs_oom_check = not own_kill and (sig == signal.SIGKILL or (code is None and sig is None))
         if not needs_oom_check:
             self._finish(watch, ExitInfo(code, sig, False))
@@ -260,6 +271,13 @@ class ProcessLauncher:
             self._finish(watch, fut.result() if fut.exception() is None else ExitInfo(code, sig, False))
 
         watch.loop.run_in_executor(None, check).add_done_callback(done)
+
+    def _read_status(self, watch: _Watch, reader: Callable[[], ExitInfo]) -> None:
+        def done(fut: asyncio.Future[ExitInfo]) -> None:
+            if not fut.cancelled():
+                self._finish(watch, fut.result() if fut.exception() is None else ExitInfo())
+
+        watch.loop.run_in_executor(None, reader).add_done_callback(done)
 
     def _reap(self, watch: _Watch) -> tuple[int | None, int | None]:
         popen = self._children.pop(watch.pid, None)

@@ -9,27 +9,41 @@
 exits 126 with `poolmgr-isolation: <layer>: <reason>` on stderr. `doctor()` lists what the host offers.
 Engines get no IP network at all (seccomp refuses IPv4/IPv6 sockets, Landlock any TCP bind or connect): they
 serve on a unix socket in their workdir, the one place they may create one.
+
+`runtime = "podman"` pools run in a rootless container instead (`podman_command`, run by
+`poolmgr.engines.ContainerLauncher`): the same seccomp deny-list as its profile, no capabilities, no_new_privs,
+a read-only root, `--network=none`.
 """
 
 from poolmgr.isolation._doctor import LayerStatus, doctor, doctor_table
-from poolmgr.isolation._podman import podman_command, write_seccomp_profile
+from poolmgr.isolation._podman import (
+    PODMAN_DIR,
+    container_name,
+    default_profile_path,
+    podman_command,
+    write_seccomp_profile,
+)
 from poolmgr.isolation._prepare import LayerDecision, PreparedIsolation, prepare, release, wrap_command
 from poolmgr.isolation._spec import IsolationSpec, build_isolation
 from poolmgr.isolation._trampoline import EXIT_EXEC_FAILED, EXIT_ISOLATION_FAILED
-from poolmgr.isolation._users import DEFAULT_ENGINE_USER, ensure_engine_user
+from poolmgr.isolation._users import DEFAULT_ENGINE_USER, ensure_engine_user, ensure_subids
 
 __all__ = [
     "DEFAULT_ENGINE_USER",
     "EXIT_EXEC_FAILED",
     "EXIT_ISOLATION_FAILED",
+    "PODMAN_DIR",
     "IsolationSpec",
     "LayerDecision",
     "LayerStatus",
     "PreparedIsolation",
     "build_isolation",
+    "container_name",
+    "default_profile_path",
     "doctor",
     "doctor_table",
     "ensure_engine_user",
+    "ensure_subids",
     "podman_command",
     "prepare",
     "release",

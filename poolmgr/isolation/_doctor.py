@@ -74,6 +74,14 @@ def _binary(name: str, label: str, what: str) -> LayerStatus:
     return LayerStatus(label, path is not None, f"{path}: {what}" if path else f"{name} not on PATH")
 
 
+def _podman_row() -> LayerStatus:
+    path = shutil.which("podman")
+    if path is None:
+        return LayerStatus("podman", False, 'podman not on PATH: runtime = "podman" pools cannot run '
+                                            "(Debian: apt-get install podman uidmap runc)")  # fmt: skip
+    return LayerStatus("podman", True, f'{path}: runtime = "podman" pools run in rootless containers')
+
+
 def doctor(*, cgroup_root: Path = _cgroup.CGROUP_ROOT) -> list[LayerStatus]:
     """Probe every isolation mechanism; nothing is changed on the host."""
     return [
@@ -84,7 +92,7 @@ def doctor(*, cgroup_root: Path = _cgroup.CGROUP_ROOT) -> list[LayerStatus]:
         _landlock_row(),
         *_cgroup_rows(cgroup_root),
         _binary("bwrap", "bubblewrap", "namespaces available"),
-        _binary("podman", "podman", "container runtime available"),
+        _podman_row(),
     ]
 
 

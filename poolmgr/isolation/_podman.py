@@ -5,6 +5,11 @@ runs as root. The container gets no capabilities, no_new_privs, poolmgr's seccom
 the workdir as its only writable mount, the readable paths mounted read-only at the same place, and no network
 at all (`--network=none`, and the profile refuses IP sockets): the engine serves on a unix socket in its
 workdir, which is mounted at the same path, so poolmgr reaches it there exactly as it does outside a container.
+
+podman's own home (its config and storage) is `podman_home(spec)`, next to the workdir and never mounted into
+the container: an engine that could edit podman's config could run a program outside its sandbox next time.
+A pool's container is named `container_name(pool_id)`; `detach=True` is how serve runs it (`-d --replace`, the
+engine's stdout and stderr passed through conmon to poolmgr's log, kept after exit so its status can be read).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import json
 import os
 import platform
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +30,7 @@ from poolmgr.isolation._spec import IsolationSpec
 from poolmgr.isolation._users import resolve_ids
 
 SECCOMP_PROFILE_NAME = "poolmgr-seccomp.json"
+PODMAN_DIR = ".podman"  # in the workdir root: root-owned; one engine-owned podman home per pool under it
 _OCI_ARCH = {"x86_64": "SCMP_ARCH_X86_64", "aarch64": "SCMP_ARCH_AARCH64"}
 _EPERM = 1
 _ENOSYS = 38
@@ -76,6 +82,27 @@ def default_profile_path(spec: IsolationSpec) -> Path:
     return spec.workdir.absolute().parent / SECCOMP_PROFILE_NAME
 
 
+def container_name(pool_id: str) -> str:
+    return f"poolmgr-{pool_id}"
+
+
+def podman_home(spec: IsolationSpec) -> Path:
+    """podman's HOME and storage for this pool's containers: outside the workdir, owned by the engine user."""
+    return spec.workdir.absolute().parent / PODMAN_DIR / spec.pool_id
+
+
+def _ensure_home(spec: IsolationSpec) -> Path:
+    home = podman_home(spec)
+    if home.is_dir():
+        return home
+    home.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, exist_ok=True)
+    if os.geteuid() == 0 and spec.user is not None:
+        uid, gid = resolve_ids(spec.user, spec.group)
+        os.chown(home, uid if uid is not None else -1, gid if gid is not None else -1)
+    return home
+
+
 def _rootless_prefix(spec: IsolationSpec) -> list[str]:
     if os.geteuid() != 0:
         return []
@@ -108,12 +135,24 @@ def _runtime() -> list[str]:
     return []
 
 
-def _clean_env(workdir: Path) -> list[str]:
-    """podman gets no secret either: a fresh env whose HOME (podman's config and storage) is the workdir.
+def _clean_env(home: Path) -> list[str]:
+    """podman gets no secret either: a fresh env whose HOME holds podman's config and storage.
 
-    No XDG_RUNTIME_DIR: podman then keeps its run state in /tmp/podman-run-UID (a runroot under the workdir
+    No XDG_RUNTIME_DIR: podman then keeps its run state in /tmp/podman-run-UID (a runroot under the state dir
     would pass podman's 50-character limit)."""
-    return ["env", "-i", f"PATH={DEFAULT_PATH}", f"HOME={workdir}"]
+    return ["env", "-i", f"PATH={DEFAULT_PATH}", f"HOME={home}"]
+
+
+def podman_base(spec: IsolationSpec) -> list[str]:
+    """`podman` as the engine user with a clean environment and this pool's storage: add a subcommand."""
+    home = _ensure_home(spec)
+    return [*_rootless_prefix(spec), *_clean_env(home), "podman", f"--root={home / 'storage'}"]
+
+
+def _detached(name: str, detach: bool) -> list[str]:
+    if not detach:
+        return ["--rm", f"--name={name}"]
+    return ["--detach", "--replace", f"--name={name}", "--log-driver=passthrough"]
 
 
 def _limits(spec: IsolationSpec) -> list[str]:
@@ -134,32 +173,35 @@ def podman_command(
     argv: Sequence[str],
     *,
     seccomp_profile_path: Path | None = None,
+    detach: bool = False,
+    env: Mapping[str, str] | None = None,
+    devices: Sequence[str] = (),
 ) -> list[str]:
     """The full command line; write the profile first with `write_seccomp_profile(default_profile_path(spec))`.
 
-    image_or_rootfs: an image name, or an existing directory used as `--rootfs`.
+    image_or_rootfs: an image name, or an existing directory used as `--rootfs`. `env`: the engine's
+    environment inside the container (nothing else is passed). `devices`: CDI names (`nvidia.com/gpu=<uuid>`).
     """
     profile = seccomp_profile_path or default_profile_path(spec)
     workdir = spec.workdir.absolute()
     cmd = [
-        *_rootless_prefix(spec),
-        *_clean_env(workdir),
-        "podman",
-        f"--root={workdir / '.containers' / 'storage'}",
+        *podman_base(spec),
         "run",
         *_runtime(),
-        "--rm",
-        f"--name=poolmgr-{spec.pool_id}",
+        *_detached(container_name(spec.pool_id), detach),
         *_userns(spec),
         "--cap-drop=all",
         "--security-opt=no-new-privileges",
         f"--security-opt=seccomp={profile}",
         "--read-only",
+        "--read-only-tmpfs=false",  # no tmpfs on /tmp, /run, /var/tmp: the workdir is the only writable place
         f"--volume={workdir}:{workdir}:rw",
         f"--workdir={workdir}",
         f"--env=HOME={workdir}",
         *(f"--volume={p}:{p}:ro" for p in spec.readable_paths),
         *_limits(spec),
+        *(f"--env={k}={v}" for k, v in (env or {}).items()),
+        *(f"--device={d}" for d in devices),
         "--network=none",
     ]
     is_rootfs = os.path.isdir(image_or_rootfs)
@@ -167,4 +209,12 @@ def podman_command(
     return [*cmd, *argv]
 
 
-__all__ = ["default_profile_path", "podman_command", "seccomp_profile", "write_seccomp_profile"]
+__all__ = [
+    "container_name",
+    "default_profile_path",
+    "podman_base",
+    "podman_command",
+    "podman_home",
+    "seccomp_profile",
+    "write_seccomp_profile",
+]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import grp
 import logging
 import os
 import pwd
 import shutil
+import signal
 import subprocess
+from pathlib import Path
 
 from poolmgr.errors import IsolationError
 
@@ -69,4 +72,56 @@ def ensure_engine_user(name: str = DEFAULT_ENGINE_USER) -> tuple[int, int]:
     return entry.pw_uid, entry.pw_gid
 
 
-__all__ = ["DEFAULT_ENGINE_USER", "ensure_engine_user", "resolve_gid", "resolve_ids", "resolve_uid"]
+SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
+SUBID_COUNT = 65_536
+_SUBID_FLOOR = 100_000
+
+
+def _subid_ranges(path: Path) -> dict[str, tuple[int, int]]:
+    ranges: dict[str, tuple[int, int]] = {}
+    with contextlib.suppress(OSError):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            name, _, rest = line.partition(":")
+            start, _, count = rest.partition(":")
+            if start.isdigit() and count.isdigit():
+                ranges[name] = (int(start), int(count))
+    return ranges
+
+
+def ensure_subids(name: str) -> tuple[int, int]:
+    """(first, count) of `name`'s subordinate uids and gids (rootless podman maps the container's ids onto them),
+    added with usermod past every range already given when it has none."""
+    have = [_subid_ranges(p) for p in SUBID_FILES]
+    if all(name in r for r in have):
+        return have[0][name]
+    start = max([_SUBID_FLOOR, *(s + c for r in have for s, c in r.values())])
+    argv = [shutil.which("usermod") or "/usr/sbin/usermod", "--add-subuids", f"{start}-{start + SUBID_COUNT - 1}",
+            "--add-subgids", f"{start}-{start + SUBID_COUNT - 1}", name]  # fmt: skip
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise IsolationError(f"usermod {name!r} (subordinate ids) failed ({proc.returncode}): {proc.stderr.strip()}")
+    log.info("gave %s subordinate ids %s-%s", name, start, start + SUBID_COUNT - 1)
+    _end_podman_pause(pwd.getpwnam(name).pw_uid)
+    return start, SUBID_COUNT
+
+
+def _end_podman_pause(uid: int) -> None:
+    """Rootless podman keeps its user namespace in a pause process; one made before the subordinate ids existed
+    keeps the old single-id mapping (runc then fails: `chown …/exec.fifo: invalid argument`). End it, as
+    `podman system migrate` would: the next podman makes a namespace with the new ids."""
+    for path in (Path(f"/tmp/podman-run-{uid}"), Path(f"/run/user/{uid}")):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int((path / "libpod" / "tmp" / "pause.pid").read_text(encoding="ascii").strip())
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                os.kill(pid, signal.SIGKILL)
+
+
+__all__ = [
+    "DEFAULT_ENGINE_USER",
+    "SUBID_COUNT",
+    "ensure_engine_user",
+    "ensure_subids",
+    "resolve_gid",
+    "resolve_ids",
+    "resolve_uid",
+]

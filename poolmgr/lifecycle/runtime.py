@@ -13,6 +13,7 @@ import httpx
 
 from poolmgr.clock import Clock, SystemClock
 from poolmgr.engines import (
+    ContainerLauncher,
     EngineAdapter,
     ExitInfo,
     HealthProber,
@@ -20,18 +21,19 @@ from poolmgr.engines import (
     Launcher,
     LaunchRequest,
     LlamaCppAdapter,
-    ProcessLauncher,
     SpawnedEngine,
     StderrReason,
+    WrapFn,
     async_socket_client,
     read_stat,
     resolve_llama_server,
 )
 from poolmgr.engines.llamacpp import api_key_headers
 from poolmgr.errors import ConfigError, EngineError, IsolationError, PreloadFailed
+from poolmgr.isolation import PODMAN_DIR
 from poolmgr.lifecycle.effects import ReadyInfo
 from poolmgr.lifecycle.placing import Placement
-from poolmgr.lifecycle.sandbox import sandbox_wrapper
+from poolmgr.lifecycle.sandbox import container_wrapper, sandbox_wrapper
 from poolmgr.lifecycle.traffic import TrafficBoard
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
@@ -62,7 +64,10 @@ class EngineRuntime:
         isolate: bool = True,
     ) -> None:
         self.cfg = cfg
-        self.launcher: Launcher = launcher or ProcessLauncher()
+        self.log_dir = cfg.state_dir / "logs"
+        self.work_dir = cfg.state_dir / "work"
+        # Process engines and `runtime = "podman"` ones alike (a container's engine is a host process too).
+        self.launcher: Launcher = launcher or ContainerLauncher(self.work_dir / PODMAN_DIR)
         self.adapter: EngineAdapter = adapter or LlamaCppAdapter()
         self.clock: Clock = clock or SystemClock()
         self._prober: HealthProber | None = None
@@ -70,8 +75,6 @@ class EngineRuntime:
         self._preloads = 0  # engines being waited for right now (their looks are paced together)
         self.isolate = isolate
         self._clients: dict[str, httpx.AsyncClient] = {}
-        self.log_dir = cfg.state_dir / "logs"
-        self.work_dir = cfg.state_dir / "work"
         self.instance = str(cfg.state_dir.absolute())
         self.traffic = TrafficBoard(
             queue_timeout_s=cfg.queue_timeout_ms / 1000.0, socket_for=lambda pool_id: str(self.socket_path(pool_id)),
@@ -160,9 +163,9 @@ class EngineRuntime:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         wrap = None
         cwd = self.work_dir / spec.id
-        if self.isolate:
+        if self.isolate or spec.runtime == "podman":  # a container is never started without its isolation
             try:
-                wrap, cwd = sandbox_wrapper(self.cfg, spec, binary=binary, workdir_root=self.work_dir)
+                wrap, cwd = self._wrapper(spec, binary, placement)
             except PreloadFailed:
                 raise
             except Exception as exc:  # any failure to prepare a layer: never an engine without its isolation
@@ -181,6 +184,12 @@ class EngineRuntime:
             raise
         except (EngineError, IsolationError) as exc:  # the launcher's own words (exec failed, say): no worker crash
             raise PreloadFailed("spawn_failed", str(exc)) from None
+
+    def _wrapper(self, spec: PoolSpec, binary: Path, placement: Placement) -> tuple[WrapFn, Path]:
+        if spec.runtime == "podman":
+            return container_wrapper(self.cfg, spec, binary=binary, workdir_root=self.work_dir,
+                                     device_uuids=placement.device_uuids)  # fmt: skip
+        return sandbox_wrapper(self.cfg, spec, binary=binary, workdir_root=self.work_dir)
 
     # -- preload --------------------------------------------------------------------------------------
     async def wait_ready(self, spec: PoolSpec, eng: SpawnedEngine, *, expect_gpu: bool) -> ReadyInfo:

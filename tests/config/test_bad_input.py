@@ -69,7 +69,13 @@ CASES: dict[str, Case] = {
     "no id": Case('[[pool]]\nmodel = "/m"\n', (_setting(f"{F}: pool None: field 'id': must match"),)),
     "duplicate id": Case(pool() + pool(), (_field("id", "duplicate pool id"),)),
     "unknown engine": Case(pool('engine = "vllm"'), (_field("engine", "unknown engine 'vllm' (allowed: llamacpp)"),)),
-    "unknown runtime": Case(pool('runtime = "podman"'), (_field("runtime", "(allowed: process)"),)),
+    "unknown runtime": Case(pool('runtime = "docker"'), (_field("runtime", "(allowed: process, podman)"),)),
+    "podman without a root": Case(pool('runtime = "podman"'), (_field("runtime", "needs `rootfs"),)),
+    "rootfs of a process pool": Case(pool('rootfs = "/srv/root"'), (_field("rootfs", 'only for runtime = "podman"'),)),
+    "rootfs not absolute": Case(pool('runtime = "podman"', 'rootfs = "root"'), (_field("rootfs", "absolute path"),)),
+    "rootfs and image": Case(
+        pool('runtime = "podman"', 'rootfs = "/"', 'image = "x"'), (_field("image", "either rootfs or image"),)
+    ),
     "slots 0": Case(pool("slots = 0"), (_field("slots", "must be a positive integer"),)),
     "slots true": Case(pool("slots = true"), (_field("slots", "got True"),)),
     "ctx_size negative": Case(pool("ctx_size = -5"), (_field("ctx_size", "must be a positive integer"),)),

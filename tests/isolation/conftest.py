@@ -23,6 +23,7 @@ from poolmgr.isolation import (
     PreparedIsolation,
     build_isolation,
     ensure_engine_user,
+    ensure_subids,
     prepare,
     release,
     wrap_command,
@@ -79,7 +80,10 @@ def reply_over_unix_socket(proc: subprocess.Popen[bytes], path: Path, timeout: f
 def engine_ids() -> tuple[int, int]:
     if os.geteuid() != 0:
         pytest.skip("needs root: the sandbox switches to a dedicated engine user")
-    return ensure_engine_user(TEST_ENGINE_USER)
+    ids = ensure_engine_user(TEST_ENGINE_USER)
+    if shutil.which("podman") is not None:
+        ensure_subids(TEST_ENGINE_USER)  # as `poolmgr setup` does: rootless podman with --userns=keep-id
+    return ids
 
 
 @pytest.fixture
@@ -186,6 +190,8 @@ def probe_python() -> str:
 def make_rootfs(parent: Path, uid: int, gid: int) -> Path:
     """A minimal container root: empty mount points and usr-merge links; /usr itself is mounted read-only."""
     rootfs = parent / "rootfs"
+    if rootfs.is_dir():  # made by an earlier step of the same scenario
+        return rootfs
     rootfs.mkdir()
     for name in ("usr", "proc", "dev", "sys", "etc", "tmp", "run"):
         (rootfs / name).mkdir()

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import json
+import signal
 import stat
 import subprocess
 from pathlib import Path
@@ -11,7 +14,8 @@ from typing import Any
 import pytest
 from pytest_bdd import given, scenarios, then, when
 
-from poolmgr.isolation import podman_command, write_seccomp_profile
+from poolmgr.engines import ContainerLauncher, LaunchRequest
+from poolmgr.isolation import PODMAN_DIR, podman_command, write_seccomp_profile
 from poolmgr.isolation._podman import default_profile_path
 from poolmgr.isolation._seccomp import DENIED_SYSCALLS, seccomp_unavailable_reason
 from poolmgr.isolation._trampoline import landlock_abi
@@ -170,12 +174,12 @@ def _caps_flags(ctx: dict[str, Any]) -> None:
     assert not any(a.startswith("--cap-add") or "privileged" in a for a in run)
 
 
-def _container_cmd(ctx: dict[str, Any], argv: list[str]) -> list[str]:
+def _container_cmd(ctx: dict[str, Any], argv: list[str], *, detach: bool = False) -> list[str]:
     if why := podman_missing():
         pytest.skip(why)
     box: Sandbox = ctx["box"]
     rootfs = make_rootfs(box.root, *ctx["ids"])
-    return podman_command(ctx["spec"], str(rootfs), argv)
+    return podman_command(ctx["spec"], str(rootfs), argv, detach=detach)
 
 
 def _run_container(ctx: dict[str, Any], script: str) -> subprocess.CompletedProcess[str]:
@@ -185,12 +189,50 @@ def _run_container(ctx: dict[str, Any], script: str) -> subprocess.CompletedProc
 
 @then("in the running container the host sees only the engine user (skipped where podman is missing)")
 def _run_rootless(ctx: dict[str, Any]) -> None:
-    out = _run_container(ctx, "cat /proc/self/uid_map; grep CapEff /proc/self/status")
+    out = _run_container(ctx, "id -u; grep CapEff /proc/self/status")
     lines = out.stdout.splitlines()
-    assert lines, out.stderr
-    _inside, outside, _count = (int(x) for x in lines[0].split())
-    assert outside == ctx["ids"][0]
+    assert len(lines) == 2, out.stderr
+    assert int(lines[0]) == ctx["ids"][0]  # keep-id: the engine user inside as well as outside
     assert lines[1].split() == ["CapEff:", "0000000000000000"]
+
+
+@then(
+    "seen from the host the container's engine has a non-zero uid, no capabilities, no_new_privs and seccomp "
+    "(skipped where podman is missing)"
+)
+def _host_view(ctx: dict[str, Any]) -> None:
+    """What serve runs: a detached container whose engine is, on the host, one more (sandboxed) process."""
+    cmd = _container_cmd(ctx, ["sleep", "60"], detach=True)
+    box: Sandbox = ctx["box"]
+    launcher = ContainerLauncher(box.root / PODMAN_DIR)
+    eng = launcher.spawn(LaunchRequest(argv=cmd, env={"PATH": "/usr/bin:/bin"}, log_path=box.root / "pod.log"))
+    try:
+        status = status_fields(eng.pid)
+        assert status["Uid"].split() == [str(ctx["ids"][0])] * 4  # keep-id: the engine user, on the host too
+        for field in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status[field], 16) == 0, field
+        assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    finally:
+        info = asyncio.run(launcher.stop(eng.pid, eng.start_time, 1.0))
+    # sleep, the container's init, has no SIGTERM handler (init ignores it): KILL after the grace, as conmon saw
+    assert info.signal == signal.SIGKILL
+    assert not launcher.is_alive(eng.pid, eng.start_time)
+
+
+@then("in the running container a syscall the profile denies fails (skipped where podman is missing)")
+def _run_denied_syscall(ctx: dict[str, Any]) -> None:
+    # ptrace: allowed by podman's default profile, denied (EPERM) by poolmgr's
+    code = "import ctypes; libc = ctypes.CDLL(None, use_errno=True); print(libc.ptrace(0, 0, 0, 0), ctypes.get_errno())"
+    out = _run_container(ctx, f"python3 -c '{code}'")
+    assert out.stdout.split() == ["-1", str(errno.EPERM)], out.stderr
+
+
+@then("in the running container only the workdir is writable (skipped where podman is missing)")
+def _run_writes(ctx: dict[str, Any]) -> None:
+    workdir = ctx["spec"].workdir
+    script = f"for d in / /etc /usr /tmp /run {workdir}; do touch $d/probe 2>/dev/null && echo $d; done"
+    out = _run_container(ctx, script)
+    assert out.stdout.split() == [str(workdir)], out.stderr
 
 
 @then("the command loads poolmgr's profile, which denies the process sandbox's syscalls")
