@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -121,7 +121,7 @@ async def serve(
         board.starter = _on_demand(registry, reconciler)
         app = create_app(
             registry, kick=reconciler.kick, api_token=cfg.api_token, metrics=metrics, devices=_devices(reconciler),
-            follow=board.follow,
+            follow=board.follow, check_spec=_spec_check(reconciler),
         )  # fmt: skip
         app.add_exception_handler(DBAPIError, _database_error)
         plane = DataPlane(app, board=board, api_token=cfg.api_token, inference_tokens=inference_tokens)
@@ -153,6 +153,16 @@ async def serve(
     if failed:
         raise ConfigError(f"the API could not serve on {cfg.addr} (is the port in use?)")
     return 0
+
+
+def _spec_check(reconciler: Reconciler) -> Callable[[PoolSpec], None]:
+    """A PUT's pool against this host, as `validate` checks a pools file (device masks, isolation users)."""
+    from poolmgr.validation import validate_pools
+
+    def check(spec: PoolSpec) -> None:
+        validate_pools([spec], lambda: reconciler.inventory, source=f"PUT /pools/{spec.id}")
+
+    return check
 
 
 def _log_serving(cfg: PoolManagerConfig, pools: int, url: str) -> None:

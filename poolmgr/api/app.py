@@ -23,7 +23,7 @@ from poolmgr import __version__
 from poolmgr.correlation import CORRELATION_ID, new_correlation_id, valid_correlation_id
 from poolmgr.errors import ConfigError, ConflictError, NotFoundError, OwnedElsewhere, PoolmgrError
 from poolmgr.lifecycle import desired, operations
-from poolmgr.poolsfile import parse_pool
+from poolmgr.poolsfile import PoolSpec, parse_pool
 from poolmgr.store import PoolView, Registry
 
 log = logging.getLogger("poolmgr.api")
@@ -56,16 +56,18 @@ def create_app(
     metrics: Callable[[], tuple[bytes, str]] | None = None,
     devices: Callable[[], list[dict[str, Any]]] | None = None,
     follow: Callable[[PoolView], None] = lambda _view: None,
+    check_spec: Callable[[PoolSpec], None] = lambda _spec: None,
 ) -> FastAPI:
     """`kick` wakes a pool's worker after a change; `follow` sets the data plane's gate from the pool's new row at
-    once (a drain refuses requests from its 202 on, a preload queues them), before the worker wakes."""
+    once (a drain refuses requests from its 202 on, a preload queues them), before the worker wakes;
+    `check_spec` checks a PUT's pool against this host as `validate` checks a pools file (ConfigProblems: 400)."""
     app = FastAPI(title="poolmgr", version=__version__, docs_url=None, redoc_url=None)
     _install_middleware(app, api_token)
     _install_errors(app)
     _add_node_routes(app, metrics, devices)
     _add_pool_routes(app, registry, kick)
     _add_operations(app, registry, kick, follow)
-    _add_desired_routes(app, registry, kick, follow)
+    _add_desired_routes(app, registry, kick, follow, check_spec)
     return app
 
 
@@ -164,8 +166,9 @@ def _own(registry: Registry, pool_id: str) -> PoolView:
 
 
 def _add_desired_routes(
-    app: FastAPI, registry: Registry, kick: Callable[[str], None], follow: Callable[[PoolView], None]
-) -> None:
+    app: FastAPI, registry: Registry, kick: Callable[[str], None], follow: Callable[[PoolView], None],
+    check_spec: Callable[[PoolSpec], None],
+) -> None:  # fmt: skip
     """Desired state through the API (lifecycle/desired.py): PUT creates or changes a pool of this node, DELETE
     removes one (it drains, stops, then its row goes)."""
 
@@ -174,6 +177,7 @@ def _add_desired_routes(
         if "id" in body and body["id"] != pool_id:
             raise ValueError(f"the body's id {body['id']!r} is not the path's {pool_id!r}")
         spec = parse_pool({**body, "id": pool_id}, where=f"PUT /pools/{pool_id}")
+        await run_in_threadpool(check_spec, spec)
         created, view = await _db(desired.put_pool, registry, spec, correlation_id=CORRELATION_ID.get())
         follow(view)
         kick(pool_id)

@@ -10,14 +10,17 @@ from typing import Any
 import httpx
 
 from poolmgr.api.app import create_app
+from poolmgr.devices import FakeNvmlBackend, discover
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.store import Registry
+from poolmgr.validation import validate_pools
+from tests.observability._stack import H100_SNAPSHOT
 
 
-def _calls(db_url: str, node_id: str, calls: list[tuple[str, str, Any]]) -> list[httpx.Response]:
+def _calls(db_url: str, node_id: str, calls: list[tuple[str, str, Any]], **app_kw: Any) -> list[httpx.Response]:
     registry = Registry(db_url, node_id=node_id)
     kicked: list[str] = []
-    app = create_app(registry, kick=kicked.append)
+    app = create_app(registry, kick=kicked.append, **app_kw)
 
     async def run() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=app)
@@ -73,3 +76,19 @@ def test_another_nodes_pool_is_refused_with_409_naming_its_owner(db_url: str) ->
         assert resp.status_code == 409, resp.text
         assert "belongs to node 'node-a'" in resp.json()["error"]["message"]
     assert answers[-1].status_code == 200 and answers[-1].json()["node_id"] == "node-a"  # reading is fine
+
+
+def test_a_put_pool_is_checked_against_this_host_like_a_pools_file(sqlite_url: str) -> None:
+    """The daemon passes `validate_pools` with its inventory (here: a recorded H100 node): a device mask naming a
+    GPU the node does not have is a 400 naming it, and nothing is written."""
+    inventory = discover(FakeNvmlBackend(H100_SNAPSHOT), warn=False)
+
+    def check(spec: PoolSpec) -> None:
+        validate_pools([spec], inventory, source=f"PUT /pools/{spec.id}")
+
+    bad, good = _calls(sqlite_url, "node-a", [
+        ("PUT", "/pools/gpu", {"model": "/m.gguf", "device_mask": "7"}),
+        ("PUT", "/pools/gpu", {"model": "/m.gguf", "device_mask": "0"}),
+    ], check_spec=check)  # fmt: skip
+    assert bad.status_code == 400 and "PUT /pools/gpu" in bad.json()["error"]["message"], bad.text
+    assert good.status_code == 201, good.text
