@@ -14,9 +14,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 log = logging.getLogger("poolmgr.store")
 
-_ROOT = Path(__file__).resolve().parents[2]
-MIGRATIONS_DIR = _ROOT / "migrations"
-ALEMBIC_INI = _ROOT / "alembic.ini"
+# The migrations ship inside the package (poolmgr/migrations: in a checkout a link to the top-level migrations/,
+# in a wheel the files themselves), so `poolmgr migrate` and `serve` work from an installed wheel.
+MIGRATIONS_DIR = Path(__file__).resolve().parents[1] / "migrations"
+ALEMBIC_INI = Path(__file__).resolve().parents[2] / "alembic.ini"  # a checkout's; not needed by poolmgr itself
 
 
 def normalize_url(url: str) -> str:
@@ -87,7 +88,7 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
 def alembic_config(url: str) -> Any:
     from alembic.config import Config
 
-    cfg = Config(str(ALEMBIC_INI))
+    cfg = Config(str(ALEMBIC_INI) if ALEMBIC_INI.is_file() else None)
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
     cfg.set_main_option("sqlalchemy.url", normalize_url(url).replace("%", "%%"))
     cfg.attributes["configure_logger"] = False

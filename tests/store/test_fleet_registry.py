@@ -145,3 +145,21 @@ def _columns(engine: Any) -> dict[str, dict[str, tuple[str, bool]]]:
         table: {c["name"]: (str(c["type"]), bool(c["nullable"])) for c in insp.get_columns(table)}
         for table in ("pools", "nodes", "leases", "pool_events")
     }
+
+
+def test_the_fleet_migration_goes_down_to_0004_and_up_again(fresh_url: str) -> None:
+    """0005's downgrade restores 0004's view (loaded by path: an installed wheel has no importable migrations
+    package), and the upgrade after it gives the fleet columns back."""
+    from alembic import command
+
+    from poolmgr.store._db import alembic_config
+
+    migrate(fresh_url, "head")
+    command.downgrade(alembic_config(fresh_url), "0003")
+    migrate(fresh_url, "head")
+    engine = make_engine(fresh_url)
+    try:
+        view_cols = {c["name"] for c in inspect(engine).get_columns("pool_registry")}
+        assert {"node_alive", "routable", "node_heartbeat_at", "heartbeat_at"} <= view_cols
+    finally:
+        engine.dispose()
