@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable
@@ -133,6 +134,24 @@ def cmd_doctor(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
     return 0
 
 
+def install_systemd_unit(unit_dir: Path, env_dir: Path, poolmgr_bin: str) -> list[Path]:
+    """deploy/systemd/poolmgr.service into `unit_dir` with ExecStart running `poolmgr_bin`, and the settings
+    example as `env_dir`/poolmgr.env (mode 0600) unless there is one: the paths written."""
+    source = Path(__file__).resolve().parent / "systemd"
+    unit = (source / "poolmgr.service").read_text()
+    unit = unit.replace("ExecStart=/usr/local/bin/poolmgr ", f"ExecStart={poolmgr_bin} ")
+    unit_dir.mkdir(parents=True, exist_ok=True)
+    written = [unit_dir / "poolmgr.service"]
+    written[0].write_text(unit)
+    env = env_dir / "poolmgr.env"
+    if not env.exists():
+        env_dir.mkdir(parents=True, exist_ok=True)
+        env.write_text((source / "poolmgr.env.example").read_text())
+        env.chmod(0o600)
+        written.append(env)
+    return written
+
+
 def cmd_setup(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
     from poolmgr.isolation import ensure_engine_user, ensure_subids
     from poolmgr.lifecycle.sandbox import engine_user
@@ -145,6 +164,12 @@ def cmd_setup(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     print(f"engine user {name}: uid {uid} gid {gid}, subordinate ids {first}-{first + count - 1}; "
           f"state dir {cfg.state_dir}")  # fmt: skip
+    if args.systemd:
+        beside = Path(sys.executable).parent / "poolmgr"  # the entry point of the environment running us
+        binary = str(beside) if beside.is_file() else shutil.which("poolmgr") or "/usr/local/bin/poolmgr"
+        for path in install_systemd_unit(Path(args.unit_dir), Path(args.env_dir), binary):
+            print(f"wrote {path}")
+        print("then: systemctl daemon-reload && systemctl enable --now poolmgr")
     return 0
 
 
@@ -206,7 +231,11 @@ def _register(sub: Any) -> None:
     p.set_defaults(handler=cmd_plan)
 
     sub.add_parser("doctor", help="isolation layers this machine supports").set_defaults(handler=cmd_doctor)
-    sub.add_parser("setup", help="create the engine user and state dir (root)").set_defaults(handler=cmd_setup)
+    p = sub.add_parser("setup", help="create the engine user and state dir (root); --systemd: the unit too")
+    p.add_argument("--systemd", action="store_true", help="install the systemd unit and /etc/poolmgr/poolmgr.env")
+    p.add_argument("--unit-dir", default="/etc/systemd/system", help=argparse.SUPPRESS)
+    p.add_argument("--env-dir", default="/etc/poolmgr", help=argparse.SUPPRESS)
+    p.set_defaults(handler=cmd_setup)
     _register_ops(sub)
     _register_desired(sub)
 

@@ -136,10 +136,12 @@ async def serve(
         _reapply_on_sighup(cfg, reconciler, pools_file)
         server_task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
         _log_serving(cfg, len(reconciler.workers), url)
+        sd_notify("READY=1")
         await _unless(stop, asyncio.shield(server_task))
     except _Stopped:
         pass
     failed = server_task is not None and server_task.done() and not stop.is_set()
+    sd_notify("STOPPING=1")
     log.info("shutting down: %s", "keeping engines for the next poolmgr" if keep else "stopping engines")
     if server_task is not None:
         server.should_exit = True
@@ -163,6 +165,20 @@ def _spec_check(reconciler: Reconciler) -> Callable[[PoolSpec], None]:
         validate_pools([spec], lambda: reconciler.inventory, source=f"PUT /pools/{spec.id}")
 
     return check
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) `state`, when it started us with a NOTIFY_SOCKET; nothing otherwise."""
+    path = os.environ.get("NOTIFY_SOCKET", "")
+    if not path:
+        return
+    address = "\0" + path[1:] if path.startswith("@") else path  # "@...": an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.connect(address)
+            sock.send(state.encode())
+    except OSError as exc:
+        log.warning("could not tell systemd %s: %s", state, exc)
 
 
 def _log_serving(cfg: PoolManagerConfig, pools: int, url: str) -> None:

@@ -116,6 +116,10 @@ PODMAN_MISSING = (
 )
 
 
+_LIMIT_KEYS = ("memory_max", "cpu_max", "pids_max")
+CGROUP2_CONTROLLERS = Path("/sys/fs/cgroup/cgroup.controllers")  # present only where /sys/fs/cgroup is cgroup v2
+
+
 def _containers(specs: Sequence[PoolSpec], source: str, report: _Report) -> None:
     pods = [spec for spec in specs if spec.runtime == "podman"]
     if pods and shutil.which("podman") is None:
@@ -123,6 +127,12 @@ def _containers(specs: Sequence[PoolSpec], source: str, report: _Report) -> None
     for spec in pods:
         if spec.rootfs is not None and not Path(spec.rootfs).is_dir():
             report.problems.append(problem(source, spec.id, "rootfs", f"{spec.rootfs} is not a directory"))
+    limited = [spec.id for spec in pods if any(k in spec.isolation for k in _LIMIT_KEYS)]
+    if limited and not CGROUP2_CONTROLLERS.exists():
+        report.warnings.append(
+            f"{source}: container pool(s) {', '.join(repr(p) for p in limited)}: [pool.isolation] memory_max, "
+            "cpu_max and pids_max are not enforced: rootless podman ignores them on a cgroup v1/hybrid host"
+        )
 
 
 def validate_pools(

@@ -74,12 +74,16 @@ def _binary(name: str, label: str, what: str) -> LayerStatus:
     return LayerStatus(label, path is not None, f"{path}: {what}" if path else f"{name} not on PATH")
 
 
-def _podman_row() -> LayerStatus:
+ROOTLESS_V1_LIMITS = "on this cgroup v1/hybrid host rootless podman ignores memory_max, cpu_max and pids_max"
+
+
+def _podman_row(root: Path) -> LayerStatus:
     path = shutil.which("podman")
     if path is None:
         return LayerStatus("podman", False, 'podman not on PATH: runtime = "podman" pools cannot run '
                                             "(Debian: apt-get install podman uidmap runc)")  # fmt: skip
-    return LayerStatus("podman", True, f'{path}: runtime = "podman" pools run in rootless containers')
+    limits = "" if _cgroup.detect(root).version == 2 else f"; {ROOTLESS_V1_LIMITS}"
+    return LayerStatus("podman", True, f'{path}: runtime = "podman" pools run in rootless containers{limits}')
 
 
 def doctor(*, cgroup_root: Path = _cgroup.CGROUP_ROOT) -> list[LayerStatus]:
@@ -92,7 +96,7 @@ def doctor(*, cgroup_root: Path = _cgroup.CGROUP_ROOT) -> list[LayerStatus]:
         _landlock_row(),
         *_cgroup_rows(cgroup_root),
         _binary("bwrap", "bubblewrap", "namespaces available"),
-        _podman_row(),
+        _podman_row(cgroup_root),
     ]
 
 
@@ -104,4 +108,4 @@ def doctor_table(rows: list[LayerStatus]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["LayerStatus", "doctor", "doctor_table"]
+__all__ = ["ROOTLESS_V1_LIMITS", "LayerStatus", "doctor", "doctor_table"]

@@ -94,6 +94,26 @@ def test_restart_bench_reports_sigkill_to_serving_again_next_to_the_cold_start_f
     assert result["ratio"] == pytest.approx(result["restart_ms"] / result["floor_ms"], rel=0.01)
     assert isinstance(result["goal_met"], bool) and "goal restart" in out
     assert result["engine_transport"] == "unix socket" and "serve on a unix socket" in out
+    if result["container_skipped"] is None:  # the container pool's row beside the process pool's, same run
+        assert result["runtimes"] == ["process", "podman"] and "container pool restart" in out
+        assert_positive(result, "container_restart_ms", "container_restart_to_health_ms", "container_ratio")
+        assert result["container_vs_process"] == pytest.approx(
+            result["container_restart_ms"] / result["restart_ms"], rel=0.01
+        )
+    else:
+        assert result["runtimes"] == ["process"] and "container pool (runtime = podman): skipped:" in out
+
+
+def test_restart_bench_leaves_the_container_row_out_when_asked() -> None:
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from restart import parse_args
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    assert parse_args(["--quick", "--runtime", "process"]).runtimes == ["process"]
+    assert parse_args([]).runtimes == ["process", "podman"]
+    with pytest.raises(SystemExit):
+        parse_args(["--runtime", "podman"])
 
 
 def scale_rows(out: str) -> list[dict[str, Any]]:
