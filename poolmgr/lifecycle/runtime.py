@@ -183,6 +183,11 @@ class EngineRuntime:
         except PreloadFailed:
             raise
         except (EngineError, IsolationError) as exc:  # the launcher's own words (exec failed, say): no worker crash
+            # A container whose engine died at once (a corrupt model): the engine's own line says why, as for a
+            # process engine that dies while it loads.
+            verdict = self.adapter.classify_stderr(_tail(req.log_path), expect_gpu=not spec.is_cpu)
+            if spec.runtime == "podman" and verdict is not None:
+                raise PreloadFailed(verdict.reason.value, verdict.message) from None
             raise PreloadFailed("spawn_failed", str(exc)) from None
 
     def _wrapper(self, spec: PoolSpec, binary: Path, placement: Placement) -> tuple[WrapFn, Path]:
@@ -320,3 +325,16 @@ class EngineRuntime:
 
 
 __all__ = ["INSTANCE_MARKER", "SPAWN_MARKER", "EngineRuntime", "ReadyInfo"]
+
+
+def _tail(path: Path, limit: int = 16_000) -> str:
+    """What the last run wrote to an engine log: the text after its last `--- poolmgr …: spawn` header (never an
+    earlier run's lines)."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - limit))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    at = text.rfind("--- poolmgr ")
+    return text[text.find("\n", at) + 1 :] if at >= 0 else ""
