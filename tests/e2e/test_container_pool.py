@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import os
 import pwd
-import shutil
 import signal
-import subprocess
-import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from poolmgr.isolation import DEFAULT_ENGINE_USER, ensure_engine_user, ensure_subids
-from tests.container_rootfs import minimal_rootfs
-from tests.e2e.conftest import E2E_REQUIRED, engine_pids
+from poolmgr.isolation import DEFAULT_ENGINE_USER
+from tests.e2e.conftest import engine_pids
+from tests.e2e.container_support import completion, container_pool, containers, engine_rootfs
 
 pytestmark = pytest.mark.e2e
 
@@ -31,37 +27,18 @@ def _status(pid: int) -> dict[str, str]:
 
 @pytest.fixture
 def rootfs(llama_server: Path) -> Path:
-    if shutil.which("podman") is None:
-        if E2E_REQUIRED:
-            pytest.fail("end-to-end tests are required but podman is not installed (.ci/run installs it)")
-        pytest.skip("podman is not installed on this host")
-    if os.geteuid() != 0:
-        pytest.skip("needs root: podman runs as the engine user")
-    uid, gid = ensure_engine_user(DEFAULT_ENGINE_USER)
-    ensure_subids(DEFAULT_ENGINE_USER)  # what `poolmgr setup` does
-    return minimal_rootfs(llama_server, uid, gid)
+    return engine_rootfs(llama_server)
 
 
 def _container_pool(serve_factory: Any, db_url: str, tiny_model: Path, rootfs: Path) -> tuple[Any, str]:
     srv = serve_factory(db_url)
-    pool_id = f"pod-{uuid.uuid4().hex[:6]}"
-    srv.write_pools({"id": pool_id, "model": str(tiny_model), "runtime": "podman", "rootfs": str(rootfs),
-                     "slots": 1, "ctx_size": 512})  # fmt: skip
-    return srv, pool_id
+    pool = container_pool(tiny_model, rootfs)
+    srv.write_pools(pool)
+    return srv, str(pool["id"])
 
 
 def _completion(ready: dict[str, Any]) -> None:
-    resp = httpx.post(f"{ready['endpoint_url']}/completion", json={"prompt": "hello", "n_predict": 2}, timeout=30)
-    assert resp.status_code == 200, resp.text
-
-
-def _containers(srv: Any, pool_id: str) -> list[str]:
-    """The pool's containers as its podman (the engine user's, with the pool's own storage) lists them."""
-    home = srv.workdir / "state" / "work" / ".podman" / pool_id
-    user = DEFAULT_ENGINE_USER
-    cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "env", "-i", "PATH=/usr/bin:/bin",
-           f"HOME={home}", "podman", f"--root={home / 'storage'}", "ps", "--all", "--format={{.Names}}"]  # fmt: skip
-    return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd="/").stdout.split()
+    completion(ready["endpoint_url"])
 
 
 def _sandboxed(pid: int) -> None:
@@ -89,7 +66,7 @@ def test_a_container_pool_serves_crashes_with_its_reason_is_readopted_and_stops(
     _completion(again)
 
     assert srv.stop(signal.SIGKILL) == -signal.SIGKILL  # the container outlives poolmgr ...
-    assert engine_pids(pool_id) == [again["pid"]] and _containers(srv, pool_id) == [f"poolmgr-{pool_id}"]
+    assert engine_pids(pool_id) == [again["pid"]] and containers(srv, pool_id) == [f"poolmgr-{pool_id}"]
     srv.start()  # ... and the next serve adopts it: same pid, no new spawn
     srv.wait_for(pool_id, lambda _s: any(e["kind"] == "adopted" for e in srv.events(pool_id)), 60, "adoption")
     assert srv.status(pool_id)["pid"] == again["pid"]
@@ -97,4 +74,4 @@ def test_a_container_pool_serves_crashes_with_its_reason_is_readopted_and_stops(
 
     assert srv.stop(signal.SIGTERM) == 0  # stop: TERM (then KILL) the engine, the container removed
     assert engine_pids(pool_id) == []
-    assert _containers(srv, pool_id) == []
+    assert containers(srv, pool_id) == []
