@@ -10,20 +10,21 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 
 from poolmgr import __version__
 from poolmgr.correlation import CORRELATION_ID, new_correlation_id, valid_correlation_id
 from poolmgr.errors import ConfigError, ConflictError, NotFoundError, OwnedElsewhere, PoolmgrError
 from poolmgr.lifecycle import desired, operations
-from poolmgr.poolsfile import PoolSpec, parse_pool
+from poolmgr.poolsfile import FIELDS, PoolSpec, parse_pool
 from poolmgr.store import PoolView, Registry
 
 log = logging.getLogger("poolmgr.api")
@@ -31,17 +32,63 @@ PUBLIC_PATHS = frozenset({"/health", "/metrics"})
 MAX_LEASE_TTL_S = 24 * 3600.0
 
 
-class DrainBody(BaseModel):
-    deadline_ms: int = Field(default=30_000, ge=0, le=operations.MAX_DEADLINE_MS)
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
 
 
-class ReloadBody(BaseModel):
+class ErrorBody(BaseModel):
+    """Every error answer of the API: `{"error": {"message", "type"}}`."""
+
+    error: ErrorDetail
+
+
+_WHY = {
+    400: "A bad request: an invalid X-Correlation-Id header, or a value poolmgr refuses",
+    401: "Missing or invalid bearer token (with an API token configured)",
+    403: "An inference token on an admin route",
+    404: "No such pool (or lease)",
+    405: "Method not allowed (the Allow header lists the route's methods)",
+    409: "A conflict: the pool is another node's, or its state does not allow the operation",
+    422: "The request does not match its schema (unknown fields included)",
+    501: "Metrics are not enabled",
+    503: "The database is unreachable for now: try again (Retry-After)",
+}
+_JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}  # on a text/plain route
+_GUARDED = (400, 401, 403, 503)  # every route behind the token that reads the database
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The OpenAPI `responses` entries of these error statuses, each with the error schema."""
+    return {code: {"model": ErrorBody, "description": _WHY[code]} for code in sorted(set(codes))}
+
+
+def _json_number(value: Any) -> Any:
+    """A JSON number, as the schema says: not a boolean nor a string (pydantic's lax mode takes both); 5.0 is an
+    integer there."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("must be a JSON number")
+    return value
+
+
+Number = BeforeValidator(_json_number)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # unknown fields: 422
+
+
+class DrainBody(_Body):
+    deadline_ms: Annotated[int, Number] = Field(default=30_000, ge=0, le=operations.MAX_DEADLINE_MS)
+
+
+class ReloadBody(_Body):
     model: str = Field(min_length=1)
-    drain_deadline_ms: int = Field(default=30_000, ge=0, le=operations.MAX_DEADLINE_MS)
+    drain_deadline_ms: Annotated[int, Number] = Field(default=30_000, ge=0, le=operations.MAX_DEADLINE_MS)
 
 
-class LeaseBody(BaseModel):
-    ttl_s: float = Field(default=300.0, gt=0, le=MAX_LEASE_TTL_S)
+class LeaseBody(_Body):
+    ttl_s: Annotated[float, Number] = Field(default=300.0, gt=0, le=MAX_LEASE_TTL_S)
 
 
 def _error(status: int, message: str, kind: str) -> JSONResponse:
@@ -81,47 +128,55 @@ def _add_node_routes(
     metrics: Callable[[], tuple[bytes, str]] | None,
     devices: Callable[[], list[dict[str, Any]]] | None,
 ) -> None:
-    @app.get("/health")
+    @app.get("/health", responses=_errors(400))
     async def health() -> dict[str, Any]:
         return {"status": "ok", "version": __version__}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus text exposition format",
+              "content": {"text/plain": {"schema": {"type": "string"}}}},
+        **{code: {"description": _WHY[code], "content": _JSON_ERROR} for code in (400, 501)},
+    })  # fmt: skip
     async def metrics_route() -> Response:
         if metrics is None:
             return _error(501, "metrics are not enabled", "not_implemented")
         body, content_type = await run_in_threadpool(metrics)
         return Response(body, media_type=content_type)
 
-    @app.get("/devices")
+    @app.get("/devices", responses=_errors(400, 401, 403))
     async def devices_route() -> list[dict[str, Any]]:
         return devices() if devices is not None else []
 
 
+# A route that changes a pool (or its leases): ownership (409), its state (409), its body (422).
+_CHANGE = _errors(*_GUARDED, 404, 409, 422)
+
+
 def _add_pool_routes(app: FastAPI, registry: Registry, kick: Callable[[str], None]) -> None:
-    @app.get("/pools", response_model=list[dict[str, Any]])
+    @app.get("/pools", response_model=list[dict[str, Any]], responses=_errors(*_GUARDED))
     async def pools() -> Response:
         # The status documents are plain JSON already: serialised directly, not walked by FastAPI's encoder
         # (most of the time of this route at 200 pools).
         docs = [p.status() for p in await _db(registry.pools)]
         return Response(json.dumps(docs, separators=(",", ":")), media_type="application/json")
 
-    @app.get("/pools/{pool_id}/status")
+    @app.get("/pools/{pool_id}/status", responses=_errors(*_GUARDED, 404, 422))
     async def status(pool_id: str) -> dict[str, Any]:
         return dict((await _db(registry.get, pool_id)).status())
 
-    @app.get("/pools/{pool_id}/events")
+    @app.get("/pools/{pool_id}/events", responses=_errors(*_GUARDED, 404, 422))
     async def events(pool_id: str, limit: int = 100) -> list[dict[str, Any]]:
         await _db(registry.get, pool_id)
         return [e.to_json() for e in await _db(registry.events, pool_id=pool_id, limit=max(1, min(limit, 10_000)))]
 
-    @app.post("/pools/{pool_id}/leases", status_code=201)
+    @app.post("/pools/{pool_id}/leases", status_code=201, responses=_CHANGE)
     async def allocate(pool_id: str, body: LeaseBody | None = None) -> dict[str, Any]:
         ttl = (body or LeaseBody()).ttl_s
         await _db(_own, registry, pool_id)
         lease = await _db(registry.allocate_lease, pool_id, ttl_s=ttl, correlation_id=CORRELATION_ID.get())
         return dict(lease.to_json())
 
-    @app.delete("/pools/{pool_id}/leases/{lease_id}")
+    @app.delete("/pools/{pool_id}/leases/{lease_id}", responses=_CHANGE)
     async def release(pool_id: str, lease_id: str) -> dict[str, Any]:
         await _db(_own, registry, pool_id)
         if not await _db(registry.release_lease, pool_id, lease_id, correlation_id=CORRELATION_ID.get()):
@@ -140,19 +195,19 @@ def _add_operations(
         kick(pool_id)
         return {"accepted": True, "correlation_id": CORRELATION_ID.get(), "status": view.status()}
 
-    @app.post("/pools/{pool_id}/drain", status_code=202)
+    @app.post("/pools/{pool_id}/drain", status_code=202, responses=_CHANGE)
     async def drain(pool_id: str, body: DrainBody | None = None) -> dict[str, Any]:
         return await act(pool_id, operations.request_drain, deadline_ms=(body or DrainBody()).deadline_ms)
 
-    @app.post("/pools/{pool_id}/reload", status_code=202)
+    @app.post("/pools/{pool_id}/reload", status_code=202, responses=_CHANGE)
     async def reload(pool_id: str, body: ReloadBody) -> dict[str, Any]:
         return await act(pool_id, operations.request_reload, model=body.model, drain_deadline_ms=body.drain_deadline_ms)
 
-    @app.post("/pools/{pool_id}/preload", status_code=202)
+    @app.post("/pools/{pool_id}/preload", status_code=202, responses=_CHANGE)
     async def preload(pool_id: str) -> dict[str, Any]:
         return await act(pool_id, operations.request_preload)
 
-    @app.post("/pools/{pool_id}/breaker/reset", status_code=202)
+    @app.post("/pools/{pool_id}/breaker/reset", status_code=202, responses=_CHANGE)
     async def breaker_reset(pool_id: str) -> dict[str, Any]:
         return await act(pool_id, operations.reset_breaker)
 
@@ -165,6 +220,24 @@ def _own(registry: Registry, pool_id: str) -> PoolView:
     return view
 
 
+# PUT /pools/{id}'s body: one pool as a pools file's [[pool]] table writes it (docs/pools.md). The pools file's
+# validation (and this host's check) still apply: a body this schema admits can get 400 naming the problems.
+_PUT_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"application/json": {"schema": {
+    "type": "object",
+    "required": ["model"],
+    "additionalProperties": False,
+    "properties": {
+        **{name: {} for name in FIELDS},
+        "id": {"type": "string", "description": "the path's id, when given"},
+        "model": {"type": "string", "minLength": 1},
+        "slots": {"type": "integer", "minimum": 1},
+        "extra_args": {"type": "array", "items": {"type": "string"}},
+        "share_devices": {"type": "boolean"},
+        "load_on_demand": {"type": "boolean"},
+    },
+}}}}}  # fmt: skip
+
+
 def _add_desired_routes(
     app: FastAPI, registry: Registry, kick: Callable[[str], None], follow: Callable[[PoolView], None],
     check_spec: Callable[[PoolSpec], None],
@@ -172,7 +245,9 @@ def _add_desired_routes(
     """Desired state through the API (lifecycle/desired.py): PUT creates or changes a pool of this node, DELETE
     removes one (it drains, stops, then its row goes)."""
 
-    @app.put("/pools/{pool_id}", status_code=200)
+    @app.put("/pools/{pool_id}", status_code=200, openapi_extra=_PUT_BODY, responses={
+        201: {"description": "The pool was created"}, **_errors(*_GUARDED, 404, 409, 422),
+    })  # fmt: skip
     async def put_pool(pool_id: str, body: dict[str, Any]) -> Response:
         if "id" in body and body["id"] != pool_id:
             raise ValueError(f"the body's id {body['id']!r} is not the path's {pool_id!r}")
@@ -184,7 +259,7 @@ def _add_desired_routes(
         doc = {"created": created, "correlation_id": CORRELATION_ID.get(), "status": view.status()}
         return JSONResponse(doc, status_code=201 if created else 200)
 
-    @app.delete("/pools/{pool_id}", status_code=202)
+    @app.delete("/pools/{pool_id}", status_code=202, responses=_CHANGE)
     async def delete_pool(pool_id: str) -> dict[str, Any]:
         view = await _db(desired.remove_pool, registry, pool_id, correlation_id=CORRELATION_ID.get())
         kick(pool_id)
@@ -250,12 +325,24 @@ def _install_errors(app: FastAPI) -> None:
         return _error(422, f"{where}: {first.get('msg', 'invalid request')}".strip(": "), "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_r: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), "http_error")
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        response = _error(exc.status_code, str(exc.detail), "http_error")
+        response.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # Allow: the methods of every route of this path (PUT and DELETE /pools/{id})
+            response.headers["Allow"] = ", ".join(_allowed(app, request))
+        return response
 
     @app.exception_handler(Exception)
     async def unexpected(_r: Request, exc: Exception) -> JSONResponse:
         return _unexpected(exc)
+
+
+def _allowed(app: FastAPI, request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if isinstance(route, BaseRoute) and route.matches(request.scope)[0] is Match.PARTIAL:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 def _unexpected(exc: Exception) -> JSONResponse:
