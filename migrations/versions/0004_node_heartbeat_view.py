@@ -4,9 +4,9 @@ column keeps its meaning for readers: when poolmgr last knew the pool's engine t
 
 from __future__ import annotations
 
-from typing import Any
-
 from alembic import op
+
+from poolmgr.store._db import migration_module
 
 revision = "0004"
 down_revision = "0003"
@@ -55,17 +55,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.execute("DROP VIEW IF EXISTS pool_registry")
-    op.execute(_sibling("0002_derived_facts").POOL_REGISTRY_VIEW)
-
-
-def _sibling(name: str) -> Any:
-    """An earlier migration of this directory, loaded by its path (the directory is no importable package once
-    installed)."""
-    from importlib import util
-    from pathlib import Path
-
-    spec = util.spec_from_file_location(f"_poolmgr_migration_{name}", Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    op.execute(migration_module("0002_derived_facts").POOL_REGISTRY_VIEW)

@@ -16,10 +16,10 @@ Only additions (a node still at 0004 keeps working against this schema during a 
 
 from __future__ import annotations
 
-from typing import Any
-
 import sqlalchemy as sa
 from alembic import op
+
+from poolmgr.store._db import migration_module
 
 revision = "0005"
 down_revision = "0004"
@@ -100,17 +100,4 @@ def downgrade() -> None:
         batch.drop_column("desired_generation")
         batch.drop_column("grace_ms")
         batch.drop_column("alive_until")
-    op.execute(_sibling("0004_node_heartbeat_view").POOL_REGISTRY_VIEW)
-
-
-def _sibling(name: str) -> Any:
-    """An earlier migration of this directory, loaded by its path (the directory is no importable package once
-    installed)."""
-    from importlib import util
-    from pathlib import Path
-
-    spec = util.spec_from_file_location(f"_poolmgr_migration_{name}", Path(__file__).with_name(f"{name}.py"))
-    assert spec is not None and spec.loader is not None
-    module = util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    op.execute(migration_module("0004_node_heartbeat_view").POOL_REGISTRY_VIEW)

@@ -45,9 +45,10 @@ class Applied:
 
 def check_owned(registry: Registry, pool_ids: list[str]) -> None:
     """OwnedElsewhere for the first id that is another node's pool (before anything is written)."""
-    for view in registry.pools():
-        if view.id in pool_ids and view.node_id != registry.node_id:
-            raise OwnedElsewhere(view.id, view.node_id)
+    owners = registry.owners(pool_ids)
+    for pool_id in pool_ids:
+        if owners.get(pool_id, registry.node_id) != registry.node_id:
+            raise OwnedElsewhere(pool_id, owners[pool_id])
 
 
 def apply_pools(

@@ -219,7 +219,6 @@ class EngineMetrics:
         self._read_targets = targets
         self._activity = activity
         self._seen: dict[str, tuple[int, int]] = {}  # pool_id -> its activity when its last good fetch began
-        self.fetches = 0
         self._scraper = EngineScraper(timeout_s=timeout_s, max_workers=concurrency)
         self._lock = threading.Lock()
         self._targets: dict[str, EngineTarget] = {}
@@ -345,7 +344,6 @@ class EngineMetrics:
 
     def _fetch(self, target: EngineTarget) -> None:
         before = self._activity(target.pool_id) if self._activity is not None else (0, 0)
-        self.fetches += 1
         try:
             fetched = _Fetched(True, written(self._scraper.fetch(target)))
         except Exception:  # refused, timed out, not the text format: down until the next fetch

@@ -85,6 +85,19 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
+def migration_module(name: str) -> Any:
+    """One migration file (e.g. "0002_derived_facts") as a module, loaded by its path: a downgrade that needs an
+    earlier migration's text (a view) reads it this way, since the directory is no importable package once
+    installed."""
+    from importlib import util
+
+    spec = util.spec_from_file_location(f"_poolmgr_migration_{name}", MIGRATIONS_DIR / "versions" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def alembic_config(url: str) -> Any:
     from alembic.config import Config
 

@@ -92,6 +92,21 @@ class Registry:
             raise NotFoundError(f"pool {pool_id!r} not found")
         return row
 
+    def _locked_own(self, session: Session, pool_id: str) -> Pool:
+        """`_locked`, refusing another node's pool (a node never changes another node's pool)."""
+        row = self._locked(session, pool_id)
+        if row.node_id != self.node_id:
+            raise OwnedElsewhere(pool_id, row.node_id)
+        return row
+
+    def owners(self, pool_ids: Collection[str]) -> dict[str, str]:
+        """pool id -> its node, for those of `pool_ids` that exist (one query)."""
+        if not pool_ids:
+            return {}
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(POOLS.c.id, POOLS.c.node_id).where(POOLS.c.id.in_(list(pool_ids))))
+            return {pool_id: node_id for pool_id, node_id in rows}
+
     def _add_event(self, session: Session, row: Pool, ev: EventData, **kw: Any) -> None:
         session.add(PoolEvent(**self._event_values(row.id, row.restart_count, ev, **kw)))
 
@@ -152,9 +167,7 @@ class Registry:
         """An operator changed this node's pool by another way than its spec row (a reload to a new spec):
         its generation moves, its source is `source`, a removal is called off."""
         with self._tx() as s:
-            row = self._locked(s, pool_id)
-            if row.node_id != self.node_id:
-                raise OwnedElsewhere(pool_id, row.node_id)
+            row = self._locked_own(s, pool_id)
             row.generation, row.source, row.removed_at = row.generation + 1, source, None
             self._bump_node(s)
 
@@ -204,9 +217,7 @@ class Registry:
     def mark_removed(self, pool_id: str, *, correlation_id: str | None = None) -> PoolView:
         """Start removing this node's pool: its worker drains and stops it, then deletes its row."""
         with self._tx() as s:
-            row = self._locked(s, pool_id)
-            if row.node_id != self.node_id:
-                raise OwnedElsewhere(pool_id, row.node_id)
+            row = self._locked_own(s, pool_id)
             if row.removed_at is None:
                 row.removed_at, row.generation = self.clock.now(), row.generation + 1
                 row.version, row.updated_at = row.version + 1, self.clock.now()
@@ -216,9 +227,7 @@ class Registry:
 
     def deregister(self, pool_id: str, *, correlation_id: str | None = None) -> None:
         with self._tx() as s:
-            row = self._locked(s, pool_id)
-            if row.node_id != self.node_id:
-                raise OwnedElsewhere(pool_id, row.node_id)
+            row = self._locked_own(s, pool_id)
             self._add_event(s, row, EventData(kind="deregistered", correlation_id=correlation_id), from_state=row.state)
             s.execute(delete(Lease).where(Lease.pool_id == pool_id))
             s.delete(row)
