@@ -77,7 +77,8 @@ def not_routable(fleet: Fleet, world: dict[str, Any], node_id: str) -> None:
     pool_id = fleet.nodes[node_id].pool_id
     rows = fleet.wait_view(lambda r: not r[pool_id]["routable"], GRACE_S + 3, f"{pool_id} not routable")
     elapsed = time.monotonic() - world["killed_at"]
-    assert elapsed <= GRACE_S + 0.5, f"{pool_id} was still routable {elapsed:.2f} s after the kill"
+    # within the grace, plus this poll's own latency on a loaded machine (as tests/fleet/test_fleet_e2e.py)
+    assert elapsed <= GRACE_S + 1.0, f"{pool_id} was still routable {elapsed:.2f} s after the kill"
     assert rows[pool_id]["node_alive"] is False, rows[pool_id]
     os.kill(rows[pool_id]["pid"], 0)
 
