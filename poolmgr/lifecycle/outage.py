@@ -63,9 +63,17 @@ class RetryingRegistry:
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def apply(self, pool_id: str, effect: Effect, *, expect: Collection[PoolState] | None = None) -> PoolView:
-        """`effect` through the one write path, decided by the pool FSM."""
-        return await self.call(self.registry.apply, pool_id, effect, machine=MACHINE, expect=expect)
+    async def apply(
+        self,
+        pool_id: str,
+        effect: Effect,
+        *,
+        expect: Collection[PoolState] | None = None,
+        then: Callable[[PoolView], Effect | None] | None = None,
+    ) -> PoolView:
+        """`effect` (and what `then` chains to it, in the same transaction) through the one write path, decided
+        by the pool FSM."""
+        return await self.call(self.registry.apply, pool_id, effect, machine=MACHINE, expect=expect, then=then)
 
     async def note_once(self, pool_id: str, event: EventData) -> None:
         """Append `event` as an audit row, once: a retry after a COMMIT whose answer was lost (the database went

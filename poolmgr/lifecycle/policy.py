@@ -44,6 +44,10 @@ class RestartPolicy:
             multiplier=cfg.backoff_initial_ms / 1000.0, exp_base=2, max=cfg.backoff_max_ms / 1000.0
         )
 
+    def restarts_at_once(self) -> bool:
+        """Every backoff is 0 ms: a crash is followed by its restart without a wait."""
+        return self.cfg.backoff_initial_ms == 0
+
     def backoff_delay_ms(self, step: int) -> int:
         """Delay before restart number `step + 1`: initial, doubling, capped, ±10 % jitter (never above the cap)."""
         if self.cfg.backoff_initial_ms == 0:

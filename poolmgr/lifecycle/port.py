@@ -4,7 +4,7 @@ implements it; the parts never see the worker itself, so they import nothing of 
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any, Protocol
 
 from poolmgr.clock import Clock
@@ -33,8 +33,15 @@ class PoolPort(Protocol):
         after the read ends the next wait at once."""
         ...
 
-    async def fire(self, effect: Effect, *, expect: Collection[PoolState]) -> PoolView:
-        """Apply `effect` through the one write path, refused (IllegalTransition) unless in `expect`."""
+    async def fire(
+        self,
+        effect: Effect,
+        *,
+        expect: Collection[PoolState],
+        then: Callable[[PoolView], Effect | None] | None = None,
+    ) -> PoolView:
+        """Apply `effect` through the one write path, refused (IllegalTransition) unless in `expect`; `then`
+        may chain further effects into the same transaction (Registry.apply)."""
         ...
 
     async def stop_engine(self) -> None:

@@ -13,7 +13,7 @@ from poolmgr.lifecycle.outage import RetryingRegistry
 from poolmgr.lifecycle.policy import CrashDecision, RestartPolicy
 from poolmgr.lifecycle.port import PoolPort
 from poolmgr.states import DesiredState, PoolState, Trigger
-from poolmgr.store import EventData, PoolView
+from poolmgr.store import Effect, EventData, PoolView
 
 log = logging.getLogger("poolmgr.pool")
 S = PoolState
@@ -39,6 +39,42 @@ class Supervisor:
             return False
         await self.port.fire(Stopped(), expect=[view.state])
         return True
+
+    async def restart_chain(self, view: PoolView, *, stable: bool) -> Callable[[PoolView], Effect | None] | None:
+        """For a crash about to be recorded, with a 0 ms backoff: what follows it in the same transaction —
+        back_off (0 ms), then retry — decided by the restart policy on the row as the crash leaves it (each
+        with its audit row). None, or a chain that stops early, when a wait, the breaker (threshold, trial,
+        storm), a rollback or a stop comes next: `on_crashed` decides those after the crash's commit."""
+        if not self.policy.restarts_at_once() or self._not_restarting(view):
+            return None
+        now = self.port.clock.now()
+        since = self.policy.storm_window_start(now)
+        restarts = await self.store.call(self.store.registry.count_events, view.id, trigger=Trigger.RETRY, since=since)
+
+        def then(row: PoolView) -> Effect | None:
+            if self._not_restarting(row):
+                return None
+            if row.state is S.CRASHED:
+                decision = self.policy.on_crash(row, now, restarts_in_window=restarts)
+                if decision.action == "back_off" and decision.delay_ms == 0:
+                    return BackedOff(0, decision.next_restart_at or now, decision.reason)
+            elif row.state is S.BACKOFF:
+                return Retried()
+            return None
+
+        return then
+
+    @staticmethod
+    def _not_restarting(view: PoolView) -> bool:
+        return view.desired_state is DesiredState.STOPPED or isinstance(view.pending_op, Reload)
+
+    def restarted_at_once(self, crashed: PoolView, retried: PoolView) -> None:
+        """The log lines of a back_off and retry chained to the crash (`restart_chain`)."""
+        log.info("pool %s backing off 0 ms", crashed.id, extra=self.port.log_extra(
+            crashed, backoff_ms=0, restart_count=crashed.restart_count, last_error=retried.last_error,
+            next_restart_at=self.port.clock.now().isoformat()))  # fmt: skip
+        extra = self.port.log_extra(retried, restart_count=retried.restart_count)
+        log.info("pool %s restarting", crashed.id, extra=extra)
 
     async def on_crashed(self, view: PoolView) -> None:
         if await self._stopped_instead(view):

@@ -106,8 +106,14 @@ class PoolWorker:
         self._kick.clear()
         return self._follow(await self.store.get(self._pool_id))
 
-    async def fire(self, effect: Effect, *, expect: Collection[PoolState]) -> PoolView:
-        return self._follow(await self.store.apply(self._pool_id, effect, expect=expect))
+    async def fire(
+        self,
+        effect: Effect,
+        *,
+        expect: Collection[PoolState],
+        then: Callable[[PoolView], Effect | None] | None = None,
+    ) -> PoolView:
+        return self._follow(await self.store.apply(self._pool_id, effect, expect=expect, then=then))
 
     def _follow(self, view: PoolView) -> PoolView:
         """The data plane's gate follows every state of the pool this worker sees or makes (traffic.py)."""
@@ -222,8 +228,35 @@ class PoolWorker:
         if view.desired_state is not _RUNNING_DESIRED:
             await self.wait(None)
             return
-        # placed → preloading straight on: no wake-up and re-read in between (preload latency)
+        if view.spec.is_cpu:
+            await self._place_and_start(view)
+            return
+        # placed → preloading straight on: no wake-up and re-read in between (preload latency). A GPU pool's
+        # place row is its claim on the devices: written before the placement reads the other pools' claims.
         await self._on_placed(await self.fire(fx.Placed(), expect=[view.state]))
+
+    async def _place_and_start(self, view: PoolView) -> None:
+        """A CPU pool claims no device (its placement reads nothing): its place and start_preload rows (the spawn
+        intent) commit together."""
+        try:
+            placement = self._place(view)
+        except PreloadFailed:  # recorded the usual way, after the place row
+            await self._on_placed(await self.fire(fx.Placed(), expect=[view.state]))
+            return
+
+        def start(row: PoolView) -> Effect | None:
+            return (
+                fx.PreloadStarted(placement)
+                if row.state is S.PLACED and row.desired_state is _RUNNING_DESIRED
+                else None
+            )
+
+        placed = await self.fire(fx.Placed(), expect=[view.state], then=start)
+        if placed.state is not S.PRELOADING:
+            await self._on_placed(placed)
+            return
+        self._placement = placement
+        await self.on_preloading(placed)
 
     async def _on_placed(self, view: PoolView) -> None:
         if view.desired_state is not _RUNNING_DESIRED:
@@ -315,14 +348,19 @@ class PoolWorker:
             return
         outcome = await self._watch.run(view, eng)
         if isinstance(outcome, fx.Crashed):
-            await self.crashed(view, outcome)
+            after = await self.crashed(view, outcome)
+            if after.state is S.PRELOADING:  # backed off 0 ms and retried in the crash's transaction
+                await self.on_preloading(after)
         elif outcome is not None:
             await self.fire(outcome, expect=[S.READY])
 
-    async def crashed(self, view: PoolView, crash: fx.Crashed) -> None:
+    async def crashed(self, view: PoolView, crash: fx.Crashed) -> PoolView:
+        """Record the crash — with a 0 ms backoff, its back_off and retry in the same transaction — and log it.
+        Returns the row as it now is (crashed, or preloading when the restart was chained)."""
         self.engine = None
         stable = view.backoff_step > 0 and self._policy.stable(view, self.clock.now())
-        await self.fire(replace(crash, stable=stable), expect=[view.state])
+        then = await self._supervisor.restart_chain(view, stable=stable)
+        after = await self.fire(replace(crash, stable=stable), expect=[view.state], then=then)
         why, info = crash.why, crash.exit
         uptime = (self.clock.now() - view.ready_since).total_seconds() if view.ready_since is not None else None
         # What needs a person (the kernel killed it for memory, its GPU is gone) is critical; any other crash is
@@ -336,6 +374,9 @@ class PoolWorker:
                 exit_code=info.code, signal=info.signal, uptime_s=round(uptime, 3) if uptime is not None else None,
             ),
         )  # fmt: skip
+        if after.state is S.PRELOADING:
+            self._supervisor.restarted_at_once(view, after)
+        return after
 
     async def _on_draining(self, view: PoolView) -> None:
         # After a poolmgr restart: go on draining the engine that outlived it. One that ended meanwhile (the

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import secrets
 import sqlite3
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
@@ -46,6 +46,7 @@ from poolmgr.store._write import (
 log = logging.getLogger("poolmgr.store")
 
 _MAX_CAS_RETRIES = 20
+_MAX_CHAIN = 4  # effects one `apply` may chain in its transaction
 _READ_POOLS = select(POOLS, LEASE_COUNT, NODE_HEARTBEAT)
 
 
@@ -259,24 +260,47 @@ class Registry:
         *,
         machine: StateMachine | None = None,
         expect: Collection[PoolState] | None = None,
+        then: Callable[[PoolView], Effect | None] | None = None,
     ) -> PoolView:
         """The one write path of a pool row (store/_write.py): `effect` applied in one transaction; its trigger,
         if any, decided by `machine` on the locked row. `expect`: refuse (IllegalTransition, nothing written)
-        unless the pool is in one of these states. Returns the row as it now is."""
+        unless the pool is in one of these states. `then`: asked after each step with the row as just written
+        (so it answers by the row's state), it may give a next effect for the same transaction, each with its
+        own audit row, all or none committed: a crash whose backoff is 0 ms is crash → back_off → retry in one
+        commit. Returns the row as it now is."""
         expected = frozenset(expect) if expect is not None else None
         for _ in range(_MAX_CAS_RETRIES):
             try:
                 with self._write() as tx:
-                    view = apply_effect(
-                        tx, pool_id, effect, machine=machine, expect=expected, now=self.clock.now(),
-                        event_values=self._audit_values,
-                    )  # fmt: skip
+                    view = self._apply_steps(tx, pool_id, effect, machine, expected, then)
                     if view is None:
                         raise _LostRace
                     return view
             except _LostRace:
                 continue
         raise RuntimeError(f"pool {pool_id!r}: gave up after {_MAX_CAS_RETRIES} compare-and-swap retries")
+
+    def _apply_steps(
+        self,
+        tx: WriteTx,
+        pool_id: str,
+        effect: Effect | None,
+        machine: StateMachine | None,
+        expect: frozenset[PoolState] | None,
+        then: Callable[[PoolView], Effect | None] | None,
+    ) -> PoolView | None:
+        view: PoolView | None = None
+        for _ in range(_MAX_CHAIN):
+            if effect is None:
+                break
+            view = apply_effect(
+                tx, pool_id, effect, machine=machine, expect=expect, now=self.clock.now(),
+                event_values=self._audit_values, before=view,
+            )  # fmt: skip
+            if view is None or then is None:
+                return view
+            effect, expect = then(view), frozenset({view.state})
+        return view
 
     @contextmanager
     def _write(self) -> Iterator[WriteTx]:

@@ -59,12 +59,11 @@ def apply_effect(
     expect: frozenset[PoolState] | None,
     now: datetime,
     event_values: EventValues,
+    before: PoolView | None = None,
 ) -> PoolView | None:
-    """Apply `effect` to the locked row; the row as it now is, or None when the compare-and-swap was lost."""
-    row = tx.read_pool(pool_id)
-    if row is None:
-        raise NotFoundError(f"pool {pool_id!r} not found")
-    before = PoolView.of(row)
+    """Apply `effect` to the locked row; the row as it now is, or None when the compare-and-swap was lost.
+    `before`: the row as this transaction just wrote it (a chained step), so it is not read again."""
+    before = before if before is not None else _read_locked(tx, pool_id)
     trigger = effect.trigger
     if expect is not None and before.state not in expect:
         raise IllegalTransition(pool_id, trigger.value if trigger else "update", before.state.value)
@@ -89,6 +88,13 @@ def apply_effect(
         audit = {"from_state": before.state.value, "to_state": to_state.value, "trigger": trigger and trigger.value}
         tx.insert_event(event_values(pool_id, int(values.get("restart_count", before.restart_count)), event, audit))
     return _applied(before, values) if values else before
+
+
+def _read_locked(tx: WriteTx, pool_id: str) -> PoolView:
+    row = tx.read_pool(pool_id)
+    if row is None:
+        raise NotFoundError(f"pool {pool_id!r} not found")
+    return PoolView.of(row)
 
 
 def _projected(values: Mapping[str, Any]) -> dict[str, Any]:

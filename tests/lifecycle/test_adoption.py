@@ -418,9 +418,9 @@ class LossyRegistry(Registry):
 
     def apply(
         self, pool_id: str, effect: Effect, *, machine: StateMachine | None = None,
-        expect: Collection[PoolState] | None = None,
+        expect: Collection[PoolState] | None = None, then: Callable[[PoolView], Effect | None] | None = None,
     ) -> PoolView:  # fmt: skip
-        view = super().apply(pool_id, effect, machine=machine, expect=expect)
+        view = super().apply(pool_id, effect, machine=machine, expect=expect, then=then)
         if effect.trigger is not None:  # a transition happens once per version
             self._lose_once(f"{pool_id} transition {view.version}")
         else:  # a fact (pid recorded, heartbeat, an audit note) may be written again: its first answer is lost

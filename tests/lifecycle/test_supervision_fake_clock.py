@@ -8,6 +8,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from poolmgr.clock import FakeClock
 from poolmgr.lifecycle.reconciler import Reconciler
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.settings import PoolManagerConfig
-from poolmgr.store import EventView, Registry
+from poolmgr.store import EventView, PoolView, Registry
 from tests.e2e.conftest import kill_engines
 from tests.lifecycle.conftest import MakeEngineDir
 
@@ -113,3 +114,33 @@ def test_restarts_spread_beyond_the_window_are_not_a_storm(sqlite_url: str, engi
                   until="retry", times=4)  # fmt: skip
     assert not [e for e in events if e.kind == "restart_storm" or e.trigger == "open_breaker"]
     assert [e.restart_count for e in events if e.trigger == "retry"] == [1, 2, 3, 4]
+
+
+def test_a_zero_ms_backoff_records_crash_back_off_and_retry_in_one_transaction(
+    sqlite_url: str, engine_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 19: with a 0 ms backoff the restart path commits crash → back_off → retry once (three audit rows),
+    not three times; a crash that makes a storm stops the chain at the crash and opens the breaker as before."""
+    commits: list[tuple[str | None, ...]] = []
+    apply = Registry.apply
+
+    def recording(self: Registry, pool_id: str, *args: Any, **kw: Any) -> PoolView:
+        last = self.events(pool_id=pool_id, limit=1)
+        view = apply(self, pool_id, *args, **kw)
+        commits.append(tuple(e.trigger for e in self.events(pool_id=pool_id, after_id=last[-1].id if last else 0)))
+        return view
+
+    monkeypatch.setattr(Registry, "apply", recording)
+    cfg = _cfg(
+        tmp_path, engine_dir, backoff_initial_ms=0, backoff_max_ms=0, restart_rate_limit=2,
+        restart_window_secs=60, circuit_breaker_threshold=100, circuit_breaker_timeout_secs=300,
+    )  # fmt: skip
+    events = _run(cfg, sqlite_url, FakeClock(), PoolSpec(id="zero", model=str(engine_dir / "crashy.gguf")),
+                  until="open_breaker")  # fmt: skip
+    crashes = [c for c in commits if "crash" in c]
+    assert crashes[:2] == [("crash", "back_off", "retry")] * 2, commits
+    assert crashes[2] == ("crash",), commits  # the third restart would be a storm: the breaker, after the commit
+    assert [e.restart_count for e in events if e.trigger == "retry"] == [1, 2]
+    assert [e.backoff_ms for e in events if e.trigger == "back_off"] == [0, 0]
+    assert [e.trigger for e in events][-1] == "open_breaker"
+    assert any(e.kind == "restart_storm" for e in events)

@@ -17,7 +17,7 @@ from poolmgr.clock import FakeClock
 from poolmgr.errors import IllegalTransition, NotFoundError
 from poolmgr.inflight import Drain, Preload
 from poolmgr.lifecycle.effects import DrainRequested, Placed
-from poolmgr.lifecycle.fsm import fire
+from poolmgr.lifecycle.fsm import MACHINE, fire
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.states import PoolState, Trigger
 from poolmgr.store import Effect, EventData, PoolColumns, PoolView, Registry
@@ -100,3 +100,28 @@ def test_sqlite_write_errors_write_nothing(sqlite_url: str) -> None:
     fire(reg, "p", Placed())  # the connection is usable afterwards
     assert reg.get("p").state is PoolState.PLACED
     reg.close()
+
+
+def test_chained_effects_commit_together_with_an_audit_row_each_or_not_at_all(registry: Registry) -> None:
+    """`then` chains effects into the first one's transaction (a 0 ms backoff's crash → back_off → retry):
+    every step gets its own audit row and version, and a step that fails takes the whole chain back."""
+    registry.register(PoolSpec(id="p", model="/m.gguf"))
+    n = len(registry.events())
+    steps = iter([_StartPreload(), _PreloadOk({"slots_total": 2})])
+    view = registry.apply("p", Placed(), machine=MACHINE, then=lambda _v: next(steps, None))
+    stored = registry.get("p")
+    assert view.state is stored.state is PoolState.READY and view.slots_total == stored.slots_total == 2
+    written = registry.events()[n:]
+    assert [e.trigger for e in written] == ["place", "start_preload", "preload_ok"]
+    assert [(e.from_state, e.to_state) for e in written] == [
+        ("discovered", "placed"), ("placed", "preloading"), ("preloading", "ready")
+    ]  # fmt: skip
+    assert view.version == stored.version
+
+    before, n = registry.get("p"), len(registry.events())
+    illegal = iter([_StartPreload()])  # ready → start_preload: refused, so the drain before it is not kept either
+    with pytest.raises(IllegalTransition):
+        registry.apply(
+            "p", DrainRequested(Drain(registry.clock.now(), 30_000)), machine=MACHINE, then=lambda _v: next(illegal)
+        )
+    assert registry.get("p") == before and len(registry.events()) == n
