@@ -35,6 +35,7 @@ from poolmgr.engines._install import (
     resolve_llama_server,
 )
 from poolmgr.engines._logs import rotate_log, rotate_log_in_place
+from poolmgr.engines._logwatch import LogWatch
 from poolmgr.engines._prober import Address, HealthProber
 from poolmgr.engines._process import (
     ExitInfo,
@@ -60,6 +61,7 @@ __all__ = [
     "LaunchRequest",
     "Launcher",
     "LlamaCppAdapter",
+    "LogWatch",
     "ProcStat",
     "ProcessLauncher",
     "SlotCounts",

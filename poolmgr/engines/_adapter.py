@@ -70,6 +70,7 @@ class EngineAdapter(Protocol):
     spawning and signalling belong to the launcher."""
 
     name: str
+    ready_markers: tuple[bytes, ...]  # what the engine writes to its log once it serves (LogWatch wakes on it)
 
     def command(
         self,

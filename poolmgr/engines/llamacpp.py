@@ -88,6 +88,8 @@ class LlamaCppAdapter:
     """Builds llama-server command lines and reads its HTTP answers. Holds no state."""
 
     name = "llamacpp"
+    # `llama_server: model loaded` is written right after it starts answering /health 200, then `listening on`.
+    ready_markers: tuple[bytes, ...] = (b"model loaded\n", b"listening on ")
 
     def command(
         self,

@@ -21,6 +21,7 @@ from poolmgr.engines import (
     Launcher,
     LaunchRequest,
     LlamaCppAdapter,
+    LogWatch,
     SpawnedEngine,
     StderrReason,
     WrapFn,
@@ -236,13 +237,19 @@ class EngineRuntime:
         client = self.client(spec.id)
         probe_timeout = self.cfg.health_check_timeout_ms / 1000.0
         self._preloads += 1
+        watch = LogWatch.open(eng.log_path, eng.log_offset, self.adapter.ready_markers)
         try:
             while (await self.adapter.probe_health(client, _ENGINE_BASE, probe_timeout)).status is not HealthStatus.OK:
                 if self.clock.monotonic() >= deadline:
                     raise PreloadFailed("timeout", f"health check failed: engine not ready within {timeout_s:g}s")
-                await asyncio.sleep(self._pace(started))
+                if watch is not None and not watch.seen:
+                    await self._until_ready_line(watch)
+                else:
+                    await asyncio.sleep(self._pace(started))
         finally:
             self._preloads -= 1
+            if watch is not None:
+                watch.close()
         slots_res, version_res = await asyncio.gather(
             self.adapter.fetch_slots(client, _ENGINE_BASE, probe_timeout, headers),
             self.adapter.fetch_version(client, _ENGINE_BASE, probe_timeout, headers),
@@ -252,6 +259,14 @@ class EngineRuntime:
             raise slots_res
         version = version_res if isinstance(version_res, str) else None
         return ReadyInfo(endpoint_url=self.endpoint_url(spec.id), engine_version=version, slots_total=slots_res.total)
+
+    async def _until_ready_line(self, watch: LogWatch) -> None:
+        """Until the engine writes its ready line (woken by each write to its log: no polling while it loads),
+        or a fallback look is due — every 50 ms, and never more than ~500 looks a second across all preloading
+        engines — for an engine whose log does not say it (its log verbosity turned down, say)."""
+        until = time.monotonic() + max(_SLOW_POLL_S, _FAST_POLL_S * self._preloads)
+        while not watch.ready() and (left := until - time.monotonic()) > 0:
+            await watch.wait(left)
 
     def _pace(self, started: float) -> float:
         """Seconds to the next look at a preloading engine: every 2 ms for its first 2 s (a tiny model is served
