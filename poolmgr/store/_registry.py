@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import logging
 import secrets
-import sqlite3
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 from sqlalchemy import ColumnElement, delete, func, insert, literal_column, select, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 
 from poolmgr import __version__
@@ -36,9 +35,8 @@ from poolmgr.store._write import (
     NODE_HEARTBEAT,
     NODES,
     POOLS,
-    CoreTx,
-    SqliteStatements,
-    SqliteTx,
+    RawStatements,
+    RawTx,
     WriteTx,
     apply_effect,
 )
@@ -76,7 +74,8 @@ class Registry:
         self.clock: Clock = clock or SystemClock()
         self.engine = make_engine(url)
         self._sessions = make_sessionmaker(self.engine)
-        self._sqlite = SqliteStatements(self.engine) if self.engine.dialect.name == "sqlite" else None
+        self._raw = RawStatements(self.engine)  # the write path's statements (store/_write.py)
+        self._dbapi: Any = self.engine.dialect.dbapi
         self.audit = AuditReader(self.engine)  # what /metrics reads (store/_audit_read.py)
 
     def close(self) -> None:
@@ -304,25 +303,36 @@ class Registry:
 
     @contextmanager
     def _write(self) -> Iterator[WriteTx]:
-        """One write transaction: the DB-API fast path on SQLite, a Core connection elsewhere."""
-        if self._sqlite is None:
-            with self.engine.begin() as conn:
-                yield CoreTx(conn)
-            return
-        raw = self.engine.raw_connection()
+        """One write transaction on a DB-API connection of the pool (store/_write.py's RawTx). A driver error
+        comes out as SQLAlchemy's, as from the Core paths: a lost or locked database as OperationalError (what the
+        retry wrappers wait out), its connection invalidated rather than handed out again."""
+        try:
+            raw = self.engine.raw_connection()  # a connection made now fails with the driver's own error
+        except self._dbapi.Error as exc:
+            raise self._wrapped(exc, "connect (pool write)") from exc
         try:
             cur = raw.cursor()
-            cur.execute("BEGIN IMMEDIATE")
+            if self._raw.sqlite:
+                cur.execute("BEGIN IMMEDIATE")
             try:
-                yield SqliteTx(self._sqlite, cur)
+                yield RawTx(self._raw, cur)
             except BaseException:
-                cur.execute("ROLLBACK")
+                raw.rollback()
                 raise
-            cur.execute("COMMIT")
-        except sqlite3.OperationalError as exc:  # "database is locked" & co: what the retry wrappers expect
-            raise OperationalError("BEGIN IMMEDIATE … COMMIT (pool write)", None, exc) from exc
+            raw.commit()
+        except self._dbapi.Error as exc:
+            error = self._wrapped(exc, "pool write (lock, compare-and-swap, audit)")
+            if isinstance(error, OperationalError) and not self._raw.sqlite:
+                raw.invalidate(exc)  # a dropped connection is not handed out again ("database is locked": kept)
+            raise error from exc
         finally:
             raw.close()
+
+    def _wrapped(self, exc: Exception, what: str) -> StatementError:
+        """The driver's error as SQLAlchemy's Core paths raise it: a lost or locked database as OperationalError."""
+        if isinstance(exc, self._dbapi.OperationalError | self._dbapi.InterfaceError):
+            return OperationalError(what, None, exc)
+        return DBAPIError.instance(what, None, exc, self._dbapi.Error)
 
     def _audit_values(self, pool_id: str, restart_count: int, ev: EventData, audit: dict[str, Any]) -> dict[str, Any]:
         return self._event_values(pool_id, restart_count, ev, **audit)

@@ -70,7 +70,7 @@ class PoolView:
         ):
             data["heartbeat_at"] = node_hb  # serving: the node's heartbeat (docs/registry.md), not a per-pool write
         return cls(
-            spec=PoolSpec.from_json(row["spec"]),
+            spec=row["spec"] if isinstance(row["spec"], PoolSpec) else PoolSpec.from_json(row["spec"]),
             state=state,
             desired_state=DesiredState(row["desired_state"]),
             pending_op=operation_from_json(row["pending_op"]),

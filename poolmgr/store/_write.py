@@ -2,21 +2,22 @@
 row — one transaction, on SQLite and PostgreSQL alike.
 
 `apply_effect` holds that logic once. It talks to the database through a `WriteTx`, which only executes four
-statements: `CoreTx` on a SQLAlchemy connection (PostgreSQL: `SELECT … FOR UPDATE`), `SqliteTx` on the DB-API
-cursor inside `BEGIN IMMEDIATE` (SQLAlchemy Core's execution machinery costs several times the SQL itself on
-SQLite: bench/store.py), with SQLAlchemy's own per-column bind and result processors so every value is stored and
-read exactly as the Core path and the ORM do.
+statements: `RawTx`, on the DB-API cursor (SQLite: inside `BEGIN IMMEDIATE`; PostgreSQL: `SELECT … FOR UPDATE`),
+since SQLAlchemy Core's execution machinery costs several times the SQL itself (bench/store.py), with
+SQLAlchemy's own per-column bind and result processors so every value is stored and read exactly as the Core
+path and the ORM do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import json
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Table, bindparam, delete, func, insert, select
-from sqlalchemy.engine import Connection, Dialect, Engine
+from sqlalchemy import Table, func, select
+from sqlalchemy.engine import Dialect, Engine
 
 from poolmgr.errors import IllegalTransition, NotFoundError
 from poolmgr.inflight import operation_from_json
@@ -38,6 +39,8 @@ NODE_HEARTBEAT = (
     select(NODES.c.heartbeat_at).where(NODES.c.id == POOLS.c.node_id).scalar_subquery().label("node_heartbeat_at")
 )
 _SERVING = frozenset({PoolState.READY, PoolState.DRAINING})
+_VIEW_FIELDS = frozenset(PoolView.__dataclass_fields__)
+_SPEC_CACHE = 4096  # distinct stored specs parsed and kept (a node's pools, each spec a few hundred bytes)
 EventValues = Callable[[str, int, EventData, dict[str, Any]], dict[str, Any]]
 
 
@@ -46,7 +49,9 @@ class WriteTx(Protocol):
 
     def read_pool(self, pool_id: str) -> dict[str, Any] | None: ...  # locked; with its active_leases count
     def delete_leases(self, pool_id: str) -> None: ...
-    def update_pool(self, pool_id: str, version: int, values: Mapping[str, Any]) -> bool: ...  # False: lost CAS
+    def update_pool(
+        self, pool_id: str, version: int, values: Mapping[str, Any], event: Mapping[str, Any] | None
+    ) -> bool: ...  # compare-and-swap, with its audit row; False: lost (the caller rolls back)
     def insert_event(self, values: Mapping[str, Any]) -> None: ...
 
 
@@ -65,13 +70,7 @@ def apply_effect(
     `before`: the row as this transaction just wrote it (a chained step), so it is not read again."""
     before = before if before is not None else _read_locked(tx, pool_id)
     trigger = effect.trigger
-    if expect is not None and before.state not in expect:
-        raise IllegalTransition(pool_id, trigger.value if trigger else "update", before.state.value)
-    to_state = before.state
-    if trigger is not None:
-        if machine is None:
-            raise ValueError(f"{type(effect).__name__} fires {trigger.value}: a state machine must decide it")
-        to_state = machine.target(pool_id, before.state, trigger)
+    to_state = _decide(pool_id, before.state, effect, machine, expect)
     if effect.clears_leases:
         tx.delete_leases(pool_id)
         before = replace(before, active_leases=0)
@@ -82,12 +81,31 @@ def apply_effect(
     event = effect.audit(before) or (EventData() if trigger is not None else None)
     if values or trigger is not None:
         values.update(_projected(values), state=to_state.value, version=before.version + 1, updated_at=now)
-        if not tx.update_pool(pool_id, before.version, values):
-            return None
+    row: dict[str, Any] | None = None
     if event is not None:
         audit = {"from_state": before.state.value, "to_state": to_state.value, "trigger": trigger and trigger.value}
-        tx.insert_event(event_values(pool_id, int(values.get("restart_count", before.restart_count)), event, audit))
-    return _applied(before, values) if values else before
+        row = event_values(pool_id, int(values.get("restart_count", before.restart_count)), event, audit)
+    if not values:
+        if row is not None:
+            tx.insert_event(row)
+        return before
+    if not tx.update_pool(pool_id, before.version, values, row):
+        return None  # nothing kept: the caller rolls the transaction back (its audit row with it) and retries
+    return _applied(before, values)
+
+
+def _decide(
+    pool_id: str, state: PoolState, effect: Effect, machine: StateMachine | None, expect: frozenset[PoolState] | None
+) -> PoolState:
+    """The state `effect` leads to from `state`; IllegalTransition when `expect` or the machine refuses it."""
+    trigger = effect.trigger
+    if expect is not None and state not in expect:
+        raise IllegalTransition(pool_id, trigger.value if trigger else "update", state.value)
+    if trigger is None:
+        return state
+    if machine is None:
+        raise ValueError(f"{type(effect).__name__} fires {trigger.value}: a state machine must decide it")
+    return machine.target(pool_id, state, trigger)
 
 
 def _read_locked(tx: WriteTx, pool_id: str) -> PoolView:
@@ -106,8 +124,12 @@ def _projected(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _applied(view: PoolView, values: Mapping[str, Any]) -> PoolView:
-    """`view` with the values just written: the row as it now is, without reading it back."""
+    """`view` with the values just written: the row as it now is, without reading it back. (Built without
+    dataclasses.replace, which re-runs __init__ over every field: a third of the write path's own CPU.)"""
     changes = dict(values)
+    unknown = changes.keys() - _VIEW_FIELDS
+    if unknown:
+        raise TypeError(f"not columns of a pool: {sorted(unknown)}")
     changes["state"] = PoolState(changes["state"])
     if "desired_state" in changes:
         changes["desired_state"] = DesiredState(changes["desired_state"])
@@ -115,64 +137,89 @@ def _applied(view: PoolView, values: Mapping[str, Any]) -> PoolView:
         changes["spec"] = PoolSpec.from_json(changes["spec"])
     if "pending_op" in changes:
         changes["pending_op"] = operation_from_json(changes["pending_op"])
-    return replace(view, **changes)
+    new = object.__new__(PoolView)
+    new.__dict__.update(view.__dict__)
+    new.__dict__.update(changes)
+    return new
 
 
-class CoreTx:
-    """WriteTx on a SQLAlchemy connection (PostgreSQL; SQLite too when asked)."""
-
-    _LOCK = (
-        select(POOLS, LEASE_COUNT, NODE_HEARTBEAT).where(POOLS.c.id == bindparam("pool_id")).with_for_update(of=POOLS)
-    )
-    _CAS = POOLS.update().where(POOLS.c.id == bindparam("_id"), POOLS.c.version == bindparam("_version"))
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-
-    def read_pool(self, pool_id: str) -> dict[str, Any] | None:
-        row = self.conn.execute(self._LOCK, {"pool_id": pool_id}).one_or_none()
-        return dict(row._mapping) if row is not None else None
-
-    def delete_leases(self, pool_id: str) -> None:
-        self.conn.execute(delete(LEASES).where(LEASES.c.pool_id == pool_id))
-
-    def update_pool(self, pool_id: str, version: int, values: Mapping[str, Any]) -> bool:
-        return bool(self.conn.execute(self._CAS, {**values, "_id": pool_id, "_version": version}).rowcount == 1)
-
-    def insert_event(self, values: Mapping[str, Any]) -> None:
-        self.conn.execute(insert(EVENTS), dict(values))
-
-
-class SqliteStatements:
-    """Column processors and SQL text for the pools and pool_events tables, prepared once per engine."""
+class RawStatements:
+    """Column processors and SQL text for the pools and pool_events tables, prepared once per engine: the
+    statements of the write path in the driver's own placeholder style, the values bound and read through
+    SQLAlchemy's per-column processors (stored byte for byte as the Core and ORM paths store them)."""
 
     def __init__(self, engine: Engine) -> None:
         dialect: Dialect = engine.dialect
+        self.sqlite = dialect.name == "sqlite"
+        self.mark = "?" if self.sqlite else "%s"
         self.pool_columns = [c.name for c in POOLS.columns]
         self._pool_bind = {c.name: c.type._cached_bind_processor(dialect) for c in POOLS.columns}
-        self._pool_result = [c.type._cached_result_processor(dialect, None) for c in POOLS.columns]
+        self._dialect = dialect
+        self._pool_result: list[Callable[[Any], Any] | None] | None = None  # from the first result's column types
         self._event_bind = {c.name: c.type._cached_bind_processor(dialect) for c in EVENTS.columns}
-        self._node_hb = NODES.c.heartbeat_at.type._cached_result_processor(dialect, None)
+        self._node_hb: Callable[[Any], Any] | None = None
+        # The spec as its stored text (PostgreSQL would parse the JSON): the same text gives the same PoolSpec,
+        # parsed and checked once (`_spec`), not on every transition.
+        selected = ", ".join("CAST(spec AS TEXT)" if c == "spec" else c for c in self.pool_columns)
+        self._specs: dict[str, PoolSpec] = {}
         self.select_pool = (
-            f"SELECT {', '.join(self.pool_columns)}, (SELECT COUNT(*) FROM leases WHERE leases.pool_id = pools.id), "
-            "(SELECT heartbeat_at FROM nodes WHERE nodes.id = pools.node_id) FROM pools WHERE id = ?"
+            f"SELECT {selected}, (SELECT COUNT(*) FROM leases WHERE leases.pool_id = pools.id), "
+            f"(SELECT heartbeat_at FROM nodes WHERE nodes.id = pools.node_id) FROM pools WHERE id = {self.mark}"
+            + ("" if self.sqlite else " FOR UPDATE OF pools")  # SQLite: BEGIN IMMEDIATE holds the write lock
         )
+        self.delete_leases = f"DELETE FROM leases WHERE pool_id = {self.mark}"
         self._updates: dict[tuple[str, ...], str] = {}
+        self._inserts: dict[tuple[str, ...], str] = {}
 
-    def row_to_dict(self, row: tuple[Any, ...]) -> dict[str, Any]:
+    def _result_processors(self, cur: Any) -> list[Callable[[Any], Any] | None]:
+        """Per column, as SQLAlchemy builds them: from the driver's type code of each result column (psycopg
+        needs it: a float column's processor depends on it; SQLite gives None). Built from the first result
+        only: psycopg builds `description` anew on every access (~40 µs here)."""
+        if self._pool_result is None:
+            codes = [d[1] for d in cur.description]
+            self._pool_result = [
+                None if c.name == "spec" else c.type._cached_result_processor(self._dialect, code)
+                for c, code in zip(POOLS.columns, codes, strict=False)
+            ]
+            self._node_hb = NODES.c.heartbeat_at.type._cached_result_processor(self._dialect, codes[-1])
+        return self._pool_result
+
+    def row_to_dict(self, row: Sequence[Any], cur: Any) -> dict[str, Any]:
+        procs = self._result_processors(cur)
         data = {
             name: (proc(value) if proc is not None else value)
-            for name, proc, value in zip(self.pool_columns, self._pool_result, row[:-2], strict=True)
+            for name, proc, value in zip(self.pool_columns, procs, row[:-2], strict=True)
         }
+        data["spec"] = self._spec(data["spec"])
         data["active_leases"] = row[-2]
         data["node_heartbeat_at"] = _bound(self._node_hb, row[-1])
         return data
 
-    def update_sql(self, keys: tuple[str, ...]) -> str:
-        sql = self._updates.get(keys)
+    def _spec(self, text: str) -> PoolSpec:
+        spec = self._specs.get(text)
+        if spec is None:
+            if len(self._specs) >= _SPEC_CACHE:
+                self._specs.clear()
+            spec = self._specs[text] = PoolSpec.from_json(json.loads(text))
+        return spec
+
+    def update_sql(self, keys: tuple[str, ...], event_keys: tuple[str, ...] = ()) -> str:
+        """The compare-and-swap UPDATE; with `event_keys` (PostgreSQL), the audit INSERT as a data-modifying
+        CTE of the same statement (a lost swap rolls the whole transaction back, the audit row with it)."""
+        sql = self._updates.get((*keys, "|", *event_keys))
         if sql is None:
-            sets = ", ".join(f"{k} = ?" for k in keys)
-            sql = self._updates[keys] = f"UPDATE pools SET {sets} WHERE id = ? AND version = ?"
+            sets = ", ".join(f"{k} = {self.mark}" for k in keys)
+            sql = f"UPDATE pools SET {sets} WHERE id = {self.mark} AND version = {self.mark}"
+            if event_keys:
+                sql = f"WITH audit AS ({self.insert_sql(event_keys)}) {sql}"
+            self._updates[(*keys, "|", *event_keys)] = sql
+        return sql
+
+    def insert_sql(self, keys: tuple[str, ...]) -> str:
+        sql = self._inserts.get(keys)
+        if sql is None:
+            marks = ", ".join([self.mark] * len(keys))
+            sql = self._inserts[keys] = f"INSERT INTO pool_events ({', '.join(keys)}) VALUES ({marks})"
         return sql
 
     def pool_params(self, values: Mapping[str, Any]) -> list[Any]:
@@ -186,37 +233,47 @@ def _bound(proc: Callable[[Any], Any] | None, value: Any) -> Any:
     return proc(value) if proc is not None else value
 
 
-class SqliteTx:
-    """WriteTx on the DB-API cursor of a SQLite connection inside BEGIN IMMEDIATE."""
+class RawTx:
+    """WriteTx on the DB-API cursor of one transaction (SQLite: inside BEGIN IMMEDIATE; PostgreSQL: the
+    driver's own transaction, the row locked by SELECT … FOR UPDATE). SQLAlchemy Core's execution machinery
+    cost several times the SQL itself (bench/store.py)."""
 
-    def __init__(self, st: SqliteStatements, cur: Any) -> None:
+    def __init__(self, st: RawStatements, cur: Any) -> None:
         self.st = st
         self.cur = cur
 
     def read_pool(self, pool_id: str) -> dict[str, Any] | None:
-        row = self.cur.execute(self.st.select_pool, (pool_id,)).fetchone()
-        return self.st.row_to_dict(row) if row is not None else None
+        self.cur.execute(self.st.select_pool, (pool_id,))
+        row = self.cur.fetchone()
+        return self.st.row_to_dict(row, self.cur) if row is not None else None
 
     def delete_leases(self, pool_id: str) -> None:
-        self.cur.execute("DELETE FROM leases WHERE pool_id = ?", (pool_id,))
+        self.cur.execute(self.st.delete_leases, (pool_id,))
 
-    def update_pool(self, pool_id: str, version: int, values: Mapping[str, Any]) -> bool:
-        sql = self.st.update_sql(tuple(values))
-        return bool(self.cur.execute(sql, [*self.st.pool_params(values), pool_id, version]).rowcount == 1)
+    def update_pool(
+        self, pool_id: str, version: int, values: Mapping[str, Any], event: Mapping[str, Any] | None
+    ) -> bool:
+        cas = [*self.st.pool_params(values), pool_id, version]
+        if event is not None and not self.st.sqlite:  # one statement, one round trip: the audit row rides along
+            self.cur.execute(self.st.update_sql(tuple(values), tuple(event)), [*self.st.event_params(event), *cas])
+            return bool(self.cur.rowcount == 1)
+        self.cur.execute(self.st.update_sql(tuple(values)), cas)
+        if self.cur.rowcount != 1:
+            return False
+        if event is not None:
+            self.insert_event(event)
+        return True
 
     def insert_event(self, values: Mapping[str, Any]) -> None:
-        keys = list(values)
-        sql = f"INSERT INTO pool_events ({', '.join(keys)}) VALUES ({', '.join('?' * len(keys))})"
-        self.cur.execute(sql, self.st.event_params(values))
+        self.cur.execute(self.st.insert_sql(tuple(values)), self.st.event_params(values))
 
 
 __all__ = [
     "LEASE_COUNT",
     "NODE_HEARTBEAT",
     "POOLS",
-    "CoreTx",
-    "SqliteStatements",
-    "SqliteTx",
+    "RawStatements",
+    "RawTx",
     "WriteTx",
     "apply_effect",
 ]

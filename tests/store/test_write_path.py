@@ -60,7 +60,7 @@ def _lease_rows(reg: Registry, pool_id: str) -> int:
 
 def test_a_sqlite_write_reads_back_identically_through_sqlalchemy(sqlite_url: str, clock: FakeClock) -> None:
     reg = Registry(sqlite_url, node_id="n", clock=clock)
-    assert reg._sqlite is not None
+    assert reg._raw.sqlite
     reg.register(PoolSpec(id="p", model="/m.gguf", slots=3, extra_args=("--temp", "0")))
     fire(reg, "p", Placed())
     updates: PoolColumns = {
