@@ -61,7 +61,15 @@ def cmd_engines_install(args: argparse.Namespace, cfg: PoolManagerConfig) -> int
         raise ConfigError(f"unknown engine {args.engine!r} (known: llamacpp)")
     eng = install_llamacpp(fast=args.fast, force=args.force, progress=lambda line: print(line, flush=True))
     print(f"llama-server ready: {eng.path} ({eng.version or 'version unknown'})")
+    _print_spawner()
     return 0
+
+
+def _print_spawner() -> None:
+    """Build the compiled spawner now (not on the first engine start) and say which one engines start through."""
+    from poolmgr.isolation import choose_spawner
+
+    print(f"engine spawner: {choose_spawner().detail}")
 
 
 def cmd_engines_list(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
@@ -164,6 +172,7 @@ def cmd_setup(args: argparse.Namespace, cfg: PoolManagerConfig) -> int:
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
     print(f"engine user {name}: uid {uid} gid {gid}, subordinate ids {first}-{first + count - 1}; "
           f"state dir {cfg.state_dir}")  # fmt: skip
+    _print_spawner()
     if args.systemd:
         beside = Path(sys.executable).parent / "poolmgr"  # the entry point of the environment running us
         binary = str(beside) if beside.is_file() else shutil.which("poolmgr") or "/usr/local/bin/poolmgr"

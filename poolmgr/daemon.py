@@ -109,6 +109,7 @@ async def serve(
     register_pool_secrets(specs)
     inference_tokens = cfg.inference_tokens()  # read once: an unreadable or empty file is one line and exit 2
     _ensure_engine_user(cfg)
+    await asyncio.to_thread(_ensure_spawner)  # compiled now, not on the first engine start
     url = cfg.effective_database_url
     registry = Registry(url, node_id=cfg.node_id)
     reconciler = Reconciler(cfg, registry)
@@ -284,6 +285,17 @@ def _ensure_engine_user(cfg: PoolManagerConfig) -> None:
     name = engine_user(cfg)
     uid, gid = ensure_engine_user(name)
     log.info("engines run as %s (uid %d, gid %d)", name, uid, gid)
+
+
+def _ensure_spawner() -> None:
+    """Build (or find) the compiled helper that applies the isolation layers before exec'ing an engine."""
+    from poolmgr.isolation import ensure_spawner
+
+    spawner = ensure_spawner()
+    if spawner is not None:
+        log.info("engines start through the compiled spawner %s", spawner)
+    else:
+        log.info("engines start through the Python trampoline (the same isolation layers, a slower start)")
 
 
 def _safe_url(url: str) -> str:

@@ -65,6 +65,7 @@ class PoolManagerConfig:
     advertise_url: str = ""
     node_heartbeat_ms: int = 1000
     node_grace_ms: int = 5000
+    spawner: str = "auto"  # read by poolmgr.isolation itself (it has no settings object); checked here
 
     # Fields that must never reach a log line, an error body or /metrics.
     SECRET_FIELDS = ("api_token",)
@@ -163,10 +164,7 @@ class PoolManagerConfig:
                 f"{_var('backoff_initial_ms')}={self.backoff_initial_ms}: must not exceed "
                 f"{_var('backoff_max_ms')}={self.backoff_max_ms}"
             )
-        if self.log_format not in ("json", "text"):
-            raise ConfigError(f"{_var('log_format')}={self.log_format}: allowed values are json, text")
-        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-            raise ConfigError(f"{_var('log_level')}={self.log_level}: allowed values are DEBUG, INFO, WARNING, ERROR")
+        self._validate_choices()
         if self.database_url and not self.database_url.startswith(("sqlite", "postgresql")):
             raise ConfigError(
                 f"{_var('database_url')}={_redact_url(self.database_url)}: must be a sqlite:/// or postgresql:// URL"
@@ -177,6 +175,14 @@ class PoolManagerConfig:
                 f"{self.node_heartbeat_ms} (a node is alive while its last heartbeat is younger than the grace)"
             )
         self._validate_data_plane()
+
+    def _validate_choices(self) -> None:
+        if self.log_format not in ("json", "text"):
+            raise ConfigError(f"{_var('log_format')}={self.log_format}: allowed values are json, text")
+        if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"{_var('log_level')}={self.log_level}: allowed values are DEBUG, INFO, WARNING, ERROR")
+        if self.spawner not in ("auto", "python"):
+            raise ConfigError(f"{_var('spawner')}={self.spawner}: allowed values are auto, python")
 
     def _validate_data_plane(self) -> None:
         if self.queue_timeout_ms <= 0:

@@ -5,8 +5,10 @@
     argv2, env2 = wrap_command(prepared, argv, env)
     subprocess.Popen(argv2, env=env2, start_new_session=True, ...)
 
-`argv2` runs the trampoline (`_trampoline.py`), which applies the layers to itself and execs the engine, or
-exits 126 with `poolmgr-isolation: <layer>: <reason>` on stderr. `doctor()` lists what the host offers.
+`argv2` runs the spawner, which applies the layers to itself and execs the engine in the same pid, or exits
+126 with `poolmgr-isolation: <layer>: <reason>` on stderr: the compiled helper (`_spawner.c`, built once by
+`ensure_spawner()` into a cache only root can write) where a C compiler works, else the Python trampoline
+(`_trampoline.py`; also with POOL_MANAGERD_SPAWNER=python). `doctor()` lists what the host offers.
 Engines get no IP network at all (seccomp refuses IPv4/IPv6 sockets, Landlock any TCP bind or connect): they
 serve on a unix socket in their workdir, the one place they may create one.
 
@@ -24,6 +26,7 @@ from poolmgr.isolation._podman import (
     write_seccomp_profile,
 )
 from poolmgr.isolation._prepare import LayerDecision, PreparedIsolation, prepare, release, wrap_command
+from poolmgr.isolation._spawner import SpawnerState, choose_spawner, ensure_spawner, spawner_state
 from poolmgr.isolation._spec import IsolationSpec, build_isolation
 from poolmgr.isolation._trampoline import EXIT_EXEC_FAILED, EXIT_ISOLATION_FAILED
 from poolmgr.isolation._users import DEFAULT_ENGINE_USER, ensure_engine_user, ensure_subids
@@ -37,16 +40,20 @@ __all__ = [
     "LayerDecision",
     "LayerStatus",
     "PreparedIsolation",
+    "SpawnerState",
     "build_isolation",
+    "choose_spawner",
     "container_name",
     "default_profile_path",
     "doctor",
     "doctor_table",
     "ensure_engine_user",
+    "ensure_spawner",
     "ensure_subids",
     "podman_command",
     "prepare",
     "release",
+    "spawner_state",
     "wrap_command",
     "write_seccomp_profile",
 ]

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from poolmgr.isolation import _cgroup, _seccomp
+from poolmgr.isolation import _cgroup, _seccomp, _spawner
 from poolmgr.isolation import _trampoline as tr
 
 
@@ -86,6 +86,11 @@ def _podman_row(root: Path) -> LayerStatus:
     return LayerStatus("podman", True, f'{path}: runtime = "podman" pools run in rootless containers{limits}')
 
 
+def _spawner_row() -> LayerStatus:
+    state = _spawner.spawner_state()
+    return LayerStatus("spawner", state.usable, state.detail)
+
+
 def doctor(*, cgroup_root: Path = _cgroup.CGROUP_ROOT) -> list[LayerStatus]:
     """Probe every isolation mechanism; nothing is changed on the host."""
     return [
@@ -97,6 +102,7 @@ def doctor(*, cgroup_root: Path = _cgroup.CGROUP_ROOT) -> list[LayerStatus]:
         *_cgroup_rows(cgroup_root),
         _binary("bwrap", "bubblewrap", "namespaces available"),
         _podman_row(cgroup_root),
+        _spawner_row(),
     ]
 
 

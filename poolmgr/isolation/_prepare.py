@@ -1,7 +1,9 @@
-"""`prepare` (parent side: workdir, cgroup, what the host supports) and `wrap_command` (the trampoline argv).
+"""`prepare` (parent side: workdir, cgroup, what the host supports) and `wrap_command` (the spawner argv).
 
 `prepare` decides, once per start, which layers are in force and which are skipped (and why), and turns that
-into a plan the trampoline applies blindly: whatever is in the plan must hold or the engine is not exec'd.
+into a plan the spawner applies blindly: whatever is in the plan must hold or the engine is not exec'd. The
+spawner is the compiled helper (`_spawner.c`, as KEY=VALUE tokens) where it could be built, else the Python
+trampoline (`_trampoline.py`, as JSON): the same layers, the same order, the same failure lines.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from poolmgr.errors import IsolationError
 from poolmgr.isolation import _cgroup, _seccomp
 from poolmgr.isolation import _trampoline as tr
 from poolmgr.isolation._env import engine_environment
+from poolmgr.isolation._spawner import ensure_spawner, plan_argv
 from poolmgr.isolation._spec import IsolationSpec
 from poolmgr.isolation._users import resolve_ids
 
@@ -41,7 +44,8 @@ class LayerDecision:
 
 @dataclass(frozen=True)
 class PreparedIsolation:
-    """A spec made concrete for this host: ids, cgroup, the trampoline's plan, and a line per layer."""
+    """A spec made concrete for this host: ids, cgroup, the spawner's plan, and a line per layer. `spawner`: the
+    compiled helper that applies the plan, None for the Python trampoline (which reads `plan_json`)."""
 
     spec: IsolationSpec
     uid: int | None
@@ -50,6 +54,8 @@ class PreparedIsolation:
     plan_json: str
     cgroup: _cgroup.CgroupHandle | None = None
     warnings: tuple[str, ...] = field(default=())
+    plan: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    spawner: Path | None = None
 
     def layer(self, name: str) -> LayerDecision:
         return next(d for d in self.layers if d.name == name)
@@ -65,7 +71,12 @@ class PreparedIsolation:
     def summary(self) -> str:
         on = ", ".join(f"{d.name} ({d.detail})" for d in self.layers if d.in_force) or "none"
         off = "; ".join(f"{d.name}: {d.detail}" for d in self.layers if not d.in_force) or "none"
-        return f"in force: {on} | skipped: {off}"
+        return f"in force: {on} | skipped: {off} | spawner={self.spawner_kind}"
+
+    @property
+    def spawner_kind(self) -> str:
+        """What applies the layers: `c` (the compiled helper) or `python` (the trampoline)."""
+        return "python" if self.spawner is None else "c"
 
 
 def _bits_for(st: os.stat_result, uid: int, gid: int) -> int:
@@ -246,7 +257,7 @@ def prepare(spec: IsolationSpec, *, cgroup_root: Path = _cgroup.CGROUP_ROOT) -> 
         "uid": uid,
         "gid": gid,
         "workdir": str(workdir),
-        "cgroups": list(handle.procs_files) if handle else [],
+        "cgroups": list(handle.join_files) if handle else [],
         "rlimits": rlimits,
         "bounding": bounding,
         "caps": caps.in_force,
@@ -259,7 +270,8 @@ def prepare(spec: IsolationSpec, *, cgroup_root: Path = _cgroup.CGROUP_ROOT) -> 
         for p in spec.readable_paths
         if uid is not None and (why := unreachable_by(Path(p), uid, gid if gid is not None else uid))
     )
-    prepared = PreparedIsolation(spec, uid, gid, layers, json.dumps(plan, separators=(",", ":")), handle, warnings)
+    plan_json = json.dumps(plan, separators=(",", ":"))
+    prepared = PreparedIsolation(spec, uid, gid, layers, plan_json, handle, warnings, plan, ensure_spawner())
     extra = {"pool_id": spec.pool_id}
     log.info("pool %s engine isolation: %s", spec.pool_id, prepared.summary(), extra=extra)
     for warning in warnings:
@@ -270,11 +282,13 @@ def prepare(spec: IsolationSpec, *, cgroup_root: Path = _cgroup.CGROUP_ROOT) -> 
 def wrap_command(
     prepared: PreparedIsolation, argv: Sequence[str], env: Mapping[str, str]
 ) -> tuple[list[str], dict[str, str]]:
-    """The argv that runs `argv` under the trampoline, and the engine's cleaned env (`env`: the engine's own)."""
+    """The argv that runs `argv` under the spawner, and the engine's cleaned env (`env`: the engine's own)."""
     if not argv:
         raise IsolationError("empty engine command")
     spec = prepared.spec
     env2 = engine_environment(os.environ, env, workdir=spec.workdir.absolute(), clean=spec.clean_env)
+    if prepared.spawner is not None:
+        return [str(prepared.spawner), *plan_argv(prepared.plan), "--", *argv], env2
     # -I: no cwd on sys.path and no PYTHON* variables (it starts as root); -S: no site, faster.
     python = sys.executable or "/usr/bin/python3"
     return [python, "-I", "-S", _trampoline_script(), prepared.plan_json, "--", *argv], env2

@@ -8,6 +8,10 @@ cgroup, rlimits, bounding set, ambient set, groups/gid/uid, chdir, capset, no_ne
 exec. A step the plan asks for that fails writes one line `poolmgr-isolation: <layer>: <reason>` to stderr
 and exits 126: the engine is never exec'd half-protected. The parent (`prepare`) decides which layers the
 host supports; this module only applies what the plan says. Its ctypes helpers are also used by `doctor`.
+
+Engines start through its compiled twin, `_spawner.c` (the same steps, order and error lines, without an
+interpreter), where a C compiler works; this module is the fallback (and POOL_MANAGERD_SPAWNER=python). A change
+to one is a change to both: tests/isolation/test_trampoline.py runs its cases against each.
 """
 
 from __future__ import annotations
@@ -136,13 +140,14 @@ def has_effective_cap(cap: int) -> bool:
     return bool(data[cap // 32].effective & (1 << (cap % 32)))
 
 
-def join_cgroups(procs_files: list[str]) -> None:
-    pid = str(os.getpid()).encode()
-    for path in procs_files:
+def join_cgroups(join_files: list[str]) -> None:
+    """Write "0" (this process, single-threaded here) to each file: v1 `tasks` skips the kernel's global
+    threadgroup lock (see poolmgr/isolation/_cgroup.py)."""
+    for path in join_files:
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
             try:
-                os.write(fd, pid)
+                os.write(fd, b"0")
             finally:
                 os.close(fd)
         except OSError as exc:

@@ -116,6 +116,27 @@ def test_restart_bench_leaves_the_container_row_out_when_asked() -> None:
         parse_args(["--runtime", "podman"])
 
 
+def test_spawn_bench_reports_each_spawner_next_to_the_bare_floor() -> None:
+    result, out = run_bench("spawn", "--quick", "--no-engine")
+    assert result["bench"] == "spawn"
+    assert_positive(result, "true_bare_ms", "true_python_ms", "true_forkserver_ms")
+    if result["poolmgr_spawner"] == "c":
+        assert_positive(result, "true_c_ms")
+    assert "health_bare_ms" not in result and "llama-server: spawn -> first /health 200: skipped" in out
+    if result["root"]:  # a real plan: every spawner must keep every layer, or it is not kept
+        assert result["layers_missing"] == {k: [] for k in result["layers_missing"]}
+        assert result["kept"] in result["layers_missing"]
+    assert "kept: " in out and "over bare" in out
+
+
+@pytest.mark.e2e
+def test_spawn_bench_times_llama_server_to_its_first_health_through_each_spawner() -> None:
+    needs_llama_server()
+    result, out = run_bench("spawn", "--quick")
+    assert_positive(result, "health_bare_ms", "health_python_ms", "health_forkserver_ms")
+    assert "serves on a unix socket" in out
+
+
 def scale_rows(out: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.startswith('{"bench": "scale"')]
 

@@ -41,6 +41,8 @@ def test_setup_installs_a_unit_that_systemd_accepts(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     unit = tmp_path / "units" / "poolmgr.service"
     assert f"wrote {unit}" in proc.stdout
+    spawner = next(ln for ln in proc.stdout.splitlines() if ln.startswith("engine spawner: "))
+    assert "compiled helper /" in spawner or "Python trampoline" in spawner  # built now, not at the first start
     text = unit.read_text()
     for line in ("Type=notify", "KillMode=process", "ExecReload=/bin/kill -HUP $MAINPID", "StateDirectory=poolmgr"):
         assert line in text.splitlines(), line

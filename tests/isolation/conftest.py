@@ -53,7 +53,7 @@ def status_fields(pid: int) -> dict[str, str]:
 
 
 def wait_for_exec(pid: int, comm: str, timeout: float = 5.0) -> None:
-    """Wait until the trampoline has exec'd the engine (its comm changes from python)."""
+    """Wait until the spawner has exec'd the engine (its comm changes from python or poolmgr-spawn)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:

@@ -16,6 +16,7 @@ root, pool_id, user, probe_file, target = sys.argv[1:6]
 spec = build_isolation({}, engine_user=user, workdir_root=Path(root), pool_id=pool_id, readable_paths=())
 prepared = prepare(spec)
 argv, env = wrap_command(prepared, ["sleep", "30"], {})
+argv0 = argv[0]
 proc = subprocess.Popen(argv, env=env, start_new_session=True, stdin=subprocess.DEVNULL, close_fds=True)
 deadline = time.monotonic() + 5
 while Path(f"/proc/{proc.pid}/comm").read_text().strip() != "sleep" and time.monotonic() < deadline:
@@ -33,6 +34,8 @@ print(
     json.dumps(
         {
             "layers": {d.name: [d.in_force, d.detail] for d in prepared.layers},
+            "spawner": prepared.spawner_kind,
+            "argv0": argv0,
             "status": status,
             "cwd": cwd,
             "probe": json.loads(probe.stdout),

@@ -6,7 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
-from poolmgr.isolation import LayerStatus, doctor, doctor_table
+from poolmgr.isolation import LayerStatus, doctor, doctor_table, spawner_state
 from poolmgr.isolation._cgroup import detect
 from poolmgr.isolation._seccomp import seccomp_unavailable_reason
 from poolmgr.isolation._trampoline import landlock_abi
@@ -21,6 +21,7 @@ NAMES = [
     "cgroup v1",
     "bubblewrap",
     "podman",
+    "spawner",
 ]
 
 
@@ -48,6 +49,8 @@ def test_doctor_rows_agree_with_the_host() -> None:
     assert rows["cgroup v2"].supported == (layout.version == 2 and bool(layout.controllers))
     assert rows["bubblewrap"].supported == (shutil.which("bwrap") is not None)
     assert rows["podman"].supported == (shutil.which("podman") is not None)
+    state = spawner_state()
+    assert (rows["spawner"].supported, rows["spawner"].detail) == (state.usable, state.detail)
 
 
 def test_doctor_sees_cgroup_v2_on_a_unified_host(tmp_path: Path) -> None:

@@ -38,17 +38,21 @@ def _copy_code(dest: Path) -> None:
         shutil.copy(HERE / name, dest / name)
 
 
-@pytest.fixture(scope="module")
-def nonroot_run(engine_ids: tuple[int, int]) -> Iterator[dict[str, Any]]:
+@pytest.fixture(scope="module", params=["python", "c"])
+def nonroot_run(engine_ids: tuple[int, int], request: pytest.FixtureRequest) -> Iterator[dict[str, Any]]:
+    """The driver's results, once through each spawner (the compiled one built in a cache of the user's own)."""
     if not shutil.which("setpriv") or not os.access(PROBE_PYTHON, os.X_OK):
         pytest.skip(f"needs setpriv and {PROBE_PYTHON} to play an unprivileged poolmgr")
+    if request.param == "c" and not shutil.which(os.environ.get("CC", "cc").split()[0]):
+        pytest.skip("no C compiler on this host")
     tmp = Path(tempfile.mkdtemp(prefix="poolmgr-nonroot-", dir="/tmp"))
     try:
         os.chmod(tmp, 0o755)
         _copy_code(tmp)
-        root = tmp / "engines"
-        root.mkdir()
-        os.chown(root, NOBODY, NOBODY)
+        root, cache = tmp / "engines", tmp / "cache"
+        for path in (root, cache):
+            path.mkdir()
+            os.chown(path, NOBODY, NOBODY)
         with socket.socket() as listener:
             listener.bind(("127.0.0.1", 0))
             listener.listen()
@@ -57,11 +61,20 @@ def nonroot_run(engine_ids: tuple[int, int]) -> Iterator[dict[str, Any]]:
             cmd = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "--inh-caps=-all"]
             cmd += [PROBE_PYTHON, str(tmp / "nonroot_driver.py"), *args]
             env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp), "POOL_MANAGERD_API_TOKEN": "s3cret"}
+            env.update({"XDG_CACHE_HOME": str(cache)} if request.param == "c" else {"POOL_MANAGERD_SPAWNER": "python"})
             out = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         yield json.loads(out.stdout)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def test_nonroot_poolmgr_runs_the_engine_through_the_spawner_it_says(
+    nonroot_run: dict[str, Any], request: pytest.FixtureRequest
+) -> None:
+    spawner = request.node.callspec.params["nonroot_run"]
+    assert nonroot_run["spawner"] == spawner
+    assert nonroot_run["argv0"].endswith("/poolmgr-spawn" if spawner == "c" else "python3")
 
 
 def test_nonroot_poolmgr_says_it_cannot_switch_user(nonroot_run: dict[str, Any]) -> None:

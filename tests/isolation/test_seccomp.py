@@ -1,4 +1,4 @@
-"""The seccomp deny-list: its socket rules, and the compiled filter loaded for real by the trampoline (no root)."""
+"""The seccomp deny-list: its socket rules, and the compiled filter loaded for real by each spawner (no root)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from poolmgr.isolation._seccomp import (
     rules_summary,
     seccomp_unavailable_reason,
 )
+from poolmgr.isolation._spawner import ensure_spawner, plan_argv
 
 from .conftest import PROBE_CODE
 
@@ -48,11 +49,17 @@ def test_summary_names_the_denied_families() -> None:
     assert "no AF_INET/AF_INET6/AF_PACKET sockets" in rules_summary()
 
 
-def test_loaded_filter_refuses_ip_sockets_and_keeps_unix_and_netlink(tmp_path: Path) -> None:
+@pytest.mark.parametrize("spawner", ["python", "c"])
+def test_loaded_filter_refuses_ip_sockets_and_keeps_unix_and_netlink(tmp_path: Path, spawner: str) -> None:
     if why := seccomp_unavailable_reason():
         pytest.skip(f"seccomp unavailable: {why}")
-    plan = json.dumps({"nnp": True, "workdir": str(tmp_path), "seccomp": deny_list_bpf().hex()})
-    cmd = [sys.executable, "-I", "-S", str(TRAMPOLINE), plan, "--", sys.executable, "-c", PROBE_CODE, "1"]
+    plan = {"nnp": True, "workdir": str(tmp_path), "seccomp": deny_list_bpf().hex()}
+    head = [sys.executable, "-I", "-S", str(TRAMPOLINE), json.dumps(plan)]
+    if spawner == "c":
+        if (helper := ensure_spawner()) is None:
+            pytest.skip("no compiled spawner on this host (no C compiler?)")
+        head = [str(helper), *plan_argv(plan)]
+    cmd = [*head, "--", sys.executable, "-c", PROBE_CODE, "1"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env={"PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     probe = json.loads(out.stdout)
