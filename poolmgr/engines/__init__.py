@@ -35,7 +35,7 @@ from poolmgr.engines._install import (
     resolve_llama_server,
 )
 from poolmgr.engines._logs import rotate_log, rotate_log_in_place
-from poolmgr.engines._logwatch import LogWatch
+from poolmgr.engines._logwatch import LogWatch, LogWatcher
 from poolmgr.engines._prober import Address, HealthProber
 from poolmgr.engines._process import (
     ExitInfo,
@@ -62,6 +62,7 @@ __all__ = [
     "Launcher",
     "LlamaCppAdapter",
     "LogWatch",
+    "LogWatcher",
     "ProcStat",
     "ProcessLauncher",
     "SlotCounts",

@@ -1,11 +1,13 @@
 """Following a starting engine's log as it is written: its readiness line seen the moment it is written.
 
-An engine says it is ready in its log (llama-server: `model loaded`, then `listening on …`). `LogWatch` holds an
-inotify watch (IN_MODIFY) on the log file, registered with the event loop: every write of the engine wakes the
-waiter, which reads only the new bytes and looks for the adapter's ready markers. So readiness is known within a
-wake-up of the engine's own line, without polling the engine's socket every few milliseconds while it loads (on
-2 cores that polling slowed the engine's own start). Where inotify is missing (`LogWatch.open` gives None) the
-caller polls as before.
+An engine says it is ready in its log (llama-server: `model loaded`, then `listening on …`). `LogWatcher` holds
+one inotify instance for all the engines a runtime starts, registered once with the event loop; `watch()` adds
+an IN_MODIFY watch on one engine's log and gives a `LogWatch`: every write of the engine wakes its waiter, which
+reads only the new bytes and looks for the adapter's ready markers. So readiness is known within a wake-up of
+the engine's own line, without polling the engine's socket every few milliseconds while it loads (on 2 cores
+that polling slowed the engine's own start). One instance, not one per start: closing an inotify instance waits
+for an SRCU grace period in the kernel (~13 ms here, on the event loop), removing a watch does not. Where inotify
+is missing (`watch` gives None) the caller polls as before.
 """
 
 from __future__ import annotations
@@ -14,49 +16,88 @@ import asyncio
 import contextlib
 import ctypes
 import os
+import struct
 from pathlib import Path
 
 _IN_MODIFY = 0x00000002
-_IN_NONBLOCK = os.O_NONBLOCK
-_IN_CLOEXEC = os.O_CLOEXEC
-_READ_MAX = 1 << 20  # bytes read per wake-up at most (a start's log is a few kB)
+_EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then `len` bytes of name)
+_READ_MAX = 1 << 20  # bytes of a log read per wake-up at most (a start's log is a few kB)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-class LogWatch:
-    """Wakes when the log grows; `ready()` tells whether a marker was written since `offset`."""
+class LogWatcher:
+    """One inotify instance, on the running event loop, shared by the watches of every starting engine."""
 
-    def __init__(self, fd: int, path: Path, offset: int, markers: tuple[bytes, ...]) -> None:
-        self._fd = fd
+    def __init__(self) -> None:
+        self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._watches: dict[int, LogWatch] = {}
+
+    def watch(self, path: Path, offset: int, markers: tuple[bytes, ...]) -> LogWatch | None:
+        """A watch on `path` from byte `offset`, or None where inotify is unavailable (or no markers given).
+        Call from the event loop; close the watch when done."""
+        if not markers or not self._ready():
+            return None
+        wd = _libc.inotify_add_watch(self._fd, os.fsencode(path), _IN_MODIFY)
+        if wd < 0:
+            return None
+        watch = self._watches[wd] = LogWatch(self, wd, path, offset, markers)
+        return watch
+
+    def _ready(self) -> bool:
+        loop = asyncio.get_running_loop()
+        if self._loop is loop and self._fd >= 0:
+            return True
+        self.close()  # a new event loop (tests run several): the old one's registration is gone with it
+        self._fd = _libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if self._fd < 0:
+            return False
+        loop.add_reader(self._fd, self._on_events)
+        self._loop = loop
+        return True
+
+    def _on_events(self) -> None:
+        data = b""
+        with contextlib.suppress(BlockingIOError, OSError):
+            while chunk := os.read(self._fd, 65536):
+                data += chunk
+        pos = 0
+        while pos + _EVENT.size <= len(data):
+            wd, _mask, _cookie, name_len = _EVENT.unpack_from(data, pos)
+            pos += _EVENT.size + name_len
+            watch = self._watches.get(wd)
+            if watch is not None:
+                watch.grew.set()
+
+    def release(self, watch: LogWatch) -> None:
+        if self._watches.pop(watch.wd, None) is not None and self._fd >= 0:
+            _libc.inotify_rm_watch(self._fd, watch.wd)
+
+    def close(self) -> None:
+        """Drop the instance (poolmgr stopping, or its loop gone): ~13 ms in the kernel, once."""
+        if self._fd < 0:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+        os.close(self._fd)
+        self._fd, self._loop = -1, None
+        self._watches.clear()
+
+
+class LogWatch:
+    """One starting engine's log: `ready()` tells whether a marker was written since `offset`."""
+
+    def __init__(self, owner: LogWatcher, wd: int, path: Path, offset: int, markers: tuple[bytes, ...]) -> None:
+        self._owner = owner
+        self.wd = wd
         self._path = path
         self._pos = offset
         self._markers = markers
-        self._keep = max((len(m) for m in markers), default=1) - 1  # a marker split across two writes
+        self._keep = max(len(m) for m in markers) - 1  # a marker split across two writes
         self._tail = b""
         self._seen = False
-        self._grew = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(fd, self._on_event)
-
-    @classmethod
-    def open(cls, path: Path, offset: int, markers: tuple[bytes, ...]) -> LogWatch | None:
-        """A watch on `path` from byte `offset`, or None where inotify is unavailable (or no markers given)."""
-        if not markers:
-            return None
-        fd = _libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC)
-        if fd < 0:
-            return None
-        if _libc.inotify_add_watch(fd, os.fsencode(path), _IN_MODIFY) < 0:
-            os.close(fd)
-            return None
-        return cls(fd, path, offset, markers)
-
-    def _on_event(self) -> None:
-        with contextlib.suppress(BlockingIOError, OSError):
-            while os.read(self._fd, 4096):
-                pass
-        self._grew.set()
+        self.grew = asyncio.Event()
 
     @property
     def seen(self) -> bool:
@@ -68,7 +109,7 @@ class LogWatch:
         A write after this read wakes the next `wait` at once (the wake-up is reset before the read)."""
         if self._seen:
             return True
-        self._grew.clear()
+        self.grew.clear()
         try:
             with open(self._path, "rb") as fh:
                 if fh.seek(0, os.SEEK_END) < self._pos:
@@ -86,11 +127,10 @@ class LogWatch:
     async def wait(self, timeout: float) -> None:
         """Until the log grows after the last `ready` (or `timeout` seconds pass)."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._grew.wait(), timeout)
+            await asyncio.wait_for(self.grew.wait(), timeout)
 
     def close(self) -> None:
-        self._loop.remove_reader(self._fd)
-        os.close(self._fd)
+        self._owner.release(self)
 
     def __enter__(self) -> LogWatch:
         return self
@@ -99,4 +139,4 @@ class LogWatch:
         self.close()
 
 
-__all__ = ["LogWatch"]
+__all__ = ["LogWatch", "LogWatcher"]

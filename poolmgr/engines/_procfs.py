@@ -137,7 +137,10 @@ def kmsg_reports_oom_kill(pid: int, start_time: int, *, kmsg: Path = KMSG) -> bo
                 return None
             if not record:
                 break
-            if _kmsg_match(record.decode("utf-8", "replace"), victim, since_us):
+            # Only an OOM record can name a victim: the other hundreds are skipped without decoding them.
+            if (b"Killed process" in record or b"oom-kill" in record) and _kmsg_match(
+                record.decode("utf-8", "replace"), victim, since_us
+            ):
                 found = True
     finally:
         with contextlib.suppress(OSError):

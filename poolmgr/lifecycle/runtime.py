@@ -22,6 +22,7 @@ from poolmgr.engines import (
     LaunchRequest,
     LlamaCppAdapter,
     LogWatch,
+    LogWatcher,
     SpawnedEngine,
     StderrReason,
     WrapFn,
@@ -74,6 +75,7 @@ class EngineRuntime:
         self._prober: HealthProber | None = None
         self._unrecorded: dict[str, list[tuple[int, int]]] | None = None  # /proc looked at once, at start
         self._preloads = 0  # engines being waited for right now (their looks are paced together)
+        self._logs = LogWatcher()  # one inotify instance: starting engines' ready lines
         self.isolate = isolate
         self._clients: dict[str, httpx.AsyncClient] = {}
         self.instance = str(cfg.state_dir.absolute())
@@ -114,6 +116,7 @@ class EngineRuntime:
         for client in self._clients.values():
             await client.aclose()
         self.launcher.close()
+        self._logs.close()
         if self._prober is not None:
             await asyncio.to_thread(self._prober.close)
 
@@ -237,7 +240,7 @@ class EngineRuntime:
         client = self.client(spec.id)
         probe_timeout = self.cfg.health_check_timeout_ms / 1000.0
         self._preloads += 1
-        watch = LogWatch.open(eng.log_path, eng.log_offset, self.adapter.ready_markers)
+        watch = self._logs.watch(eng.log_path, eng.log_offset, self.adapter.ready_markers)
         try:
             while (await self.adapter.probe_health(client, _ENGINE_BASE, probe_timeout)).status is not HealthStatus.OK:
                 if self.clock.monotonic() >= deadline:

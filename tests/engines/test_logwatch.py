@@ -7,7 +7,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from poolmgr.engines import LlamaCppAdapter, LogWatch
+from poolmgr.engines import LlamaCppAdapter, LogWatch, LogWatcher
 
 MARKERS = LlamaCppAdapter.ready_markers
 
@@ -23,7 +23,7 @@ def test_the_ready_line_wakes_the_waiter_when_it_is_written(tmp_path: Path) -> N
     offset = log.stat().st_size  # this run's output starts here: the old run's line does not count
 
     async def scenario() -> tuple[bool, float]:
-        watch = LogWatch.open(log, offset, MARKERS)
+        watch = LogWatcher().watch(log, offset, MARKERS)
         assert watch is not None
         with watch:
             assert not watch.ready()
@@ -49,7 +49,7 @@ def test_a_line_written_before_the_watch_opened_is_found_at_the_first_look(tmp_p
     _append(log, b"I srv  llama_server: listening on unix:///x/engine.sock\n")
 
     async def scenario() -> bool:
-        with LogWatch.open(log, offset, MARKERS) as watch:  # type: ignore[union-attr]
+        with LogWatcher().watch(log, offset, MARKERS) as watch:  # type: ignore[union-attr]
             return watch.ready()
 
     assert asyncio.run(scenario())
@@ -60,7 +60,7 @@ def test_a_log_rotated_in_place_is_read_from_its_start(tmp_path: Path) -> None:
     log.write_bytes(b"x" * 4096)
 
     async def scenario() -> bool:
-        with LogWatch.open(log, 4096, MARKERS) as watch:  # type: ignore[union-attr]
+        with LogWatcher().watch(log, 4096, MARKERS) as watch:  # type: ignore[union-attr]
             assert not watch.ready()
             log.write_bytes(b"I srv  llama_server: model loaded\n")  # truncated and rewritten: smaller
             await watch.wait(1.0)
@@ -71,6 +71,33 @@ def test_a_log_rotated_in_place_is_read_from_its_start(tmp_path: Path) -> None:
 
 def test_no_watch_without_markers_or_without_the_file(tmp_path: Path) -> None:
     async def scenario() -> tuple[LogWatch | None, LogWatch | None]:
-        return LogWatch.open(tmp_path / "engine.log", 0, MARKERS), LogWatch.open(tmp_path, 0, ())
+        watcher = LogWatcher()
+        return watcher.watch(tmp_path / "engine.log", 0, MARKERS), watcher.watch(tmp_path, 0, ())
 
     assert asyncio.run(scenario()) == (None, None)
+
+
+def test_one_instance_serves_many_engines_each_woken_by_its_own_log(tmp_path: Path) -> None:
+    """The watches share one inotify instance (closing one costs an SRCU grace period in the kernel, ~13 ms):
+    a write to one log wakes its own watch only, and a closed watch is removed without closing the instance."""
+    logs = [tmp_path / f"{i}.log" for i in range(3)]
+    for log in logs:
+        log.write_bytes(b"")
+
+    async def scenario() -> tuple[list[bool], list[bool], int]:
+        watcher = LogWatcher()
+        watches = [watcher.watch(log, 0, MARKERS) for log in logs]
+        assert all(w is not None for w in watches)
+        fd = watcher._fd
+        _append(logs[1], b"I srv  llama_server: model loaded\n")
+        await watches[1].wait(2.0)  # type: ignore[union-attr]
+        woken = [w.grew.is_set() for w in watches]  # type: ignore[union-attr]
+        ready = [w.ready() for w in watches]  # type: ignore[union-attr]
+        watches[0].close()  # type: ignore[union-attr]
+        later = watcher.watch(logs[0], 0, MARKERS)
+        assert later is not None and watcher._fd == fd
+        watcher.close()
+        return woken, ready, fd
+
+    woken, ready, fd = asyncio.run(scenario())
+    assert woken == [False, True, False] and ready == [False, True, False] and fd >= 0
