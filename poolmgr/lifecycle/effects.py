@@ -32,7 +32,7 @@ from typing import Any, ClassVar
 from poolmgr.engines import ExitInfo
 from poolmgr.errors import PreloadFailed
 from poolmgr.inflight import IDLE_UNLOAD, Drain, Preload, Reload, Rollback
-from poolmgr.lifecycle.placing import Placement
+from poolmgr.lifecycle.placing import CPU_PLACEMENT, Placement
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.states import ENGINE_STATES, DesiredState, PoolState, Trigger
 from poolmgr.store import Effect, EventData, PoolColumns, PoolView
@@ -69,6 +69,20 @@ class PreloadStarted(Effect):
         p = self.placement
         return {"spawn_intent_at": now, "split_plan": p.split_plan, "vram_total_bytes": p.vram_total_bytes,
                 "vram_free_bytes": p.vram_free_bytes, "compute_capability": p.compute_capability}  # fmt: skip
+
+
+def cpu_start(view: PoolView) -> Effect | None:
+    """What follows, in the same transaction, once a CPU pool is to run (`Registry.apply(…, then=cpu_start)`):
+    place, then start_preload — the spawn intent, written ahead. A CPU pool claims no device, so its placement
+    reads nothing and need not wait for a commit of its own; a GPU pool's place row is its claim on the devices,
+    committed before placement reads the other pools' claims (the worker does that), so it gets None here."""
+    if not view.spec.is_cpu or view.desired_state is not DesiredState.RUNNING:
+        return None
+    if view.state in (PoolState.DISCOVERED, PoolState.STOPPED):
+        return Placed()
+    if view.state is PoolState.PLACED:
+        return PreloadStarted(CPU_PLACEMENT)
+    return None
 
 
 @dataclass(frozen=True)
@@ -446,4 +460,5 @@ __all__ = [
     "TrialStarted",
     "VramRefreshed",
     "adoption_event",
+    "cpu_start",
 ]

@@ -19,7 +19,7 @@ runs in callbacks (there are none): the worker does it between triggers.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from transitions import Machine
 
@@ -74,10 +74,17 @@ class PoolMachine:
 MACHINE = PoolMachine()
 
 
-def fire(registry: Registry, pool_id: str, effect: Effect, *, expect: Collection[PoolState] | None = None) -> PoolView:
+def fire(
+    registry: Registry,
+    pool_id: str,
+    effect: Effect,
+    *,
+    expect: Collection[PoolState] | None = None,
+    then: Callable[[PoolView], Effect | None] | None = None,
+) -> PoolView:
     """Apply `effect` to a pool through the one write path, its trigger decided by this machine (synchronous:
-    for operator requests and tests; the workers go through RetryingRegistry.apply)."""
-    return registry.apply(pool_id, effect, machine=MACHINE, expect=expect)
+    for operator requests and tests; the workers go through RetryingRegistry.apply). `then`: Registry.apply's."""
+    return registry.apply(pool_id, effect, machine=MACHINE, expect=expect, then=then)
 
 
 __all__ = ["EDGES", "MACHINE", "PoolMachine", "fire"]

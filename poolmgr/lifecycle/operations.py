@@ -6,7 +6,14 @@ from __future__ import annotations
 
 from poolmgr.errors import ConflictError, IllegalTransition
 from poolmgr.inflight import Drain, Reload
-from poolmgr.lifecycle.effects import BreakerReset, DrainRequested, PreloadRequested, ReloadRequested, StopRequested
+from poolmgr.lifecycle.effects import (
+    BreakerReset,
+    DrainRequested,
+    PreloadRequested,
+    ReloadRequested,
+    StopRequested,
+    cpu_start,
+)
 from poolmgr.lifecycle.fsm import fire
 from poolmgr.states import ALL_STATES, PoolState
 from poolmgr.store import PoolView, Registry
@@ -54,11 +61,12 @@ def request_reload(
 def request_preload(
     registry: Registry, pool_id: str, *, correlation_id: str | None, reason: str | None = None
 ) -> PoolView:
-    """Start a stopped pool again (its worker places and preloads it). An operator's start is a fresh start: the
-    failure counters of earlier runs are cleared. An open breaker is closed with breaker/reset, not here.
-    `reason`: who asked, when not an operator (LOAD_ON_DEMAND: a request to the stopped pool); in the audit row."""
+    """Start a stopped pool again (its worker places and preloads it; a CPU pool is placed, with its spawn intent,
+    in this same transaction: effects.cpu_start). An operator's start is a fresh start: the failure counters of
+    earlier runs are cleared. An open breaker is closed with breaker/reset, not here. `reason`: who asked, when
+    not an operator (LOAD_ON_DEMAND: a request to the stopped pool); in the audit row."""
     try:
-        return fire(registry, pool_id, PreloadRequested(correlation_id, reason), expect=_PRELOADABLE)
+        return fire(registry, pool_id, PreloadRequested(correlation_id, reason), expect=_PRELOADABLE, then=cpu_start)
     except IllegalTransition as exc:
         if exc.state == PoolState.DRAINING.value:
             raise ConflictError(f"pool {pool_id!r} is draining: preload it once the drain has finished") from None

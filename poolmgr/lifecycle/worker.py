@@ -236,26 +236,11 @@ class PoolWorker:
         await self._on_placed(await self.fire(fx.Placed(), expect=[view.state]))
 
     async def _place_and_start(self, view: PoolView) -> None:
-        """A CPU pool claims no device (its placement reads nothing): its place and start_preload rows (the spawn
-        intent) commit together."""
-        try:
-            placement = self._place(view)
-        except PreloadFailed:  # recorded the usual way, after the place row
-            await self._on_placed(await self.fire(fx.Placed(), expect=[view.state]))
-            return
-
-        def start(row: PoolView) -> Effect | None:
-            return (
-                fx.PreloadStarted(placement)
-                if row.state is S.PLACED and row.desired_state is _RUNNING_DESIRED
-                else None
-            )
-
-        placed = await self.fire(fx.Placed(), expect=[view.state], then=start)
+        """A CPU pool: place and start_preload (the spawn intent) commit together (effects.cpu_start)."""
+        placed = await self.fire(fx.Placed(), expect=[view.state], then=fx.cpu_start)
         if placed.state is not S.PRELOADING:
             await self._on_placed(placed)
             return
-        self._placement = placement
         await self.on_preloading(placed)
 
     async def _on_placed(self, view: PoolView) -> None:

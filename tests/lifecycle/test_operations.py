@@ -36,7 +36,12 @@ def test_preload_of_a_stopped_pool_clears_the_failure_memory_of_earlier_runs(reg
         False,
         0,
     )
-    assert registry.events(pool_id="p")[-1].correlation_id == "op-1"
+    # a CPU pool is placed, with its spawn intent, in the request's own transaction (effects.cpu_start)
+    last = registry.events(pool_id="p")[-3:]
+    assert [(e.kind, e.correlation_id) for e in last] == [
+        ("preload_requested", "op-1"), ("place", None), ("start_preload", None)
+    ]  # fmt: skip
+    assert registry.get("p").state.value == "preloading" and registry.get("p").spawn_intent_at is not None
 
 
 def test_preload_of_a_pool_with_an_open_breaker_is_refused_with_the_way_out(registry: Registry) -> None:
