@@ -1,6 +1,10 @@
 """Health probes of running engines at a bounded cost: one thread, one epoll set, one short HTTP/1.0 request per
-engine per interval over a fresh connection (an idle keep-alive connection would hold one of the engine's few
-HTTP threads), spread over the interval so a thousand engines never probe in one burst.
+engine per interval over a fresh connection, spread over the interval so a thousand engines never probe in one
+burst. Not a kept-alive connection: llama-server's HTTP library waits for the next request on an idle keep-alive
+connection by waking every 10 ms (cpp-httplib's keep-alive check interval), 100 wake-ups a second per engine —
+far more than the probe it would save. One probe is in flight per engine at a time; after one that timed out the
+next goes at once, so a hung engine is found `threshold` x `timeout` after its first unanswered probe, which
+goes at most an interval after it hung (refused or bad answers: one probe an interval).
 
 The cadence is the caller's clock (`clock()`, monotonic seconds: the lifecycle's injected clock), the answer's
 timeout is real time (it is the engine's I/O). Nothing is reported while an engine answers: only when
@@ -156,9 +160,9 @@ class HealthProber:
         due: list[_Target] = []
         with self._lock:
             while self._heap and self._heap[0][0] <= now:
-                _, _, target = heapq.heappop(self._heap)
-                if not target.done and self._targets.get(target.key) is target:
-                    due.append(target)
+                when, _, target = heapq.heappop(self._heap)
+                if when == target.due and not target.done and self._targets.get(target.key) is target:
+                    due.append(target)  # (an entry whose due was moved since, by a timed-out probe, is stale)
         for target in due:
             if target.sock is None:  # one probe in flight per engine at most
                 self._start_probe(target)
@@ -224,6 +228,10 @@ class HealthProber:
     def _expire(self, now: float) -> None:
         for target in [t for t in self._by_fd.values() if now - t.sent_at >= self.timeout_s]:
             self._verdict(target, False, f"no answer within {self.timeout_s:g} s")
+            if not target.done:  # it has been silent a whole timeout already: the next probe goes now, not at
+                target.due = self.clock()  # the next slot (a hang is found after threshold x timeout)
+                with self._lock:
+                    self._push(target)
 
     def _verdict(self, target: _Target, ok: bool, text: str) -> None:
         self._end_probe(target)

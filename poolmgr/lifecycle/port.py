@@ -44,8 +44,9 @@ class PoolPort(Protocol):
         may chain further effects into the same transaction (Registry.apply)."""
         ...
 
-    async def stop_engine(self) -> None:
-        """Stop the engine this worker holds, if any (TERM → KILL; never a pid now owned by another program)."""
+    async def stop_engine(self, *, grace: bool = True) -> None:
+        """Stop the engine this worker holds, if any (TERM → KILL after the stop grace; `grace=False`: KILL at
+        once, for an engine that answers nothing; never a pid now owned by another program)."""
         ...
 
     async def wait(self, seconds: float | None) -> None:

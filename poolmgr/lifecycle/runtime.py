@@ -309,8 +309,8 @@ class EngineRuntime:
         res = await self.adapter.probe_health(self.client(pool_id), _ENGINE_BASE, timeout)
         return res.ok, res.text or res.status.value
 
-    async def stop(self, pid: int, start_time: int) -> ExitInfo:
-        return await self.launcher.stop(pid, start_time, self.cfg.stop_grace_ms / 1000.0)
+    async def stop(self, pid: int, start_time: int, *, grace: bool = True) -> ExitInfo:
+        return await self.launcher.stop(pid, start_time, self.cfg.stop_grace_ms / 1000.0 if grace else 0.0)
 
     def snapshot_unrecorded(self) -> None:
         """Look at /proc once for the engines of every pool of this poolmgr (at start: a previous poolmgr may have

@@ -92,7 +92,9 @@ class ReadyWatch:
             if exit_task in done:
                 return await self._exited(view, eng, exit_task.result())
             if hung in done:
-                await port.stop_engine()
+                # It answered nothing for threshold x timeout: no graceful stop to wait for (a stopped or
+                # deadlocked engine would hold its pool "ready" for the whole stop grace). Killed, then recorded.
+                await port.stop_engine(grace=False)
                 return Crashed(PreloadFailed("health_failure", hung.result()))
             fresh = await port.read()
             if fresh.state is not PoolState.READY or fresh.pid != eng.pid or fresh.removed_at is not None:

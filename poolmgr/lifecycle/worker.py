@@ -120,10 +120,10 @@ class PoolWorker:
         self._runtime.traffic.follow(view)
         return view
 
-    async def stop_engine(self) -> None:
+    async def stop_engine(self, *, grace: bool = True) -> None:
         eng, self.engine = self.engine, None
         if eng is not None:
-            await self._runtime.stop(eng.pid, eng.start_time)
+            await self._runtime.stop(eng.pid, eng.start_time, grace=grace)
 
     async def wait(self, seconds: float | None) -> None:
         """Sleep on the clock (None: until kicked), cut short by a kick, also one since the last read."""

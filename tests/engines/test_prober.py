@@ -93,6 +93,28 @@ def test_a_silent_engine_is_reported_after_threshold_timeouts() -> None:
     assert 0.3 <= time.monotonic() - started < 1.5
 
 
+def test_after_a_timed_out_probe_the_next_goes_at_once_not_at_the_next_interval() -> None:
+    """A long interval does not slow hang detection: the engine has already been silent a whole timeout, so the
+    next probe goes then — found after threshold x timeout (0.6 s), not threshold x (interval + timeout)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)
+        reported: list[str] = []
+        prober = HealthProber(interval_s=5.0, timeout_s=0.2, threshold=3)
+        try:
+            prober.watch("hung", silent.getsockname(), reported.append)  # first probe within the first interval
+            first = time.monotonic()
+            assert _until(lambda: prober.probes_sent >= 1, 6)
+            sent_at = time.monotonic()
+            assert _until(lambda: bool(reported), 3)
+            found = time.monotonic()
+        finally:
+            prober.close()
+    assert reported == ["health check failed 3 times in a row: no answer within 0.2 s"]
+    assert prober.probes_sent == 3
+    assert 0.5 <= found - sent_at < 1.5, (found - sent_at, sent_at - first)
+
+
 def test_a_refusing_engine_is_reported_and_an_unwatched_one_never() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -66,11 +66,12 @@ def _run(
     return registry
 
 
-def test_a_hung_engine_is_found_after_threshold_intervals_of_clock_time(
+def test_a_hung_engine_is_found_threshold_timeouts_after_its_first_unanswered_probe(
     sqlite_url: str, make_engine_dir: MakeEngineDir
 ) -> None:
-    """The prober probes once per interval of the injected clock: a hung engine is a crash once the clock has
-    moved `threshold` intervals — not before, however much real time passes."""
+    """Probes go once per interval of the injected clock; once one goes unanswered for its timeout (real time:
+    the engine's I/O), the next goes at once: the hang is a crash `threshold` timeouts later, without the clock
+    moving another interval — and not while the clock stands still before that first probe."""
     engine_dir = make_engine_dir()
     spec = PoolSpec(id="hangs", model=str(engine_dir / "tiny.gguf"))
     clock = FakeClock()
@@ -88,11 +89,11 @@ def test_a_hung_engine_is_found_after_threshold_intervals_of_clock_time(
         assert pid is not None
         os.kill(pid, signal.SIGSTOP)  # alive to the pidfd, silent to /health: a hang
         stopped.append(pid)
-        for _ in range(THRESHOLD - 1):
-            clock.advance(INTERVAL_MS / 1000)
-            await asyncio.sleep(0.6)  # the probe's own timeout (200 ms, real: it is the engine's I/O) and more
-            assert not crashed(registry)
-        clock.advance(INTERVAL_MS / 1000)
+        await asyncio.sleep(1.0)  # however much real time passes: no probe is due on the clock
+        assert not crashed(registry)
+        clock.advance(INTERVAL_MS / 1000)  # the next probe goes, unanswered; then one a timeout (200 ms)
+        await asyncio.sleep(0.1)
+        assert not crashed(registry)
         await _until(lambda: crashed(registry), 5, "the hang found")
 
     registry = _run(_cfg(engine_dir), sqlite_url, clock, spec, body)
