@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 import httpx
@@ -17,12 +18,12 @@ from poolmgr.engines import (
     EngineAdapter,
     ExitInfo,
     HealthProber,
-    HealthStatus,
     Launcher,
     LaunchRequest,
     LlamaCppAdapter,
     LogWatch,
     LogWatcher,
+    SlotCounts,
     SpawnedEngine,
     StderrReason,
     WrapFn,
@@ -233,16 +234,15 @@ class EngineRuntime:
 
     async def _poll_ready(self, spec: PoolSpec, eng: SpawnedEngine, headers: dict[str, str]) -> ReadyInfo:
         """The preload deadline is the injected clock's; the looks at the engine (its socket, then its /health)
-        are paced in real time by `_pace`, however many engines start at once."""
+        are paced in real time by `_pace`, however many engines start at once. Once the engine has written its
+        ready line, /health, /slots and /props are asked together (one wait, not three in a row)."""
         timeout_s = self.cfg.preload_timeout_ms / 1000.0
         deadline = self.clock.monotonic() + timeout_s
         started = time.monotonic()
-        client = self.client(spec.id)
-        probe_timeout = self.cfg.health_check_timeout_ms / 1000.0
         self._preloads += 1
         watch = self._logs.watch(eng.log_path, eng.log_offset, self.adapter.ready_markers)
         try:
-            while (await self.adapter.probe_health(client, _ENGINE_BASE, probe_timeout)).status is not HealthStatus.OK:
+            while (ready := await self._look(spec.id, headers, together=watch is not None and watch.seen)) is None:
                 if self.clock.monotonic() >= deadline:
                     raise PreloadFailed("timeout", f"health check failed: engine not ready within {timeout_s:g}s")
                 if watch is not None and not watch.seen:
@@ -253,15 +253,29 @@ class EngineRuntime:
             self._preloads -= 1
             if watch is not None:
                 watch.close()
-        slots_res, version_res = await asyncio.gather(
-            self.adapter.fetch_slots(client, _ENGINE_BASE, probe_timeout, headers),
-            self.adapter.fetch_version(client, _ENGINE_BASE, probe_timeout, headers),
-            return_exceptions=True,
-        )
-        if isinstance(slots_res, BaseException):
-            raise slots_res
-        version = version_res if isinstance(version_res, str) else None
-        return ReadyInfo(endpoint_url=self.endpoint_url(spec.id), engine_version=version, slots_total=slots_res.total)
+        return ready
+
+    async def _look(self, pool_id: str, headers: dict[str, str], *, together: bool) -> ReadyInfo | None:
+        """/health, and once it answers 200 /slots and /props (`together`: all three at once); None: not ready."""
+        client, timeout = self.client(pool_id), self.cfg.health_check_timeout_ms / 1000.0
+
+        def fetches() -> tuple[Awaitable[SlotCounts], Awaitable[str]]:
+            return (self.adapter.fetch_slots(client, _ENGINE_BASE, timeout, headers),
+                    self.adapter.fetch_version(client, _ENGINE_BASE, timeout, headers))  # fmt: skip
+
+        probe = self.adapter.probe_health(client, _ENGINE_BASE, timeout)
+        if together:
+            health, slots, version = await asyncio.gather(probe, *fetches(), return_exceptions=True)
+            if isinstance(health, BaseException) or not health.ok:
+                return None
+        else:
+            if not (await probe).ok:
+                return None
+            slots, version = await asyncio.gather(*fetches(), return_exceptions=True)
+        if isinstance(slots, BaseException):
+            raise slots
+        known = version if isinstance(version, str) else None  # a build without /props serves all the same
+        return ReadyInfo(endpoint_url=self.endpoint_url(pool_id), engine_version=known, slots_total=slots.total)
 
     async def _until_ready_line(self, watch: LogWatch) -> None:
         """Until the engine writes its ready line (woken by each write to its log: no polling while it loads),

@@ -292,8 +292,8 @@ class PoolWorker:
         Spawn and record are shielded: a shutdown that cancels this task still learns the engine (settle)."""
         placement, self._placement = self._placement, None
         try:
-            if placement is None:
-                placement = await self.store.call(self._place, view)
+            if placement is None:  # a CPU pool's placement reads nothing (Reconciler._place): no thread hop
+                placement = self._place(view) if view.spec.is_cpu else await self.store.call(self._place, view)
             self._spawning = asyncio.ensure_future(self._spawn_and_record(view, placement))
             eng = await asyncio.shield(self._spawning)
         except PreloadFailed as exc:

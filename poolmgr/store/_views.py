@@ -69,13 +69,23 @@ class PoolView:
             and (data["heartbeat_at"] is None or node_hb > data["heartbeat_at"])
         ):
             data["heartbeat_at"] = node_hb  # serving: the node's heartbeat (docs/registry.md), not a per-pool write
-        return cls(
-            spec=row["spec"] if isinstance(row["spec"], PoolSpec) else PoolSpec.from_json(row["spec"]),
-            state=state,
-            desired_state=DesiredState(row["desired_state"]),
-            pending_op=operation_from_json(row["pending_op"]),
-            **data,
-        )
+        data["spec"] = row["spec"] if isinstance(row["spec"], PoolSpec) else PoolSpec.from_json(row["spec"])
+        data["state"] = state
+        data["desired_state"] = DesiredState(row["desired_state"])
+        data["pending_op"] = operation_from_json(row["pending_op"])
+        return cls.built(data)
+
+    @classmethod
+    def built(cls, fields: dict[str, Any]) -> PoolView:
+        """A view of exactly these fields (every one, already of its type), made without __init__: a frozen
+        dataclass's __init__ sets each of its 40 fields through object.__setattr__ (the write path makes one
+        per transition: bench/store.py)."""
+        if fields.keys() != _FIELDS:
+            raise TypeError(f"pool view fields: missing {sorted(_FIELDS - fields.keys())}, "
+                            f"unknown {sorted(fields.keys() - _FIELDS)}")  # fmt: skip
+        view = object.__new__(cls)
+        view.__dict__.update(fields)
+        return view
 
     # Derived, never stored (the pool_registry view computes the same from the same columns).
     @property
@@ -133,6 +143,9 @@ class PoolView:
             "source": self.source,
             "removing": self.removed_at is not None,
         }
+
+
+_FIELDS = frozenset(PoolView.__dataclass_fields__)
 
 
 @dataclass(frozen=True)

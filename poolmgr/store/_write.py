@@ -39,7 +39,6 @@ NODE_HEARTBEAT = (
     select(NODES.c.heartbeat_at).where(NODES.c.id == POOLS.c.node_id).scalar_subquery().label("node_heartbeat_at")
 )
 _SERVING = frozenset({PoolState.READY, PoolState.DRAINING})
-_VIEW_FIELDS = frozenset(PoolView.__dataclass_fields__)
 _SPEC_CACHE = 4096  # distinct stored specs parsed and kept (a node's pools, each spec a few hundred bytes)
 EventValues = Callable[[str, int, EventData, dict[str, Any]], dict[str, Any]]
 
@@ -124,12 +123,9 @@ def _projected(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _applied(view: PoolView, values: Mapping[str, Any]) -> PoolView:
-    """`view` with the values just written: the row as it now is, without reading it back. (Built without
-    dataclasses.replace, which re-runs __init__ over every field: a third of the write path's own CPU.)"""
+    """`view` with the values just written: the row as it now is, without reading it back (PoolView.built: not
+    dataclasses.replace, which re-runs __init__ over every field, a third of the write path's own CPU)."""
     changes = dict(values)
-    unknown = changes.keys() - _VIEW_FIELDS
-    if unknown:
-        raise TypeError(f"not columns of a pool: {sorted(unknown)}")
     changes["state"] = PoolState(changes["state"])
     if "desired_state" in changes:
         changes["desired_state"] = DesiredState(changes["desired_state"])
@@ -137,10 +133,7 @@ def _applied(view: PoolView, values: Mapping[str, Any]) -> PoolView:
         changes["spec"] = PoolSpec.from_json(changes["spec"])
     if "pending_op" in changes:
         changes["pending_op"] = operation_from_json(changes["pending_op"])
-    new = object.__new__(PoolView)
-    new.__dict__.update(view.__dict__)
-    new.__dict__.update(changes)
-    return new
+    return PoolView.built({**view.__dict__, **changes})
 
 
 class RawStatements:
@@ -155,7 +148,7 @@ class RawStatements:
         self.pool_columns = [c.name for c in POOLS.columns]
         self._pool_bind = {c.name: c.type._cached_bind_processor(dialect) for c in POOLS.columns}
         self._dialect = dialect
-        self._pool_result: list[Callable[[Any], Any] | None] | None = None  # from the first result's column types
+        self._pool_result: list[tuple[str, Callable[[Any], Any]]] | None = None  # from the first result's types
         self._event_bind = {c.name: c.type._cached_bind_processor(dialect) for c in EVENTS.columns}
         self._node_hb: Callable[[Any], Any] | None = None
         # The spec as its stored text (PostgreSQL would parse the JSON): the same text gives the same PoolSpec,
@@ -171,25 +164,26 @@ class RawStatements:
         self._updates: dict[tuple[str, ...], str] = {}
         self._inserts: dict[tuple[str, ...], str] = {}
 
-    def _result_processors(self, cur: Any) -> list[Callable[[Any], Any] | None]:
-        """Per column, as SQLAlchemy builds them: from the driver's type code of each result column (psycopg
-        needs it: a float column's processor depends on it; SQLite gives None). Built from the first result
-        only: psycopg builds `description` anew on every access (~40 µs here)."""
+    def _result_processors(self, cur: Any) -> list[tuple[str, Callable[[Any], Any]]]:
+        """(column, processor) for the columns that have one, as SQLAlchemy builds them: from the driver's type
+        code of each result column (psycopg needs it: a float column's processor depends on it; SQLite gives
+        None). Built from the first result only: psycopg builds `description` anew on every access (~40 µs)."""
         if self._pool_result is None:
             codes = [d[1] for d in cur.description]
-            self._pool_result = [
-                None if c.name == "spec" else c.type._cached_result_processor(self._dialect, code)
+            procs = [
+                (c.name, c.type._cached_result_processor(self._dialect, code))
                 for c, code in zip(POOLS.columns, codes, strict=False)
+                if c.name != "spec"  # parsed once per distinct text: `_spec`
             ]
+            self._pool_result = [(name, proc) for name, proc in procs if proc is not None]
             self._node_hb = NODES.c.heartbeat_at.type._cached_result_processor(self._dialect, codes[-1])
         return self._pool_result
 
     def row_to_dict(self, row: Sequence[Any], cur: Any) -> dict[str, Any]:
         procs = self._result_processors(cur)
-        data = {
-            name: (proc(value) if proc is not None else value)
-            for name, proc, value in zip(self.pool_columns, procs, row[:-2], strict=True)
-        }
+        data = dict(zip(self.pool_columns, row[:-2], strict=True))
+        for name, proc in procs:
+            data[name] = proc(data[name])
         data["spec"] = self._spec(data["spec"])
         data["active_leases"] = row[-2]
         data["node_heartbeat_at"] = _bound(self._node_hb, row[-1])
