@@ -246,27 +246,26 @@ def bare_true(runs: int) -> list[float]:
 
 
 class ReadyProbe(threading.Thread):
-    """Watches for the pool's next engine while poolmgr starts it: finds its pid (the POOLMGR_POOL marker, a pid
-    not in `old`: the engine before it is gone by then, and poolmgr removed its socket file before the spawn),
-    then polls GET /health over the pool's unix socket `sock` every 1 ms. `ready_at`: time.time() of the first
-    200, the engine's own readiness inside the very run poolmgr measures."""
+    """Watches for the pool's next engine while poolmgr starts it, at the floor's own cost: polls GET /health over
+    the pool's unix socket `sock` every 1 ms, once the socket file there is a new one (another inode or ctime than the
+    engine before it: poolmgr removes the old file before the spawn, and the new engine binds a new one; a dead
+    engine's leftover file refuses connections anyway). `ready_at`: time.time() of the first 200, the engine's own
+    readiness inside the very run poolmgr measures. (Until 2026-12-06 it looked for the new engine's pid by reading
+    every /proc/*/environ each millisecond until the spawn, ~1 ms of CPU a look: on 2 cores that slowed the
+    engine's start in poolmgr's runs only, and counted as poolmgr's.)"""
 
-    def __init__(self, pool_id: str, old: set[int], sock: Path, timeout_s: float = 60) -> None:
+    def __init__(self, pool_id: str, sock: Path, timeout_s: float = 60) -> None:
         super().__init__(daemon=True, name=f"probe-{pool_id}")
-        self.marker = f"{MARKER}={pool_id}"
-        self.old = old
         self.sock = sock
+        self.old_inode = _inode(sock)
         self.deadline = time.monotonic() + timeout_s
         self.ready_at: float | None = None
-        self.pid: int | None = None
         self._stop_flag = threading.Event()
 
     def run(self) -> None:
         while time.monotonic() < self.deadline and not self._stop_flag.is_set():
-            if self.pid is None:
-                fresh = [p for p in engine_pids(self.marker) if p not in self.old]
-                self.pid = fresh[0] if fresh else None
-            elif uds_status(self.sock, timeout=0.5) == 200:
+            inode = _inode(self.sock)
+            if inode is not None and inode != self.old_inode and uds_status(self.sock, timeout=0.5) == 200:
                 self.ready_at = time.time()
                 return
             time.sleep(POLL_S)
@@ -275,8 +274,17 @@ class ReadyProbe(threading.Thread):
         self.join(timeout_s)
         self._stop_flag.set()
         if self.ready_at is None:
-            raise RuntimeError(f"probe: never saw the new engine answer 200 (pid {self.pid}, socket {self.sock})")
+            raise RuntimeError(f"probe: never saw the new engine answer 200 (socket {self.sock})")
         return self.ready_at
+
+
+def _inode(path: Path) -> tuple[int, int] | None:
+    """The file's identity: inode and change time (a freed inode number may be given to the next file)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_ctime_ns
 
 
 def kill_marked(pool_id: str) -> None:

@@ -29,7 +29,6 @@ from _common import (
     emit,
     engine_cold_start,
     engine_listen_s,
-    engine_pids,
     llama_server_path,
     machine,
     mean,
@@ -38,7 +37,6 @@ from _common import (
     shared_dir,
 )
 from _serve import (
-    MARKER,
     ReadyProbe,
     Serve,
     at,
@@ -66,12 +64,12 @@ def preload_once(srv: Serve) -> dict[str, float]:
     srv.wait_state(POOL, "stopped")
     after_id = max((e["id"] for e in srv.events(POOL)), default=0)
     time.sleep(0.1)  # let the stop settle (engine reaped, worker idle)
-    probe = ReadyProbe(POOL, set(engine_pids(f"{MARKER}={POOL}")), srv.engine_socket(POOL))
+    probe = ReadyProbe(POOL, srv.engine_socket(POOL))
     probe.start()
     t_req = time.time()
     srv.post(f"/pools/{POOL}/preload")
+    engine_ready = probe.result()  # first: polling the API while the engine starts would slow it (2 cores)
     srv.wait_state(POOL, "ready")
-    engine_ready = probe.result()
     events = [e for e in srv.events(POOL) if e["id"] > after_id]
     requested = next(e for e in events if e["kind"] == "preload_requested")
     place, start, ok = (next(e for e in events if e["trigger"] == t) for t in ("place", "start_preload", "preload_ok"))

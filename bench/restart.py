@@ -34,7 +34,6 @@ from _common import (
     emit,
     engine_cold_start,
     engine_listen_s,
-    engine_pids,
     llama_server_path,
     machine,
     mean,
@@ -43,7 +42,6 @@ from _common import (
     shared_dir,
 )
 from _serve import (
-    MARKER,
     ReadyProbe,
     Serve,
     at,
@@ -101,12 +99,12 @@ def restart_once(srv: Serve, pool: str = POOL) -> dict[str, float]:
     before = srv.wait_state(pool, "ready")
     after_id = max((e["id"] for e in srv.events(pool)), default=0)
     time.sleep(0.2)  # the engine settles (poolmgr's watch is armed)
-    probe = ReadyProbe(pool, set(engine_pids(f"{MARKER}={pool}")), srv.engine_socket(pool))
+    probe = ReadyProbe(pool, srv.engine_socket(pool))
     probe.start()
     t_kill = time.time()
     os.kill(int(before["pid"]), signal.SIGKILL)
+    engine_ready = probe.result()  # first: polling the API while the engine starts would slow it (2 cores)
     srv.wait_for(pool, lambda s: s["state"] == "ready" and s["pid"] not in (None, before["pid"]), timeout=60)
-    engine_ready = probe.result()
     rows = [e for e in srv.events(pool) if e["id"] > after_id]
     first = {trig: next(e for e in rows if e["trigger"] == trig) for trig in ("crash", "retry", "preload_ok")}
     log = srv.engine_log(pool)
