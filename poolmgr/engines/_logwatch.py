@@ -71,7 +71,8 @@ class LogWatcher:
                 watch.grew.set()
 
     def release(self, watch: LogWatch) -> None:
-        if self._watches.pop(watch.wd, None) is not None and self._fd >= 0:
+        if self._watches.get(watch.wd) is watch:  # (not a watch of an earlier instance that had the same number)
+            del self._watches[watch.wd]
             _libc.inotify_rm_watch(self._fd, watch.wd)
 
     def close(self) -> None:

@@ -50,6 +50,7 @@ class _Target:
     last_text: str = ""
     generation: int = 0
     connected: bool = field(default=False)
+    entry: int = 0  # the sequence number of its live heap entry (an older one, left behind by a re-probe, is stale)
 
 
 class HealthProber:
@@ -120,6 +121,7 @@ class HealthProber:
 
     def _push(self, target: _Target) -> None:
         self._seq += 1
+        target.entry = self._seq
         heapq.heappush(self._heap, (target.due, self._seq, target))
 
     # -- the prober's thread ----------------------------------------------------------------------------
@@ -160,9 +162,9 @@ class HealthProber:
         due: list[_Target] = []
         with self._lock:
             while self._heap and self._heap[0][0] <= now:
-                when, _, target = heapq.heappop(self._heap)
-                if when == target.due and not target.done and self._targets.get(target.key) is target:
-                    due.append(target)  # (an entry whose due was moved since, by a timed-out probe, is stale)
+                _, seq, target = heapq.heappop(self._heap)
+                if seq == target.entry and not target.done and self._targets.get(target.key) is target:
+                    due.append(target)  # (an entry left behind when a timed-out probe moved its due is stale)
         for target in due:
             if target.sock is None:  # one probe in flight per engine at most
                 self._start_probe(target)

@@ -314,7 +314,10 @@ class ProcessLauncher:
         session is left (a grandchild that ignored SIGTERM). Never signals a pid whose start time differs."""
         deadline = time.monotonic() + max(0.0, grace_s)
         future = self._watch(pid, start_time)
-        if not future.done():
+        if not future.done() and grace_s <= 0:  # no grace (a hung engine): killed, no SIGTERM first
+            if self._signal_group(pid, start_time, signal.SIGKILL):
+                self._killed.add((pid, start_time))
+        elif not future.done():
             self._signal_group(pid, start_time, signal.SIGTERM)
             try:
                 await asyncio.wait_for(asyncio.shield(future), max(0.0, grace_s))

@@ -37,9 +37,9 @@ class CgroupHandle:
     version: int
     paths: tuple[Path, ...]
     procs_files: tuple[str, ...]
+    join_files: tuple[str, ...]
     controllers: tuple[str, ...]
     notes: tuple[str, ...] = ()
-    join_files: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,7 @@ def _create_v2(root: Path, layout: CgroupLayout, pool_id: str, limits: CgroupLim
             notes.append(f"{fname} not set: {ctrl} controller not enabled in {cg}")
     ctrls = tuple(c for c in CONTROLLERS if c in have)
     procs = (str(cg / "cgroup.procs"),)
-    return CgroupHandle(2, (cg,), procs, ctrls, tuple(notes), join_files=procs)
+    return CgroupHandle(2, (cg,), procs, procs, ctrls, tuple(notes))
 
 
 def _v1_limits(ctrl: str, limits: CgroupLimits) -> list[tuple[str, str]]:
@@ -156,7 +156,7 @@ def _create_v1(root: Path, layout: CgroupLayout, pool_id: str, limits: CgroupLim
         notes.append("pids limit not set: no v1 pids controller")
     procs = tuple(str(p / "cgroup.procs") for p in paths)
     tasks = tuple(str(p / "tasks") for p in paths)
-    return CgroupHandle(1, tuple(paths), procs, layout.controllers, tuple(notes), join_files=tasks)
+    return CgroupHandle(1, tuple(paths), procs, tasks, layout.controllers, tuple(notes))
 
 
 def create(pool_id: str, limits: CgroupLimits, *, root: Path = CGROUP_ROOT) -> CgroupHandle:

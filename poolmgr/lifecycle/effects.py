@@ -76,7 +76,9 @@ def cpu_start(view: PoolView) -> Effect | None:
     place, then start_preload — the spawn intent, written ahead. A CPU pool claims no device, so its placement
     reads nothing and need not wait for a commit of its own; a GPU pool's place row is its claim on the devices,
     committed before placement reads the other pools' claims (the worker does that), so it gets None here."""
-    if not view.spec.is_cpu or view.desired_state is not DesiredState.RUNNING:
+    if not view.spec.is_cpu or view.desired_state is not DesiredState.RUNNING or view.removed_at is not None:
+        return None
+    if view.pid is not None:  # an engine is still recorded: the worker's first look (its sweep) settles it first
         return None
     if view.state in (PoolState.DISCOVERED, PoolState.STOPPED):
         return Placed()

@@ -240,8 +240,9 @@ class EngineRuntime:
         deadline = self.clock.monotonic() + timeout_s
         started = time.monotonic()
         self._preloads += 1
-        watch = self._logs.watch(eng.log_path, eng.log_offset, self.adapter.ready_markers)
+        watch: LogWatch | None = None
         try:
+            watch = self._logs.watch(eng.log_path, eng.log_offset, self.adapter.ready_markers)
             while (ready := await self._look(spec.id, headers, together=watch is not None and watch.seen)) is None:
                 if self.clock.monotonic() >= deadline:
                     raise PreloadFailed("timeout", f"health check failed: engine not ready within {timeout_s:g}s")

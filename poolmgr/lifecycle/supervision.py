@@ -40,7 +40,7 @@ class Supervisor:
         await self.port.fire(Stopped(), expect=[view.state])
         return True
 
-    async def restart_chain(self, view: PoolView, *, stable: bool) -> Callable[[PoolView], Effect | None] | None:
+    async def restart_chain(self, view: PoolView) -> Callable[[PoolView], Effect | None] | None:
         """For a crash about to be recorded, with a 0 ms backoff: what follows it in the same transaction —
         back_off (0 ms), then retry — decided by the restart policy on the row as the crash leaves it (each
         with its audit row). None, or a chain that stops early, when a wait, the breaker (threshold, trial,
@@ -66,7 +66,12 @@ class Supervisor:
 
     @staticmethod
     def _not_restarting(view: PoolView) -> bool:
-        return view.desired_state is DesiredState.STOPPED or isinstance(view.pending_op, Reload)
+        """A stop, a removal or a reload's rollback comes next, not a restart (on_crashed decides those)."""
+        return (
+            view.desired_state is DesiredState.STOPPED
+            or view.removed_at is not None
+            or isinstance(view.pending_op, Reload)
+        )
 
     def restarted_at_once(self, crashed: PoolView, retried: PoolView) -> None:
         """The log lines of a back_off and retry chained to the crash (`restart_chain`)."""

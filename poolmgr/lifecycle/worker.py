@@ -334,8 +334,8 @@ class PoolWorker:
         outcome = await self._watch.run(view, eng)
         if isinstance(outcome, fx.Crashed):
             after = await self.crashed(view, outcome)
-            if after.state is S.PRELOADING:  # backed off 0 ms and retried in the crash's transaction
-                await self.on_preloading(after)
+            if after.state is S.PRELOADING and not self._stopping:  # backed off 0 ms and retried in the crash's
+                await self.on_preloading(after)  # transaction (shutting down: the next poolmgr starts it)
         elif outcome is not None:
             await self.fire(outcome, expect=[S.READY])
 
@@ -344,7 +344,7 @@ class PoolWorker:
         Returns the row as it now is (crashed, or preloading when the restart was chained)."""
         self.engine = None
         stable = view.backoff_step > 0 and self._policy.stable(view, self.clock.now())
-        then = await self._supervisor.restart_chain(view, stable=stable)
+        then = await self._supervisor.restart_chain(view)
         after = await self.fire(replace(crash, stable=stable), expect=[view.state], then=then)
         why, info = crash.why, crash.exit
         uptime = (self.clock.now() - view.ready_since).total_seconds() if view.ready_since is not None else None

@@ -305,11 +305,12 @@ class Registry:
     def _write(self) -> Iterator[WriteTx]:
         """One write transaction on a DB-API connection of the pool (store/_write.py's RawTx). A driver error
         comes out as SQLAlchemy's, as from the Core paths: a lost or locked database as OperationalError (what the
-        retry wrappers wait out), its connection invalidated rather than handed out again."""
+        retry wrappers wait out); a lost server, as the Core paths do, takes the pool's connections with it."""
         try:
             raw = self.engine.raw_connection()  # a connection made now fails with the driver's own error
         except self._dbapi.Error as exc:
             raise self._wrapped(exc, "connect (pool write)") from exc
+        cur = None
         try:
             cur = raw.cursor()
             if self._raw.sqlite:
@@ -321,10 +322,10 @@ class Registry:
                 raise
             raw.commit()
         except self._dbapi.Error as exc:
-            error = self._wrapped(exc, "pool write (lock, compare-and-swap, audit)")
-            if isinstance(error, OperationalError) and not self._raw.sqlite:
-                raw.invalidate(exc)  # a dropped connection is not handed out again ("database is locked": kept)
-            raise error from exc
+            if self.engine.dialect.is_disconnect(exc, raw.dbapi_connection, cur):
+                raw.invalidate(exc)
+                self.engine.dispose(close=False)  # the other pooled connections went with the server
+            raise self._wrapped(exc, "pool write (lock, compare-and-swap, audit)") from exc
         finally:
             raw.close()
 

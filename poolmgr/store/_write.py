@@ -175,8 +175,8 @@ class RawStatements:
                 for c, code in zip(POOLS.columns, codes, strict=False)
                 if c.name != "spec"  # parsed once per distinct text: `_spec`
             ]
-            self._pool_result = [(name, proc) for name, proc in procs if proc is not None]
             self._node_hb = NODES.c.heartbeat_at.type._cached_result_processor(self._dialect, codes[-1])
+            self._pool_result = [(name, proc) for name, proc in procs if proc is not None]  # published last
         return self._pool_result
 
     def row_to_dict(self, row: Sequence[Any], cur: Any) -> dict[str, Any]:

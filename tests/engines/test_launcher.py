@@ -4,6 +4,7 @@ group, adopted (non-child) engines, and never a signal to a pid that now belongs
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import signal
@@ -246,6 +247,26 @@ def test_stop_escalates_to_sigkill_when_the_engine_ignores_sigterm(
     info, took = asyncio.run(scenario())
     assert info.signal == signal.SIGKILL and not info.host_oom  # our own SIGKILL is never "host OOM"
     assert 0.3 <= took < 2.0
+
+
+def test_stop_without_grace_kills_at_once_with_no_sigterm_first(
+    engines: Engines, fake_model: Path, sock: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hung engine is stopped with no grace: SIGKILL straight away (a SIGTERM first would only make the log say
+    it was ignored), recorded as poolmgr's own kill, never as the host's OOM killer."""
+
+    async def scenario() -> tuple[ExitInfo, float]:
+        engine = engines.spawn(fake_argv(fake_model, sock), fake_env(FAKE_ENGINE_IGNORE_TERM="1"))
+        await engines.wait_ready(engine, sock)
+        started = time.monotonic()
+        info = await engines.launcher.stop(engine.pid, engine.start_time, grace_s=0.0)
+        return info, time.monotonic() - started
+
+    with caplog.at_level(logging.WARNING):
+        info, took = asyncio.run(scenario())
+    assert info.signal == signal.SIGKILL and not info.host_oom
+    assert took < 1.0
+    assert not [r for r in caplog.records if "ignored SIGTERM" in r.getMessage()]
 
 
 def test_sigterm_while_loading_kills_the_engine_by_the_signal(engines: Engines, fake_model: Path, sock: Path) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from poolmgr.errors import ConflictError
-from poolmgr.lifecycle.effects import Stopped
+from poolmgr.lifecycle.effects import Placed, Stopped, cpu_start
 from poolmgr.lifecycle.fsm import fire
 from poolmgr.lifecycle.operations import request_preload
 from poolmgr.poolsfile import PoolSpec
@@ -50,3 +52,17 @@ def test_preload_of_a_pool_with_an_open_breaker_is_refused_with_the_way_out(regi
     with pytest.raises(ConflictError, match=r"circuit breaker is open: close it with POST /pools/p/breaker/reset"):
         request_preload(registry, "p", correlation_id=None)
     assert len(registry.events(pool_id="p")) == n
+
+
+def test_a_cpu_pools_start_is_chained_only_when_nothing_else_must_come_first(registry: Registry) -> None:
+    """effects.cpu_start places a CPU pool in the request's transaction — not a GPU pool (its place row is its
+    claim), not a pool being removed, not one whose stopped row still records an engine (the worker's sweep
+    settles that first)."""
+    registry.register(PoolSpec(id="cpu", model="/m.gguf"))
+    registry.register(PoolSpec(id="gpu", model="/m.gguf", device_mask="0"))
+    assert isinstance(cpu_start(registry.get("cpu")), Placed)
+    assert cpu_start(registry.get("gpu")) is None
+    removing = registry.mark_removed("cpu")
+    assert removing.removed_at is not None and cpu_start(removing) is None
+    stopped_with_pid = replace(registry.get("gpu"), spec=registry.get("cpu").spec, pid=4242, removed_at=None)
+    assert cpu_start(stopped_with_pid) is None
