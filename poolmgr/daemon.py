@@ -289,13 +289,9 @@ def _ensure_engine_user(cfg: PoolManagerConfig) -> None:
 
 def _ensure_spawner() -> None:
     """Build (or find) the compiled helper that applies the isolation layers before exec'ing an engine."""
-    from poolmgr.isolation import ensure_spawner
+    from poolmgr.isolation import choose_spawner
 
-    spawner = ensure_spawner()
-    if spawner is not None:
-        log.info("engines start through the compiled spawner %s", spawner)
-    else:
-        log.info("engines start through the Python trampoline (the same isolation layers, a slower start)")
+    log.info("engine spawner: %s", choose_spawner().detail)
 
 
 def _safe_url(url: str) -> str:

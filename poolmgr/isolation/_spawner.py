@@ -112,8 +112,7 @@ def ensure_spawner() -> Path | None:
 @functools.cache
 def choose_spawner() -> SpawnerState:
     """Build (or find) the helper, once per process: every later call gives the same answer."""
-    if forced_python():
-        log.info("engine spawner: the Python trampoline (%s=python)", CHOICE_VAR)
+    if forced_python():  # (said by the caller: serve's log line, setup's output)
         return SpawnerState(False, None, f"Python trampoline: {CHOICE_VAR}=python")
     try:
         binary = build_spawner(cache_root(), cc=compiler())

@@ -50,7 +50,7 @@ class RestartPolicy:
 
     def backoff_delay_ms(self, step: int) -> int:
         """Delay before restart number `step + 1`: initial, doubling, capped, ±10 % jitter (never above the cap)."""
-        if self.cfg.backoff_initial_ms == 0:
+        if self.restarts_at_once():
             return 0
         base_s = float(self._wait(_Attempt(attempt_number=step + 1)))  # type: ignore[arg-type]
         jittered = base_s * (1.0 + self._rng.uniform(-JITTER, JITTER))

@@ -228,20 +228,14 @@ class PoolWorker:
         if view.desired_state is not _RUNNING_DESIRED:
             await self.wait(None)
             return
-        if view.spec.is_cpu:
-            await self._place_and_start(view)
-            return
-        # placed → preloading straight on: no wake-up and re-read in between (preload latency). A GPU pool's
-        # place row is its claim on the devices: written before the placement reads the other pools' claims.
-        await self._on_placed(await self.fire(fx.Placed(), expect=[view.state]))
-
-    async def _place_and_start(self, view: PoolView) -> None:
-        """A CPU pool: place and start_preload (the spawn intent) commit together (effects.cpu_start)."""
+        # placed → preloading straight on: no wake-up and re-read in between (preload latency). A CPU pool's
+        # start_preload commits with its place row (effects.cpu_start); a GPU pool's place row is its claim on
+        # the devices, committed before the placement reads the other pools' claims (_on_placed).
         placed = await self.fire(fx.Placed(), expect=[view.state], then=fx.cpu_start)
-        if placed.state is not S.PRELOADING:
-            await self._on_placed(placed)
+        if placed.state is S.PRELOADING:
+            await self.on_preloading(placed)
             return
-        await self.on_preloading(placed)
+        await self._on_placed(placed)
 
     async def _on_placed(self, view: PoolView) -> None:
         if view.desired_state is not _RUNNING_DESIRED:
