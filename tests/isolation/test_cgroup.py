@@ -109,8 +109,9 @@ def test_v1_is_joined_through_tasks_by_writing_0_without_the_global_lock() -> No
     handle = _cgroup.create(f"t-join-{os.getpid()}", CgroupLimits())
     try:
         assert handle.join_files == tuple(str(p / "tasks") for p in handle.paths)
-        script = (
-            "import sys\nfor f in sys.argv[1:]:\n    open(f, 'w').write('0')\nprint(open('/proc/self/cgroup').read())"
+        script = (  # the trampoline's own join (the compiled spawner's: tests/isolation/test_spawner.py)
+            "import sys\nfrom poolmgr.isolation._trampoline import join_cgroups\n"
+            "join_cgroups(sys.argv[1:])\nprint(open('/proc/self/cgroup').read())"
         )
         out = subprocess.run([sys.executable, "-c", script, *handle.join_files], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
