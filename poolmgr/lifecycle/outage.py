@@ -18,6 +18,7 @@ from poolmgr.store import Effect, EventData, PoolView, Registry
 
 log = logging.getLogger("poolmgr.reconciler")
 _RECENT_EVENTS = 50
+_FIRST_WAIT_S = 0.2  # after a first failed call; then exponential, at most 5 s
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -30,16 +31,21 @@ def database_unavailable(exc: BaseException) -> bool:
 
 
 def _log_wait(what: str) -> Callable[[RetryCallState], None]:
+    """tenacity's before_sleep: the retry loop's attempts come after the first one `call` made on its own."""
+
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
-        first = str(exc).strip().splitlines()[0] if exc and str(exc).strip() else type(exc).__name__
         delay = state.next_action.sleep if state.next_action else 0.0
-        log.warning(
-            "waiting for the database to answer %s (attempt %d, next try in %.1f s): %s",
-            what, state.attempt_number, delay, first,
-        )  # fmt: skip
+        _warn_waiting(what, state.attempt_number + 1, delay, exc)
 
     return before_sleep
+
+
+def _warn_waiting(what: str, attempt: int, delay: float, exc: BaseException | None) -> None:
+    first = str(exc).strip().splitlines()[0] if exc and str(exc).strip() else type(exc).__name__
+    log.warning(
+        "waiting for the database to answer %s (attempt %d, next try in %.1f s): %s", what, attempt, delay, first
+    )
 
 
 class RetryingRegistry:
@@ -49,17 +55,24 @@ class RetryingRegistry:
         self.registry = registry
 
     async def call(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+        try:  # the steady case costs no retry loop (a node's heartbeat, every pool write)
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except Exception as exc:
+            if not database_unavailable(exc):
+                raise
+            first = exc
         what = getattr(fn, "__qualname__", None) or repr(fn)
+        _warn_waiting(what, 1, _FIRST_WAIT_S, first)
+        await asyncio.sleep(_FIRST_WAIT_S)
         async for attempt in AsyncRetrying(
             retry=retry_if_exception(database_unavailable),
-            wait=wait_exponential(multiplier=0.2, max=5),
+            wait=wait_exponential(multiplier=2 * _FIRST_WAIT_S, max=5),  # 0.4, 0.8, ... s: the sequence goes on
             before_sleep=_log_wait(what),
             reraise=True,
         ):
             with attempt:
                 result = await asyncio.to_thread(fn, *args, **kwargs)
-                if attempt.retry_state.attempt_number > 1:
-                    log.warning("the database answers again (%s, attempt %d)", what, attempt.retry_state.attempt_number)
+                log.warning("the database answers again (%s, attempt %d)", what, attempt.retry_state.attempt_number + 1)
                 return result
         raise AssertionError("unreachable")  # pragma: no cover
 

@@ -3,7 +3,7 @@
 from poolmgr.store._audit_read import PoolGauge, RollupRow
 from poolmgr.store._db import current_revision, make_engine, migrate, normalize_url
 from poolmgr.store._effect import Effect, EventData, PoolColumns, StateMachine
-from poolmgr.store._registry import Beat, Registry
+from poolmgr.store._registry import Registry
 from poolmgr.store._tally import (
     BACKOFF_DELAY,
     BREAKER_OPEN,
@@ -27,6 +27,7 @@ from poolmgr.store._tally import (
     add_rollup,
 )
 from poolmgr.store._views import EventView, LeaseView, PoolView
+from poolmgr.store._write import Beat
 
 __all__ = [
     "BACKOFF_DELAY",

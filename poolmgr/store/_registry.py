@@ -13,9 +13,9 @@ import secrets
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timedelta
-from typing import Any, NamedTuple
+from typing import Any
 
-from sqlalchemy import ColumnElement, delete, func, insert, literal_column, select, update
+from sqlalchemy import delete, func, insert, literal_column, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError, StatementError
 from sqlalchemy.orm import Session
 
@@ -35,6 +35,7 @@ from poolmgr.store._write import (
     NODE_HEARTBEAT,
     NODES,
     POOLS,
+    Beat,
     RawStatements,
     RawTx,
     WriteTx,
@@ -48,19 +49,12 @@ _MAX_CHAIN = 4  # effects one `apply` may chain in its transaction
 _READ_POOLS = select(POOLS, LEASE_COUNT, NODE_HEARTBEAT)
 
 
-class Beat(NamedTuple):
-    """What a node's heartbeat transaction read for it."""
-
-    expired_leases: bool
-    desired_generation: int
-
-
-def _database_clock_plus(dialect: str, ms: int) -> ColumnElement[Any]:
-    """The database server's clock + `ms` (liveness must not depend on the nodes' clocks agreeing)."""
+def _database_clock_plus(dialect: str, ms: int) -> str:
+    """SQL for the database server's clock + `ms` (liveness must not depend on the nodes' clocks agreeing)."""
     if dialect == "postgresql":
-        return literal_column(f"now() + interval '{int(ms)} milliseconds'")
+        return f"now() + interval '{int(ms)} milliseconds'"
     # SQLite: UTC text as SQLAlchemy writes it (microseconds), comparable with the view's strftime('%f')
-    return literal_column(f"strftime('%Y-%m-%d %H:%M:%f', 'now', '+{int(ms) / 1000:.3f} seconds') || '000'")
+    return f"strftime('%Y-%m-%d %H:%M:%f', 'now', '+{int(ms) / 1000:.3f} seconds') || '000'"
 
 
 class _LostRace(Exception):
@@ -123,12 +117,19 @@ class Registry:
         """The node's one steady write: its row's heartbeat (created on the first call), `alive_until` = the
         database's clock + `grace_ms` (pool_registry.node_alive). In the same transaction, what the node must
         act on: whether a lease of its pools expired (then `reap_expired_leases`) and the generation of its
-        desired pools (a change: re-read them). An idle node: one transaction a heartbeat, whatever it runs."""
-        now = self.clock.now()
-        alive = _database_clock_plus(self.engine.dialect.name, grace_ms)
+        desired pools (a change: re-read them). An idle node: one transaction a heartbeat, whatever it runs —
+        two statements on the DB-API cursor (store/_write.py's `RawStatements.beat`), a tenth of Core's CPU."""
+        now, values = self.clock.now(), {"version": __version__, "grace_ms": grace_ms, "hostname": hostname}
+        with self._raw_tx() as cur:
+            alive = _database_clock_plus(self._raw.dialect, grace_ms)
+            beat = self._raw.beat(cur, self.node_id, now, values, alive)
+        return beat if beat is not None else self._first_heartbeat(now, values, grace_ms)
+
+    def _first_heartbeat(self, now: datetime, values: dict[str, Any], grace_ms: int) -> Beat:
+        """The node's row does not exist yet: create it (Core; once per node)."""
+        alive: Any = literal_column(_database_clock_plus(self.engine.dialect.name, grace_ms))
         with self.engine.begin() as conn:
-            values = {"heartbeat_at": now, "version": __version__, "alive_until": alive, "grace_ms": grace_ms,
-                      "hostname": hostname}  # fmt: skip
+            values = {**values, "heartbeat_at": now, "alive_until": alive}
             if conn.execute(update(NODES).where(NODES.c.id == self.node_id).values(**values)).rowcount == 0:
                 conn.execute(insert(NODES).values(id=self.node_id, started_at=now, **values))
             expired = conn.execute(self._expired_leases(now).limit(1)).first() is not None
@@ -303,20 +304,26 @@ class Registry:
 
     @contextmanager
     def _write(self) -> Iterator[WriteTx]:
-        """One write transaction on a DB-API connection of the pool (store/_write.py's RawTx). A driver error
-        comes out as SQLAlchemy's, as from the Core paths: a lost or locked database as OperationalError (what the
-        retry wrappers wait out); a lost server, as the Core paths do, takes the pool's connections with it."""
+        """One pool write transaction on a DB-API connection of the pool (store/_write.py's RawTx)."""
+        with self._raw_tx("pool write (lock, compare-and-swap, audit)") as cur:
+            yield RawTx(self._raw, cur)
+
+    @contextmanager
+    def _raw_tx(self, what: str = "heartbeat") -> Iterator[Any]:
+        """One transaction on a DB-API cursor of the pool (SQLite: BEGIN IMMEDIATE). A driver error comes out as
+        SQLAlchemy's, as from the Core paths: a lost or locked database as OperationalError (what the retry
+        wrappers wait out); a lost server, as the Core paths do, takes the pool's connections with it."""
         try:
             raw = self.engine.raw_connection()  # a connection made now fails with the driver's own error
         except self._dbapi.Error as exc:
-            raise self._wrapped(exc, "connect (pool write)") from exc
+            raise self._wrapped(exc, f"connect ({what})") from exc
         cur = None
         try:
             cur = raw.cursor()
             if self._raw.sqlite:
                 cur.execute("BEGIN IMMEDIATE")
             try:
-                yield RawTx(self._raw, cur)
+                yield cur
             except BaseException:
                 raw.rollback()
                 raise
@@ -325,7 +332,7 @@ class Registry:
             if self.engine.dialect.is_disconnect(exc, raw.dbapi_connection, cur):
                 raw.invalidate(exc)
                 self.engine.dispose(close=False)  # the other pooled connections went with the server
-            raise self._wrapped(exc, "pool write (lock, compare-and-swap, audit)") from exc
+            raise self._wrapped(exc, what) from exc
         finally:
             raw.close()
 

@@ -14,7 +14,7 @@ import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sqlalchemy import Table, func, select
 from sqlalchemy.engine import Dialect, Engine
@@ -41,6 +41,13 @@ NODE_HEARTBEAT = (
 _SERVING = frozenset({PoolState.READY, PoolState.DRAINING})
 _SPEC_CACHE = 4096  # distinct stored specs parsed and kept (a node's pools, each spec a few hundred bytes)
 EventValues = Callable[[str, int, EventData, dict[str, Any]], dict[str, Any]]
+
+
+class Beat(NamedTuple):
+    """What a node's heartbeat transaction read for it."""
+
+    expired_leases: bool
+    desired_generation: int
 
 
 class WriteTx(Protocol):
@@ -151,6 +158,8 @@ class RawStatements:
         self._pool_result: list[tuple[str, Callable[[Any], Any]]] | None = None  # from the first result's types
         self._event_bind = {c.name: c.type._cached_bind_processor(dialect) for c in EVENTS.columns}
         self._node_hb: Callable[[Any], Any] | None = None
+        self.dialect = dialect.name
+        self._stamp_bind = NODES.c.heartbeat_at.type._cached_bind_processor(dialect)  # = leases.expires_at's
         # The spec as its stored text (PostgreSQL would parse the JSON): the same text gives the same PoolSpec,
         # parsed and checked once (`_spec`), not on every transition.
         selected = ", ".join("CAST(spec AS TEXT)" if c == "spec" else c for c in self.pool_columns)
@@ -163,6 +172,27 @@ class RawStatements:
         self.delete_leases = f"DELETE FROM leases WHERE pool_id = {self.mark}"
         self._updates: dict[tuple[str, ...], str] = {}
         self._inserts: dict[tuple[str, ...], str] = {}
+
+    def beat(self, cur: Any, node_id: str, now: datetime, values: Mapping[str, Any], alive_sql: str) -> Beat | None:
+        """The node's heartbeat on `cur`: its row's heartbeat_at = `now`, `values`, alive_until = `alive_sql`;
+        then whether a lease of its pools expired. None: the node has no row yet (nothing written)."""
+        m = self.mark
+        sets = ", ".join(f"{k} = {m}" for k in values)
+        update_sql = (
+            f"UPDATE nodes SET heartbeat_at = {m}, {sets}, alive_until = {alive_sql} WHERE id = {m} "
+            "RETURNING desired_generation"
+        )
+        expired_sql = (
+            "SELECT 1 FROM leases JOIN pools ON pools.id = leases.pool_id "
+            f"WHERE pools.node_id = {m} AND leases.expires_at <= {m} LIMIT 1"
+        )
+        stamp = _bound(self._stamp_bind, now)
+        cur.execute(update_sql, [stamp, *values.values(), node_id])
+        row = cur.fetchone()
+        if row is None:
+            return None
+        cur.execute(expired_sql, [node_id, stamp])
+        return Beat(cur.fetchone() is not None, int(row[0] or 0))
 
     def _result_processors(self, cur: Any) -> list[tuple[str, Callable[[Any], Any]]]:
         """(column, processor) for the columns that have one, as SQLAlchemy builds them: from the driver's type
@@ -266,6 +296,7 @@ __all__ = [
     "LEASE_COUNT",
     "NODE_HEARTBEAT",
     "POOLS",
+    "Beat",
     "RawStatements",
     "RawTx",
     "WriteTx",
