@@ -40,10 +40,32 @@ from poolmgr.store import Registry, migrate
 
 log = logging.getLogger("poolmgr.daemon")
 _T = TypeVar("_T")
+_SERVER_TICK_S = 1.0  # uvicorn looks at its exit flag and limits 10 times a second by itself
 
 
 class _Server(uvicorn.Server):
-    """uvicorn without its own signal handling: poolmgr's handlers stop the workers first."""
+    """uvicorn without its own signal handling (poolmgr's handlers stop the workers first) and without its 10 Hz
+    tick: its main loop wakes once a second (the Date header's resolution) or when told to exit."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        self._exit = asyncio.Event()
+        super().__init__(config)
+
+    @property  # type: ignore[override]
+    def should_exit(self) -> bool:
+        return self._exit.is_set()
+
+    @should_exit.setter
+    def should_exit(self, value: bool) -> None:
+        if value:
+            self._exit.set()
+        else:
+            self._exit.clear()
+
+    async def main_loop(self) -> None:
+        while not await self.on_tick(0):  # counter 0: each tick sets the Date header, as uvicorn's every 10th
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._exit.wait(), _SERVER_TICK_S)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:

@@ -29,11 +29,10 @@ from dataclasses import dataclass, field
 
 Address = tuple[str, int] | str  # (host, port) over TCP, or the path of a unix socket
 _REQUEST = b"GET /health HTTP/1.0\r\nHost: engine\r\n\r\n"
-_MAX_WAIT_S = 0.05  # the thread looks at the clock at least this often (a fake clock moves only when told)
 _MIN_WAIT_S = 0.002  # the shortest wait for an answer's timeout
 _SETTLE_S = 0.01  # after sending a batch, the wait before reading its answers
-_BATCH_S = 0.05  # due probes are sent in batches this far apart at most (a tenth of the interval when shorter):
-# a wake-up sends several and their answers come back together, ~20 µs of CPU a probe instead of ~100 µs
+_BATCH_S = 0.2  # due probes are sent in batches this far apart at most (a tenth of the interval when shorter):
+# a wake-up sends several and their answers come back together: two wake-ups a batch, not two a probe
 
 
 @dataclass(eq=False)
@@ -61,8 +60,12 @@ class HealthProber:
         timeout_s: float,
         threshold: int,
         clock: Callable[[], float] = time.monotonic,
+        poll_s: float | None = None,
     ) -> None:
+        """`clock`: the cadence's clock; a clock that moves only when told (a test's) needs `poll_s`, how often
+        the thread looks at it. Without it the thread sleeps until the next probe is due."""
         self.interval_s = interval_s
+        self._poll_s = poll_s
         self.timeout_s = timeout_s
         self.threshold = threshold
         self.clock = clock
@@ -70,6 +73,7 @@ class HealthProber:
         self._settle_s = min(_SETTLE_S, timeout_s / 10)
         self._targets: dict[str, _Target] = {}
         self._by_fd: dict[int, _Target] = {}
+        self._sent: list[_Target] = []  # connected and asked, not yet read nor in the epoll set
         self._heap: list[tuple[float, int, _Target]] = []
         self._seq = 0
         self._lock = threading.Lock()
@@ -129,7 +133,9 @@ class HealthProber:
         while not self._closed:
             if self._send_due():
                 time.sleep(self._settle_s)  # let the batch's answers arrive: one wake-up reads them all
+                self._take_sent(read=True)
             wait = self._wait_s()
+            self._take_sent(read=False)
             for fd, events in self._epoll.poll(wait):
                 if fd == self._wake_r.fileno():
                     with contextlib.suppress(BlockingIOError):
@@ -143,17 +149,18 @@ class HealthProber:
                         self._verdict(target, False, f"{type(exc).__name__}: {exc.strerror or exc}")
 
     def _wait_s(self) -> float:
-        """Until the next probe is due or the oldest one in flight times out (expiring those that did)."""
+        """Until the next probe is due or the oldest one in flight times out (expiring those that did first);
+        -1: nothing to wait for but a wake-up."""
+        if self._by_fd and time.monotonic() - min(t.sent_at for t in self._by_fd.values()) >= self.timeout_s:
+            self._expire(time.monotonic())
         with self._lock:
             next_due = self._heap[0][0] if self._heap else None
-        wait = _MAX_WAIT_S if next_due is None else min(_MAX_WAIT_S, max(self._batch_s, next_due - self.clock()))
+        wait = -1.0 if next_due is None else max(self._batch_s, next_due - self.clock())
+        if self._poll_s is not None:
+            wait = self._poll_s if wait < 0 else min(wait, self._poll_s)
         if self._by_fd:
-            now = time.monotonic()
-            oldest = min(t.sent_at for t in self._by_fd.values())
-            if now - oldest >= self.timeout_s:
-                self._expire(now)
-            elif oldest + self.timeout_s - now < wait:
-                wait = max(_MIN_WAIT_S, oldest + self.timeout_s - now)
+            left = min(t.sent_at for t in self._by_fd.values()) + self.timeout_s - time.monotonic()
+            wait = max(_MIN_WAIT_S, left) if wait < 0 else max(_MIN_WAIT_S, min(wait, left))
         return wait
 
     def _send_due(self) -> int:
@@ -169,7 +176,8 @@ class HealthProber:
             if target.sock is None:  # one probe in flight per engine at most
                 self._start_probe(target)
             target.due = max(target.due + self.interval_s, now)  # no drift; never a catch-up burst
-            with self._lock:
+        with self._lock:
+            for target in due:
                 if not target.done:
                     self._push(target)
         return len(due)
@@ -194,8 +202,20 @@ class HealthProber:
         except OSError as exc:
             self._verdict(target, False, f"connection refused: {exc.strerror or exc}")
             return
-        flags = select.EPOLLIN | select.EPOLLRDHUP
-        self._epoll.register(sock.fileno(), flags if target.connected else flags | select.EPOLLOUT)
+        if target.connected:
+            self._sent.append(target)  # its answer is read after the batch's settle; epoll only if not there
+        else:
+            self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLOUT)
+
+    def _take_sent(self, *, read: bool) -> None:
+        """The probes sent since the last look: read their answers now (`read`), or wait for them with epoll."""
+        sent, self._sent = self._sent, []
+        for target in sent:
+            try:
+                if target.sock is not None and not (read and self._receive(target)):
+                    self._epoll.register(target.sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+            except OSError as exc:  # the thread never dies of one engine's socket
+                self._verdict(target, False, f"{type(exc).__name__}: {exc.strerror or exc}")
 
     def _on_event(self, target: _Target, events: int) -> None:
         sock = target.sock
@@ -211,15 +231,24 @@ class HealthProber:
             self._epoll.modify(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
             return
         if events & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
-            try:
-                chunk = sock.recv(512)
-            except OSError as exc:
-                self._verdict(target, False, f"{type(exc).__name__}: {exc}")
-                return
-            target.buf += chunk
-            line, sep, _ = target.buf.partition(b"\r\n")
-            if sep or not chunk:
-                self._status_line(target, line)
+            self._receive(target)
+
+    def _receive(self, target: _Target) -> bool:
+        """Read what has come of the answer: whether the probe is over (False: the status line is not all there)."""
+        assert target.sock is not None
+        try:
+            chunk = target.sock.recv(512)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self._verdict(target, False, f"{type(exc).__name__}: {exc}")
+            return True
+        target.buf += chunk
+        line, sep, _ = target.buf.partition(b"\r\n")
+        if sep or not chunk:
+            self._status_line(target, line)
+            return True
+        return False
 
     def _status_line(self, target: _Target, line: bytes) -> None:
         parts = line.split(b" ", 2)
@@ -231,9 +260,7 @@ class HealthProber:
         for target in [t for t in self._by_fd.values() if now - t.sent_at >= self.timeout_s]:
             self._verdict(target, False, f"no answer within {self.timeout_s:g} s")
             if not target.done:  # it has been silent a whole timeout already: the next probe goes now, not at
-                target.due = self.clock()  # the next slot (a hang is found after threshold x timeout)
-                with self._lock:
-                    self._push(target)
+                self._start_probe(target)  # its next slot (a hang is found after threshold x timeout)
 
     def _verdict(self, target: _Target, ok: bool, text: str) -> None:
         self._end_probe(target)

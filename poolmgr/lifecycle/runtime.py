@@ -53,6 +53,7 @@ _EXIT_GRACE_S = 2.0
 _SLOW_POLL_S = 0.05
 ENGINE_SOCKET = "engine.sock"  # in the pool's workdir
 _SUN_PATH_MAX = 107  # bytes of a unix socket path (sun_path is 108 with its NUL)
+_FAKE_CLOCK_POLL_S = 0.05  # a clock that moves only when told (tests): the prober looks at it this often
 _ENGINE_BASE = "http://engine"  # the Host of requests over an engine's socket
 
 
@@ -110,6 +111,7 @@ class EngineRuntime:
             self._prober = HealthProber(
                 interval_s=cfg.health_check_interval_ms / 1000.0, timeout_s=cfg.health_check_timeout_ms / 1000.0,
                 threshold=cfg.health_failure_threshold, clock=self.clock.monotonic,
+                poll_s=None if isinstance(self.clock, SystemClock) else _FAKE_CLOCK_POLL_S,
             )  # fmt: skip
         return self._prober
 

@@ -134,7 +134,7 @@ def test_a_refusing_engine_is_reported_and_an_unwatched_one_never() -> None:
 
 def test_probes_follow_the_given_clock_not_the_wall(server: ThreadingHTTPServer) -> None:
     now = [100.0]
-    prober = HealthProber(interval_s=10.0, timeout_s=0.5, threshold=2, clock=lambda: now[0])
+    prober = HealthProber(interval_s=10.0, timeout_s=0.5, threshold=2, clock=lambda: now[0], poll_s=0.05)
     hits = server.RequestHandlerClass.hits  # type: ignore[attr-defined]
     try:
         prober.watch("p", server.server_address[:2], lambda text: None)  # type: ignore[arg-type]
