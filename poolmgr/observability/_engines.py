@@ -10,6 +10,7 @@ it never stalls /metrics. Only `llamacpp:` families are passed on, so an engine 
 from __future__ import annotations
 
 import functools
+import heapq
 import logging
 import re
 import threading
@@ -33,7 +34,9 @@ ENGINE_PREFIX = "llamacpp:"
 DEFAULT_TIMEOUT_S = 1.0
 DEFAULT_INTERVAL_S = 15.0  # Prometheus' usual scrape interval: an engine's numbers are at most this old
 _MIN_SYNC_GAP_S = 0.5  # refreshes closer together than this read the targets once (200 pools starting)
+_RESYNC_S = 300.0  # the targets are read when told (`refresh`: a pool began or stopped serving), and this often
 _FIRST_FETCH_SPREAD_S = 2.0  # engines that began serving are first fetched within this (then every interval)
+_PARKED_PASSES = 3  # idle (parked) engines are looked at this many times an interval, all in one pass
 # OpenMetrics counters end in _total; llama.cpp types a few gauges as counters (llamacpp:n_tokens_max). The
 # parser would rename those samples to `<name>_total`: we keep the engine's name and call the type unknown.
 _COUNTER_TYPE_RE = re.compile(r"^# TYPE (\S+) counter\s*$", re.MULTILINE)
@@ -204,7 +207,15 @@ class EngineMetrics:
 
     With `activity` (the data plane's request counts), a due fetch is skipped while the engine has answered no
     request since its last good fetch and has none in flight: an idle engine's numbers cannot have moved (the
-    data plane is the only way to its socket), so a thousand idle pools cost no fetch at all."""
+    data plane is the only way to its socket), so a thousand idle pools cost no fetch at all. Such a pool is
+    parked (no due time): the thread does not wake for it, but looks at every parked pool in one pass each
+    `interval_s / _PARKED_PASSES` and whenever it reads the targets. A parked engine that answered a request is
+    fetched within that plus `_FIRST_FETCH_SPREAD_S` (those found in one pass are spread over it), so its
+    numbers are fresh within about one interval of the request, as an engine that is not parked. An idle node's
+    thread wakes `_PARKED_PASSES` times an interval however many pools it has (the passes, one with the targets'
+    reading), and a due fetch is found in a heap: a wake-up costs O(due), not O(pools). The targets (a read of
+    the pools) are read when told (`refresh`: the traffic board calls it when a pool's gate changes; a scrape,
+    when it shows a serving pool the fetcher does not know) and every `_RESYNC_S` besides."""
 
     def __init__(
         self,
@@ -223,7 +234,10 @@ class EngineMetrics:
         self._lock = threading.Lock()
         self._targets: dict[str, EngineTarget] = {}
         self._due: dict[str, float] = {}  # pool_id -> when its next fetch starts (time.monotonic)
+        self._heap: list[tuple[float, str]] = []  # (due, pool_id); an entry that is not `_due`'s is stale
+        self._parked: set[str] = set()  # idle since their last good fetch: no due time, looked at in a pass
         self._inflight: set[str] = set()
+        self._deferred: set[str] = set()  # came due while their fetch ran: due again when it ends
         self._fetched: dict[str, _Fetched] = {}
         self._text: str | None = ""  # the merged families; None: to be merged again
         self._wake = threading.Event()
@@ -282,16 +296,20 @@ class EngineMetrics:
             self._fetch(target)
 
     def _run(self) -> None:
-        next_sync = last_sync = 0.0
+        next_sync = last_sync = next_pass = 0.0
         while not self._stopped:
             now = time.monotonic()
             if self._refresh:
                 next_sync = min(next_sync, last_sync + _MIN_SYNC_GAP_S)
             if now >= next_sync:
                 self._refresh = False
-                last_sync, next_sync = now, now + self.interval_s
+                last_sync, next_sync = now, now + max(self.interval_s, _RESYNC_S)
                 self._sync(now)
-            until = min(self._dispatch(now), next_sync)
+                next_pass = now
+            if now >= next_pass:
+                next_pass = now + self.interval_s / _PARKED_PASSES
+                self._unpark(now)
+            until = min(self._dispatch(now), next_sync, next_pass)
             self._wake.wait(max(0.0, until - time.monotonic()))
             self._wake.clear()
 
@@ -306,31 +324,56 @@ class EngineMetrics:
             new = [pool_id for pool_id in targets if pool_id not in self._targets]
             for pool_id in [p for p, t in self._targets.items() if targets.get(p) != t]:  # gone, moved, restarted
                 self._seen.pop(pool_id, None)
+                self._parked.discard(pool_id)
                 if self._fetched.pop(pool_id, None) is not None:
                     self._text = None
                 if pool_id in targets:
-                    self._due[pool_id] = now
+                    self._schedule(pool_id, now)
                 else:
                     self._due.pop(pool_id, None)
-            spread = min(self.interval_s, _FIRST_FETCH_SPREAD_S)
-            for i, pool_id in enumerate(new):
-                self._due[pool_id] = now + spread * i / len(new)
+                    self._deferred.discard(pool_id)
+            self._spread(new, now)
             self._targets = targets
 
-    def _dispatch(self, now: float) -> float:
-        """Start the fetches that are due; when the next one is."""
+    def _schedule(self, pool_id: str, at: float) -> None:
+        """The pool's next fetch starts at `at` (under the lock); an earlier entry in the heap goes stale."""
+        self._due[pool_id] = at
+        heapq.heappush(self._heap, (at, pool_id))
+
+    def _spread(self, pool_ids: list[str], now: float) -> None:
+        """Fetch these pools soon, spread over `_FIRST_FETCH_SPREAD_S` (under the lock)."""
+        spread = min(self.interval_s, _FIRST_FETCH_SPREAD_S)
+        for i, pool_id in enumerate(pool_ids):
+            self._schedule(pool_id, now + spread * i / len(pool_ids))
+
+    def _unpark(self, now: float) -> None:
+        """One pass over the parked pools: those whose engine answered a request since are fetched soon."""
         with self._lock:
-            due = [p for p, at in self._due.items() if at <= now and p not in self._inflight]
-            skipped = [p for p in due if self._idle_since_fetched(p)]
-            for pool_id in skipped:
-                self._due[pool_id] = max(self._due[pool_id] + self.interval_s, now)
-            due = [p for p in due if p not in skipped]
-            for pool_id in due:
-                self._inflight.add(pool_id)
-                self._due[pool_id] = max(self._due[pool_id] + self.interval_s, now)
-            targets = [self._targets[p] for p in due]
-            waiting = [at for p, at in self._due.items() if p not in self._inflight]
-            next_due = min(waiting, default=now + self.interval_s)  # a fetch that ends wakes the loop
+            moved = [p for p in self._parked if not self._idle_since_fetched(p)]
+            self._parked.difference_update(moved)
+            self._spread(moved, now)
+
+    def _dispatch(self, now: float) -> float:
+        """Start the fetches that are due, park the idle ones; when the next fetch is due. O(due), not O(pools)."""
+        targets: list[EngineTarget] = []
+        with self._lock:
+            heap = self._heap
+            while heap and heap[0][0] <= now:
+                at, pool_id = heapq.heappop(heap)
+                if self._due.get(pool_id) != at:
+                    continue  # rescheduled, parked or forgotten since
+                if pool_id in self._inflight:
+                    self._deferred.add(pool_id)  # its fetch ending makes it due again
+                elif self._idle_since_fetched(pool_id):
+                    del self._due[pool_id]
+                    self._parked.add(pool_id)
+                else:
+                    self._inflight.add(pool_id)
+                    self._schedule(pool_id, max(at + self.interval_s, now))
+                    targets.append(self._targets[pool_id])
+            while heap and self._due.get(heap[0][1]) != heap[0][0]:
+                heapq.heappop(heap)
+            next_due = heap[0][0] if heap else now + self.interval_s  # a fetch that ends wakes the loop
         for target in targets:
             self._scraper.submit(functools.partial(self._fetch, target))
         return next_due
@@ -350,6 +393,10 @@ class EngineMetrics:
             fetched = _Fetched(False, {})
         with self._lock:
             self._inflight.discard(target.pool_id)
+            if target.pool_id in self._deferred:
+                self._deferred.discard(target.pool_id)
+                if target.pool_id in self._due:
+                    heapq.heappush(self._heap, (self._due[target.pool_id], target.pool_id))
             if self._targets.get(target.pool_id) == target:
                 self._fetched[target.pool_id] = fetched
                 self._text = None

@@ -4,6 +4,7 @@ prometheus_client writes for the same families. On SQLite and PostgreSQL where a
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -120,10 +121,12 @@ def test_a_scrape_reads_the_history_once_then_only_rows_after_its_cursor(
     history, after = registry.audit.history, registry.audit.rows_after
     monkeypatch.setattr(registry.audit, "history", lambda *a: calls.append(("history", None)) or history(*a))
     monkeypatch.setattr(registry.audit, "rows_after", lambda n, a, lim: calls.append(("after", a)) or after(n, a, lim))
+    ids = registry.audit.ids_after
+    monkeypatch.setattr(registry.audit, "ids_after", lambda n, a: calls.append(("ids", a)) or ids(n, a))
     endpoint = MetricsEndpoint(PoolMetricsCollector(registry, node_id="node-a", inventory=Inventory))
     last = registry.events()[-1].id
     endpoint()
-    fire(registry, "p", _crashed("signal"))  # young: on PostgreSQL read again by each scrape until older than the lag
+    fire(registry, "p", _crashed("signal"))  # young: on PostgreSQL its id is held until older than the lag
     endpoint()
     clock.advance(120)
     endpoint()
@@ -131,7 +134,9 @@ def test_a_scrape_reads_the_history_once_then_only_rows_after_its_cursor(
     if registry.engine.dialect.name == "sqlite":  # ids commit in order: folded at once
         assert calls == [("history", None), ("after", last), ("after", last + 1), ("after", last + 1)]
     else:
-        assert calls == [("history", None), ("after", last), ("after", last), ("after", last + 1)]
+        # the young row is folded once; the next scrape reads the ids after the cursor (a late row would show
+        # there), then the cursor moves past it
+        assert calls == [("history", None), ("after", last), ("ids", last), ("after", last + 1)]
     endpoint.close()
 
 
@@ -198,8 +203,8 @@ def test_engine_metrics_are_served_from_the_last_fetch_and_only_for_serving_pool
 
 def test_an_idle_engine_is_not_fetched_again_until_it_answers_requests(monkeypatch: pytest.MonkeyPatch) -> None:
     """With the data plane's request counts, the fetcher skips an engine that answered nothing since its last
-    good fetch: idle pools cost no fetch. A request answered, one in flight or a restarted engine (new pid) is
-    fetched again on the next round."""
+    good fetch: idle pools cost no fetch. A request answered, one in flight or a restarted engine (new pid, read
+    when the fetcher is told the targets changed) is fetched again on the next round."""
     text = RECORDED.read_text()
     fetched: list[str] = []
     monkeypatch.setattr(EngineScraper, "fetch", lambda self, t: fetched.append(t.pool_id) or relabel(text, t.pool_id))
@@ -219,9 +224,106 @@ def test_an_idle_engine_is_not_fetched_again_until_it_answers_requests(monkeypat
         _until(lambda: fetched.count("busy") == 2, "busy fetched again")
         activity["busy"] = (3, 1)  # a request in flight: fetched each round while it runs
         _until(lambda: fetched.count("busy") >= 4, "busy fetched while a request runs")
-        pids["idle"] = 11  # restarted: its counters start over (the targets are read again each interval)
+        pids["idle"] = 11  # restarted: its counters start over; the traffic board said its gate closed and opened
+        metrics.refresh()
         _until(lambda: fetched.count("idle") == 2, "the restarted engine fetched")
         assert metrics.up() == {"idle": True, "busy": True}
+    finally:
+        metrics.close()
+
+
+class _CountingEvent(threading.Event):
+    """The fetcher's wake-up event, counting the thread's waits (one per wake-up)."""
+
+    waits = 0
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits += 1
+        return super().wait(timeout)
+
+
+def _parked_idle_pools(
+    monkeypatch: pytest.MonkeyPatch, n: int, interval_s: float
+) -> tuple[EngineMetrics, list[str], dict[str, tuple[int, int]], list[int]]:
+    """A started EngineMetrics over n pools that answered nothing since their first fetch, all of them parked.
+    Returns it, the pools fetched in order, their activity and [activity calls]."""
+    fetched: list[str] = []
+    monkeypatch.setattr(EngineScraper, "fetch", lambda self, t: fetched.append(t.pool_id) or [])
+    activity = {f"p{i}": (0, 0) for i in range(n)}
+    calls = [0]
+
+    def read(pool_id: str) -> tuple[int, int]:
+        calls[0] += 1
+        return activity[pool_id]
+
+    targets = [EngineTarget(p, f"http://n/pools/{p}/engine", f"/s/{p}.sock", pid=1) for p in activity]
+    metrics = EngineMetrics(lambda: targets, interval_s=interval_s, activity=read)
+    metrics._wake = _CountingEvent()
+    metrics.start()
+    _until(lambda: len(metrics._parked) == n, "every idle pool parked")
+    assert sorted(fetched) == sorted(activity)  # once each
+    return metrics, fetched, activity, calls
+
+
+def test_idle_pools_are_looked_at_in_one_pass_not_one_wake_up_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An idle node's fetcher wakes a few times an interval however many pools it has (it woke once per pool
+    and interval: 100 pools over 5 intervals were 500 wake-ups)."""
+    n, interval_s, intervals = 100, 0.3, 5
+    metrics, fetched, _, calls = _parked_idle_pools(monkeypatch, n, interval_s)
+    wake = metrics._wake
+    assert isinstance(wake, _CountingEvent)
+    try:
+        waits, calls[0] = wake.waits, 0
+        time.sleep(interval_s * intervals)
+        wakes = wake.waits - waits
+        passes_bound = intervals * 3 * 2  # three passes an interval, twice over for a slow or busy machine
+        assert wakes <= passes_bound, wakes
+        assert n <= calls[0] <= (passes_bound + 2) * n  # whole passes over the parked pools
+        assert len(fetched) == n  # nothing fetched again
+    finally:
+        metrics.close()
+
+
+def test_a_parked_pool_that_answers_a_request_is_fetched_within_a_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parked pool is looked at every interval/3: one that answered a request is fetched within that (plus
+    the spread over the pools found in the same pass, none here), then parked again; the others stay parked."""
+    interval_s = 0.9
+    metrics, fetched, activity, _ = _parked_idle_pools(monkeypatch, 20, interval_s)
+    try:
+        activity["p7"] = (1, 0)
+        moved = time.monotonic()
+        _until(lambda: fetched.count("p7") == 2, "p7 fetched again")
+        assert time.monotonic() - moved < interval_s / 3 + 0.6  # bound + slack for a loaded machine
+        _until(lambda: len(metrics._parked) == 20, "p7 parked again")
+        assert len(fetched) == 21 and fetched.count("p7") == 2
+    finally:
+        metrics.close()
+
+
+def test_a_pool_that_comes_due_while_its_fetch_runs_is_fetched_again_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An engine slower than the interval: never two fetches of it at once, the next one as soon as it ends."""
+    running: list[str] = []
+    overlapped: list[str] = []
+    fetched: list[str] = []
+
+    def slow(self: EngineScraper, t: EngineTarget) -> list[Any]:
+        if t.pool_id in running:
+            overlapped.append(t.pool_id)
+        running.append(t.pool_id)
+        time.sleep(0.1)
+        running.remove(t.pool_id)
+        fetched.append(t.pool_id)
+        return []
+
+    monkeypatch.setattr(EngineScraper, "fetch", slow)
+    target = EngineTarget("slow", "http://n/pools/slow/engine", "/s/slow.sock")
+    metrics = EngineMetrics(lambda: [target], interval_s=0.02, activity=lambda p: (0, 1))  # a request in flight
+    metrics.start()
+    try:
+        _until(lambda: len(fetched) >= 4, "fetched one after the other")
+        assert overlapped == []
     finally:
         metrics.close()
 
