@@ -6,11 +6,15 @@ once, in one snapshot of the database (one query for the rows), so a restarted p
 as the one before it, before and after a prune. Later snapshots read only the rows after a cursor: an index
 range (node_id, id), so a scrape costs the rows written since the last one, never the size of the table.
 
-Rows younger than `lag_s` are not folded into the running totals but re-read on every snapshot: on PostgreSQL
-ids come from a sequence at insert time, so a row can commit after a row with a higher id, and a cursor already
-past it would skip it forever. SQLite has one writer at a time and gives a row the next id inside its write
-transaction, so ids commit in order there: no lag (a node that just started 1,000 pools would otherwise re-read
-their 4,000 rows on every scrape for a minute).
+Every row is folded once, when it is first read. On PostgreSQL ids come from a sequence at insert time, so a
+row can commit after a row with a higher id, and a cursor already past it would skip it: so the cursor only moves
+past rows older than `lag_s`, and the ids folded above it (the young ones, kept in memory) are told apart from
+late ones by one index-only read of the ids after the cursor; only rows not yet folded are read in full. A
+scrape costs the rows written since the last one (plus the young ids), whatever the audit's size. SQLite has
+one writer at a time and gives a row the next id inside its write transaction, so ids commit in order there: no
+lag. Folding out of id order is safe: the fold's order only matters within one pool (a crash before the restart
+it explains), and one pool's rows are written under its row lock, their ids taken inside it, so they commit in
+id order.
 """
 
 from __future__ import annotations
@@ -63,68 +67,75 @@ class AuditTally:
         self._lag = timedelta(seconds=0 if in_order else lag_s)
         self._batch = batch
         self._base: Tally | None = None  # None until the history is read (the first snapshot)
+        self._young: dict[int, datetime] = {}  # id -> at: rows folded above the cursor, younger than the lag
         self._lock = threading.Lock()
 
     def snapshot(self) -> Tally:
-        """The totals now: an independent copy, with the rows younger than the lag folded in."""
+        """The totals now: an independent copy."""
         with self._lock:
-            base, young = self._advance()
-            return self._with(base.copy(), young)
+            return self._advance().copy()
 
     def read(self) -> Tally:
         """The totals now, for one reader that is done with them before it reads again (the collector, under its
-        lock): the running totals themselves when no row is young, else a copy with the young rows added (only
-        the histograms of their pools copied)."""
+        lock): the running totals themselves."""
         with self._lock:
-            base, young = self._advance()
-            return self._with(base.copy({r.pool_id for r in young}), young) if young else base
+            return self._advance()
 
-    def _advance(self) -> tuple[Tally, list[AuditRow]]:
+    def _advance(self) -> Tally:
         horizon = self._registry.clock.now() - self._lag
         if self._base is None:
-            self._base, young = self._load(horizon)
+            self._base = self._load(horizon)
         else:
-            young = self._read_new(self._base, horizon)
-        return self._base, young
+            self._read_new(self._base, horizon)
+        return self._base
 
-    @staticmethod
-    def _with(tally: Tally, young: list[AuditRow]) -> Tally:
-        for row in young:
-            tally.add(row)
-        return tally
-
-    def _load(self, horizon: datetime) -> tuple[Tally, list[AuditRow]]:
+    def _load(self, horizon: datetime) -> Tally:
         """The rollup and every row of a metric kind, in one snapshot and one query."""
-        base, young = Tally(window_s=self._window_s), list[AuditRow]()
+        base = Tally(window_s=self._window_s)
         with self._registry.audit.history(self._node_id, KINDS) as (rollup, rows):
             add_rollup(base, rollup)
-            _fold_old(base, rows, horizon, young, held=False)
-        return base, young
+            self._fold(base, rows, horizon)
+        return base
 
-    def _read_new(self, base: Tally, horizon: datetime) -> list[AuditRow]:
-        """The rows after the cursor, of every kind (so the cursor also moves past rows no metric reads)."""
-        young: list[AuditRow] = []
-        held, after = False, base.cursor
+    def _read_new(self, base: Tally, horizon: datetime) -> None:
+        """The rows after the cursor, of every kind (so the cursor also moves past rows no metric reads); with
+        young rows held, only the ids are read first, then the rows not folded yet."""
+        audit = self._registry.audit
+        if self._young:
+            ids = audit.ids_after(self._node_id, base.cursor)
+            new = [i for i in ids if i not in self._young]
+            for start in range(0, len(new), self._batch):
+                self._fold(base, audit.rows_in(self._node_id, new[start : start + self._batch]), horizon)
+            self._settle(base, horizon)
+            return
+        after = base.cursor
         while True:
-            rows = self._registry.audit.rows_after(self._node_id, after, self._batch)
-            held = _fold_old(base, rows, horizon, young, held=held)
+            rows = audit.rows_after(self._node_id, after, self._batch)
+            self._fold(base, rows, horizon)
             if len(rows) < self._batch:
-                return young
+                return
             after = rows[-1].id
 
-
-def _fold_old(base: Tally, rows: Iterable[AuditRow], horizon: datetime, young: list[AuditRow], *, held: bool) -> bool:
-    """Fold rows in id order up to the first young one (`held` from then on: every row after it is re-read next
-    time); the young rows of metric kinds go to `young`, to be added to a copy only. Returns `held`."""
-    for row in rows:
-        if not held and row.at <= horizon:
+    def _fold(self, base: Tally, rows: Iterable[AuditRow], horizon: datetime) -> None:
+        """Fold every row; then move the cursor past the rows, in id order, that are older than the lag (a row
+        younger than it keeps the cursor before it: its id is held, and a late lower id can still appear)."""
+        young = self._young
+        for row in rows:
             base.add(row)
-            base.cursor = row.id
-        else:
-            held = True
-            if row.kind in KINDS:
-                young.append(row)
-    return held
+            if not young and row.at <= horizon:
+                base.cursor = max(base.cursor, row.id)  # (rows come in id order: the steady case, SQLite's)
+            else:
+                young[row.id] = row.at
+        self._settle(base, horizon)
+
+    def _settle(self, base: Tally, horizon: datetime) -> None:
+        """Move the cursor past the held ids, in id order, that are older than the lag now."""
+        young = self._young
+        for row_id in sorted(young) if young else ():
+            if young[row_id] > horizon:
+                break
+            base.cursor = max(base.cursor, row_id)
+            del young[row_id]
 
 
 __all__ = [

@@ -76,10 +76,22 @@ def _rollup_query(by_node: bool) -> Select[Any]:
     return q.where(ROLLUP.c.node_id == bindparam("node", None)) if by_node else q
 
 
+def _ids_query(by_node: bool) -> Select[Any]:
+    q = select(EVENTS.c.id).where(EVENTS.c.id > bindparam("after", 0)).order_by(EVENTS.c.id)
+    return q.where(EVENTS.c.node_id == bindparam("node", None)) if by_node else q
+
+
+def _rows_in_query(by_node: bool) -> Select[Any]:
+    q = select(*ROW_COLUMNS).where(EVENTS.c.id.in_(bindparam("ids", expanding=True))).order_by(EVENTS.c.id)
+    return q.where(EVENTS.c.node_id == bindparam("node", None)) if by_node else q
+
+
 # The statements of every scrape, built once (SQLite: compiled once per engine, see AuditReader._run).
 _GAUGES = {by_node: _gauges_query(by_node) for by_node in (True, False)}
 _AFTER = {by_node: _rows_query(by_node, limited=True) for by_node in (True, False)}
-_EVERY_SCRAPE = frozenset(id(q) for q in (*_GAUGES.values(), *_AFTER.values()))
+_IDS = {by_node: _ids_query(by_node) for by_node in (True, False)}
+_IN = {by_node: _rows_in_query(by_node) for by_node in (True, False)}
+_EVERY_SCRAPE = frozenset(id(q) for q in (*_GAUGES.values(), *_AFTER.values(), *_IDS.values()))
 
 
 class AuditReader:
@@ -102,6 +114,16 @@ class AuditReader:
         """Audit rows of every kind after an id, oldest first (an index range: node_id, id)."""
         params = {"node": node_id, "after": after_id, "limit": limit}
         return [self._row(r) for r in self._select(_AFTER[node_id is not None], params)]
+
+    def ids_after(self, node_id: str | None, after_id: int) -> list[int]:
+        """The ids of the audit rows after an id (an index-only range: node_id, id)."""
+        return [r[0] for r in self._select(_IDS[node_id is not None], {"node": node_id, "after": after_id})]
+
+    def rows_in(self, node_id: str | None, ids: Collection[int]) -> list[AuditRow]:
+        """The audit rows of these ids, oldest first."""
+        if not ids:
+            return []
+        return [self._row(r) for r in self._select(_IN[node_id is not None], {"node": node_id, "ids": list(ids)})]
 
     @contextmanager
     def history(self, node_id: str | None, kinds: Collection[str]) -> Iterator[History]:
