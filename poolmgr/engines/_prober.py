@@ -1,6 +1,7 @@
 """Health probes of running engines at a bounded cost: one thread, one epoll set, one short HTTP/1.0 request per
-engine per interval over a fresh connection, spread over the interval so a thousand engines never probe in one
-burst. Not a kept-alive connection: llama-server's HTTP library waits for the next request on an idle keep-alive
+engine per interval over a fresh connection, each engine at its own phase of the interval, sent in batches at
+most 0.5 s (a quarter of the interval) apart: the thread wakes twice a batch (send; read the answers after a
+10 ms settle), not twice a probe, and a thousand engines never probe at once. Not a kept-alive connection: llama-server's HTTP library waits for the next request on an idle keep-alive
 connection by waking every 10 ms (cpp-httplib's keep-alive check interval), 100 wake-ups a second per engine —
 far more than the probe it would save. One probe is in flight per engine at a time; after one that timed out the
 next goes at once, so a hung engine is found `threshold` x `timeout` after its first unanswered probe, which
@@ -31,7 +32,7 @@ Address = tuple[str, int] | str  # (host, port) over TCP, or the path of a unix 
 _REQUEST = b"GET /health HTTP/1.0\r\nHost: engine\r\n\r\n"
 _MIN_WAIT_S = 0.002  # the shortest wait for an answer's timeout
 _SETTLE_S = 0.01  # after sending a batch, the wait before reading its answers
-_BATCH_S = 0.2  # due probes are sent in batches this far apart at most (a tenth of the interval when shorter):
+_BATCH_S = 0.5  # due probes are sent in batches this far apart at most (a quarter of the interval when shorter):
 # a wake-up sends several and their answers come back together: two wake-ups a batch, not two a probe
 
 
@@ -69,7 +70,7 @@ class HealthProber:
         self.timeout_s = timeout_s
         self.threshold = threshold
         self.clock = clock
-        self._batch_s = min(_BATCH_S, interval_s / 10)
+        self._batch_s = min(_BATCH_S, interval_s / 4)
         self._settle_s = min(_SETTLE_S, timeout_s / 10)
         self._targets: dict[str, _Target] = {}
         self._by_fd: dict[int, _Target] = {}
