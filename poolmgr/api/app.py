@@ -148,6 +148,10 @@ def _add_node_routes(
         return devices() if devices is not None else []
 
 
+def _pools_json(registry: Registry) -> str:
+    return json.dumps([p.status() for p in registry.pools()], separators=(",", ":"))
+
+
 # A route that changes a pool (or its leases): ownership (409), its state (409), its body (422).
 _CHANGE = _errors(*_GUARDED, 404, 409, 422)
 
@@ -156,9 +160,8 @@ def _add_pool_routes(app: FastAPI, registry: Registry, kick: Callable[[str], Non
     @app.get("/pools", response_model=list[dict[str, Any]], responses=_errors(*_GUARDED))
     async def pools() -> Response:
         # The status documents are plain JSON already: serialised directly, not walked by FastAPI's encoder
-        # (most of the time of this route at 200 pools).
-        docs = [p.status() for p in await _db(registry.pools)]
-        return Response(json.dumps(docs, separators=(",", ":")), media_type="application/json")
+        # (most of the time of this route at 200 pools), in the worker thread with the read (off the event loop).
+        return Response(await _db(_pools_json, registry), media_type="application/json")
 
     @app.get("/pools/{pool_id}/status", responses=_errors(*_GUARDED, 404, 422))
     async def status(pool_id: str) -> dict[str, Any]:

@@ -1,11 +1,12 @@
 """Health probes of running engines at a bounded cost: one thread, one epoll set, one short HTTP/1.0 request per
 engine per interval over a fresh connection, each engine at its own phase of the interval, sent in batches at
 most 0.5 s (a quarter of the interval) apart: the thread wakes twice a batch (send; read the answers after a
-10 ms settle), not twice a probe, and a thousand engines never probe at once. Not a kept-alive connection: llama-server's HTTP library waits for the next request on an idle keep-alive
-connection by waking every 10 ms (cpp-httplib's keep-alive check interval), 100 wake-ups a second per engine —
-far more than the probe it would save. One probe is in flight per engine at a time; after one that timed out the
-next goes at once, so a hung engine is found `threshold` x `timeout` after its first unanswered probe, which
-goes at most an interval after it hung (refused or bad answers: one probe an interval).
+10 ms settle), not twice a probe, and a thousand engines never probe at once. Not a kept-alive connection:
+llama-server's HTTP library waits for the next request on an idle keep-alive connection by waking every 10 ms
+(cpp-httplib's keep-alive check interval), 100 wake-ups a second per engine — far more than the probe it would
+save. One probe is in flight per engine at a time; after one that timed out the next goes at once, so a hung
+engine is found `threshold` x `timeout` after its first unanswered probe, which goes at most an interval and a
+batch after it hung (refused or bad answers: one probe an interval).
 
 The cadence is the caller's clock (`clock()`, monotonic seconds: the lifecycle's injected clock), the answer's
 timeout is real time (it is the engine's I/O). Nothing is reported while an engine answers: only when

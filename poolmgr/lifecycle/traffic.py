@@ -83,6 +83,7 @@ class RequestStats:
     answered: int = 0  # the sum of by_code (read without a lock by the engine-metrics thread)
     duration: Histogram = field(default_factory=Histogram)
     first_byte: Histogram = field(default_factory=Histogram)
+    version: int = 0  # moved last by each `record`: a reader that sees it has seen that record whole
 
 
 class Ticket:
@@ -233,6 +234,7 @@ class PoolTraffic:
         stats.duration.observe(duration_s)
         if first_byte_s is not None:
             stats.first_byte.observe(first_byte_s)
+        stats.version += 1
 
     def cut(self) -> int:
         """Cancel every request still running (a drain's deadline passed); how many were cut."""

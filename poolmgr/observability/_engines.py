@@ -240,6 +240,7 @@ class EngineMetrics:
         self._deferred: set[str] = set()  # came due while their fetch ran: due again when it ends
         self._fetched: dict[str, _Fetched] = {}
         self._text: str | None = ""  # the merged families; None: to be merged again
+        self.version = 0  # moves whenever the fetched answers change (what a scrape compares to reuse its text)
         self._wake = threading.Event()
         self._refresh = True
         self._stopped = False
@@ -253,6 +254,7 @@ class EngineMetrics:
             for pool_id in [p for p in self._fetched if p not in endpoints]:
                 del self._fetched[pool_id]
                 self._text = None
+                self.version += 1
             unknown = any(
                 pool_id not in self._targets or self._targets[pool_id].base_url != url.rstrip("/")
                 for pool_id, url in endpoints.items()
@@ -327,6 +329,7 @@ class EngineMetrics:
                 self._parked.discard(pool_id)
                 if self._fetched.pop(pool_id, None) is not None:
                     self._text = None
+                    self.version += 1
                 if pool_id in targets:
                     self._schedule(pool_id, now)
                 else:
@@ -400,6 +403,7 @@ class EngineMetrics:
             if self._targets.get(target.pool_id) == target:
                 self._fetched[target.pool_id] = fetched
                 self._text = None
+                self.version += 1
                 if fetched.up:
                     self._seen[target.pool_id] = before
                 else:

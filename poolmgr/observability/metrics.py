@@ -120,7 +120,8 @@ class PoolMetricsCollector:
         self._last = A.Tally(window_s=window_s)
         self._engines: dict[str, str] = {}  # pool_id → engine of the last rows read
         self._lock = threading.Lock()
-        self._written = _Written()
+        self._blocks = {name: _Block() for name in ("pools", "audit", "requests", "engines")}
+        self._served: object = None  # what the engine fetcher was last told serves (pools, its version)
         self.engines = engines
 
     def describe(self) -> list[Metric]:
@@ -138,20 +139,24 @@ class PoolMetricsCollector:
             log.warning("metrics: the audit history could not be read yet: %s", str(exc).strip().splitlines()[0])
 
     def render(self) -> str:
-        """The exposition, in the Prometheus text format."""
+        """The exposition, in the Prometheus text format. Each part is written again only when what it is written
+        from changed (the pools' rows, the audit totals, the request counts, the engines' answers); within a part,
+        only the lines whose inputs changed."""
         with self._lock:
             pools, tally, db_up = self._read()
             out: list[str] = []
             family(out, "poolmgr_metrics_db_up", "gauge", "1 when the last scrape could read the registry database",
                    [f"poolmgr_metrics_db_up {fmt(db_up)}\n"])  # fmt: skip
-            _pool_gauges(out, pools, self._written)
+            out.append(self._blocks["pools"].get(pools, lambda o, w: _pool_gauges(o, pools, w)))
             _device_gauges(out, self._inventory())
-            known = sorted(set(self._engines) | _pools_in(tally))
-            _counters(out, tally, self._engines, known, self._written)
-            _histograms(out, tally, self._written)
+            engines = self._engines
+            out.append(
+                self._blocks["audit"].get((tally.version, engines), lambda o, w: _audit_families(o, tally, engines, w))
+            )
             if self._traffic is not None:
-                _request_metrics(out, self._traffic, self._written)
-            self._written.turn()
+                board = self._traffic
+                key = [(p, t.stats.version, t.in_flight, t.queued) for p, t in sorted(dict(board.pools).items())]
+                out.append(self._blocks["requests"].get(key, lambda o, w: _request_metrics(o, board, w)))
             self._engine_metrics(out, pools if db_up else None)
             return "".join(out)
 
@@ -167,15 +172,26 @@ class PoolMetricsCollector:
         return pools, tally, 1.0
 
     def _engine_metrics(self, out: list[str], pools: list[PoolGauge] | None) -> None:
-        up: dict[str, bool] = {}
-        text = ""
-        if self.engines is not None:
-            if pools is not None:  # a scrape that could not read the pools forgets none
-                self.engines.serving({p.id: p.endpoint_url or "" for p in pools if _scrapable(p)})
-            up, text = self.engines.up(), self.engines.text()
-        doc = "1 when the pool's engine answered its last /metrics fetch"
-        _gauge(out, "pool_engine_metrics_up", doc, ((pool_label(p), float(ok)) for p, ok in sorted(up.items())))
-        out.append(text)
+        engines = self.engines
+        if engines is None:
+            out.append(self._blocks["engines"].get(None, lambda o, w: _engine_up(o, {})))
+            return
+        if pools is not None and (pools, engines.version) != self._served:  # a scrape that could not read the
+            engines.serving({p.id: p.endpoint_url or "" for p in pools if _scrapable(p)})  # pools forgets none
+            self._served = (pools, engines.version)
+        out.append(self._blocks["engines"].get(engines.version, lambda o, w: _engine_up(o, engines.up())))
+        out.append(engines.text())
+
+
+def _engine_up(out: list[str], up: dict[str, bool]) -> None:
+    doc = "1 when the pool's engine answered its last /metrics fetch"
+    _gauge(out, "pool_engine_metrics_up", doc, ((pool_label(p), float(ok)) for p, ok in sorted(up.items())))
+
+
+def _audit_families(out: list[str], tally: A.Tally, engines: dict[str, str], written: _Written) -> None:
+    known = sorted(set(engines) | _pools_in(tally))
+    _counters(out, tally, engines, known, written)
+    _histograms(out, tally, written)
 
 
 def _scrapable(p: PoolGauge) -> bool:
@@ -339,6 +355,24 @@ class _Written:
 
     def turn(self) -> None:
         self._kept, self._used = self._used, {}
+
+
+class _Block:
+    """A part of the exposition, kept while the `key` it was written from compares equal; its own `_Written` keeps
+    the lines of the last time it was written."""
+
+    def __init__(self) -> None:
+        self._key: object = _Block  # (no key is the class itself: the first `get` writes)
+        self._text = ""
+        self._written = _Written()
+
+    def get(self, key: object, write: Callable[[list[str], _Written], None]) -> str:
+        if self._key is _Block or key != self._key:
+            out: list[str] = []
+            write(out, self._written)
+            self._written.turn()
+            self._key, self._text = key, "".join(out)
+        return self._text
 
 
 class MetricsEndpoint:

@@ -148,6 +148,7 @@ class Tally:
     recent_restarts: dict[str, list[datetime]] = field(default_factory=dict)
     reload_started: dict[str, datetime] = field(default_factory=dict)
     cursor: int = 0  # the id of the last row folded
+    version: int = 0  # moves with every row or rollup added: what /metrics compares to reuse its text
 
     def copy(self, pools: Collection[str] | None = None) -> Tally:
         """An independent copy (cheaper than copy.deepcopy: only histograms and restart lists are objects). With
@@ -164,6 +165,7 @@ class Tally:
             recent_restarts={p: list(times) for p, times in self.recent_restarts.items()},
             reload_started=dict(self.reload_started),
             cursor=self.cursor,
+            version=self.version,
         )
 
     def inc(self, name: str, *labels: str, by: float = 1.0) -> None:
@@ -187,6 +189,7 @@ class Tally:
         handler = _HANDLERS.get(ev.kind)
         if handler is not None:
             handler(self, ev)
+            self.version += 1
 
     # -- one method per kind of row -------------------------------------------------------------------
     def _preload_ok(self, ev: FoldRow) -> None:
@@ -312,6 +315,7 @@ def add_rollup(tally: Tally, rows: Iterable[tuple[str, str, str, float, Any]]) -
             tally.recent_restarts[pool_id] = [datetime.fromisoformat(t) for t in data]
         else:
             tally.inc(name, pool_id, *json.loads(labels), by=float(value))
+        tally.version += 1
 
 
 __all__ = [

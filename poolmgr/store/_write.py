@@ -16,7 +16,7 @@ from dataclasses import replace
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
 
-from sqlalchemy import Table, func, select
+from sqlalchemy import Table
 from sqlalchemy.engine import Dialect, Engine
 
 from poolmgr.errors import IllegalTransition, NotFoundError
@@ -24,20 +24,12 @@ from poolmgr.inflight import operation_from_json
 from poolmgr.poolsfile import PoolSpec
 from poolmgr.states import DesiredState, PoolState
 from poolmgr.store._effect import Effect, EventData, StateMachine
-from poolmgr.store._models import Lease, Pool, PoolEvent
+from poolmgr.store._models import Pool, PoolEvent
 from poolmgr.store._views import PoolView
 
 POOLS: Table = Pool.metadata.tables["pools"]
 EVENTS: Table = PoolEvent.metadata.tables["pool_events"]
-LEASES: Table = Lease.metadata.tables["leases"]
 NODES: Table = Pool.metadata.tables["nodes"]
-LEASE_COUNT = (
-    select(func.count(LEASES.c.id)).where(LEASES.c.pool_id == POOLS.c.id).scalar_subquery().label("active_leases")
-)
-# The node's heartbeat: a serving pool's heartbeat_at is derived from it (one write per node, not per pool).
-NODE_HEARTBEAT = (
-    select(NODES.c.heartbeat_at).where(NODES.c.id == POOLS.c.node_id).scalar_subquery().label("node_heartbeat_at")
-)
 _SERVING = frozenset({PoolState.READY, PoolState.DRAINING})
 _SPEC_CACHE = 4096  # distinct stored specs parsed and kept (a node's pools, each spec a few hundred bytes)
 EventValues = Callable[[str, int, EventData, dict[str, Any]], dict[str, Any]]
@@ -170,6 +162,10 @@ class RawStatements:
             + ("" if self.sqlite else " FOR UPDATE OF pools")  # SQLite: BEGIN IMMEDIATE holds the write lock
         )
         self.delete_leases = f"DELETE FROM leases WHERE pool_id = {self.mark}"
+        every = self.select_pool.split(" FROM pools WHERE ", 1)[0] + " FROM pools"
+        self.select_pools = every + " ORDER BY id"  # the same columns, every pool, unlocked
+        self.select_node_pools = every + f" WHERE node_id = {self.mark} ORDER BY id"
+        self.select_one_pool = every + f" WHERE id = {self.mark}"
         self._updates: dict[tuple[str, ...], str] = {}
         self._inserts: dict[tuple[str, ...], str] = {}
 
@@ -293,8 +289,6 @@ class RawTx:
 
 
 __all__ = [
-    "LEASE_COUNT",
-    "NODE_HEARTBEAT",
     "POOLS",
     "Beat",
     "RawStatements",

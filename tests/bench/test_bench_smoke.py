@@ -104,6 +104,16 @@ def test_restart_bench_reports_sigkill_to_serving_again_next_to_the_cold_start_f
         assert result["runtimes"] == ["process"] and "container pool (runtime = podman): skipped:" in out
 
 
+def test_hang_bench_reports_sigstop_to_the_crash_row_next_to_its_bound() -> None:
+    needs_llama_server()
+    result, out = run_bench("hang", "--quick")
+    assert result["bench"] == "hang" and result["runs"] == 1
+    assert_positive(result, "detect_median_s", "bound_s", "interval_ms", "timeout_ms", "threshold")
+    assert result["reasons"] == ["health_check"]  # found by the probes, not by an exit
+    assert result["detect_min_s"] <= result["detect_median_s"] <= result["detect_max_s"]
+    assert isinstance(result["within_bound"], bool) and "SIGSTOP -> crash row" in out
+
+
 def test_restart_bench_leaves_the_container_row_out_when_asked() -> None:
     sys.path.insert(0, str(REPO / "bench"))
     try:

@@ -355,3 +355,40 @@ def test_serve_prunes_the_audit_beyond_the_retention_and_keeps_the_totals(
     scrape = st.scrape()
     assert scrape.value("engine_crash_total", pool_id="retired", reason="host_oom") == 1
     assert scrape.value("pool_preload_success_total", pool_id="retired", engine="unknown") == 1
+
+
+def test_a_part_of_the_exposition_is_written_again_only_when_its_inputs_change(
+    registry: Registry, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 1,000-pool scrape writes nothing again while nothing changed: each part (the pools' gauges, the audit
+    totals, the request counts) is kept with what it was written from; a change of any input shows at once."""
+    import poolmgr.observability.metrics as M
+    from poolmgr.lifecycle.traffic import TrafficBoard
+
+    writes: dict[str, int] = {}
+    for name in ("_pool_gauges", "_audit_families", "_request_metrics"):
+        real = getattr(M, name)
+        monkeypatch.setattr(
+            M, name, lambda *a, _r=real, _n=name: writes.__setitem__(_n, writes.get(_n, 0) + 1) or _r(*a)
+        )
+    for pool_id in ("a", "b"):
+        _ready(registry, pool_id)
+    board = TrafficBoard(queue_timeout_s=1, socket_for=lambda _pool: "")
+    board.get("a")
+    endpoint = MetricsEndpoint(PoolMetricsCollector(registry, node_id="node-a", inventory=Inventory, lag_s=0,
+                                                    traffic=board))  # fmt: skip
+    first = endpoint()[0]
+    assert endpoint()[0] == first and writes == {"_pool_gauges": 1, "_audit_families": 1, "_request_metrics": 1}
+    board.get("a").record(200, 0.01, 0.005)  # a request answered: only the request part is written again
+    after_request = Scrape(endpoint()[0].decode())
+    assert after_request.value("pool_requests_total", pool_id="a", code="200") == 1
+    assert writes == {"_pool_gauges": 1, "_audit_families": 1, "_request_metrics": 2}
+    fire(registry, "b", _crashed("exit"))  # a row and an audit row: the pools' part and the totals
+    after_crash = Scrape(endpoint()[0].decode())
+    assert after_crash.value("engine_crash_total", pool_id="b", reason="exit") == 1
+    assert after_crash.value("pool_state", pool_id="b", state="crashed") == 1
+    assert writes == {"_pool_gauges": 2, "_audit_families": 2, "_request_metrics": 2}
+    body, _ = endpoint()
+    assert generate_latest(endpoint.registry) == body  # byte for byte what prometheus_client writes
+    assert writes == {"_pool_gauges": 2, "_audit_families": 2, "_request_metrics": 2}
+    endpoint.close()
