@@ -109,7 +109,7 @@ def test_hang_bench_reports_sigstop_to_the_crash_row_next_to_its_bound() -> None
     result, out = run_bench("hang", "--quick")
     assert result["bench"] == "hang" and result["runs"] == 1
     assert_positive(result, "detect_median_s", "bound_s", "interval_ms", "timeout_ms", "threshold")
-    assert result["reasons"] == ["health_check"]  # found by the probes, not by an exit
+    assert result["reasons"] == ["health_failure"]  # found by the probes, not by an exit
     assert result["detect_min_s"] <= result["detect_median_s"] <= result["detect_max_s"]
     assert isinstance(result["within_bound"], bool) and "SIGSTOP -> crash row" in out
 
