@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +94,12 @@ def _fmt(value: Any) -> str:
 def emit(result: dict[str, Any]) -> None:
     """The machine-readable last line of every benchmark."""
     print(json.dumps(result, sort_keys=False, default=str), flush=True)
+
+
+def bench_main(run: Callable[[Any], dict[str, Any]], parse_args: Callable[[], Any]) -> int:
+    """A benchmark's entry point: its arguments, its run (which prints its tables), its JSON line last."""
+    emit(run(parse_args()))
+    return 0
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ import signal
 import time
 from typing import Any
 
-from _common import emit, llama_server_path, machine, median, print_table, shared_dir
+from _common import bench_main, llama_server_path, machine, median, print_table, shared_dir
 from _serve import Serve, at, remove_pool_cgroup
 
 from poolmgr.engines.tiny_model import write_tiny_model
@@ -110,10 +110,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> int:
-    emit(run(parse_args()))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(bench_main(run, parse_args))

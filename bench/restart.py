@@ -31,7 +31,7 @@ from typing import Any
 
 from _common import (
     TRANSPORT,
-    emit,
+    bench_main,
     engine_cold_start,
     engine_listen_s,
     llama_server_path,
@@ -277,10 +277,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> int:
-    emit(run(parse_args()))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(bench_main(run, parse_args))

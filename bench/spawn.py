@@ -34,7 +34,7 @@ from typing import Any
 from _common import (
     DEFAULT_LLAMA_SERVER,
     TRANSPORT,
-    emit,
+    bench_main,
     engine_argv,
     machine,
     median,
@@ -287,10 +287,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> int:
-    emit(run(parse_args()))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(bench_main(run, parse_args))

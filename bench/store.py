@@ -35,7 +35,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from _common import emit, machine, median, print_table
+from _common import bench_main, machine, median, print_table
 from sqlalchemy import event
 
 from poolmgr.inflight import Drain
@@ -408,10 +408,5 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main() -> int:
-    emit(run(parse_args()))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(bench_main(run, parse_args))
