@@ -119,11 +119,11 @@ class AuditTally:
     def _fold(self, base: Tally, rows: Iterable[AuditRow], horizon: datetime) -> None:
         """Fold every row; then move the cursor past the rows, in id order, that are older than the lag (a row
         younger than it keeps the cursor before it: its id is held, and a late lower id can still appear)."""
-        young = self._young
+        young, in_order = self._young, not self._lag
         for row in rows:
             base.add(row)
-            if not young and row.at <= horizon:
-                base.cursor = max(base.cursor, row.id)  # (rows come in id order: the steady case, SQLite's)
+            if in_order or (not young and row.at <= horizon):  # (rows come in id order: SQLite; the steady case)
+                base.cursor = max(base.cursor, row.id)
             else:
                 young[row.id] = row.at
         self._settle(base, horizon)

@@ -305,8 +305,8 @@ class EngineMetrics:
                 next_sync = min(next_sync, last_sync + _MIN_SYNC_GAP_S)
             if now >= next_sync:
                 self._refresh = False
-                last_sync, next_sync = now, now + max(self.interval_s, _RESYNC_S)
-                self._sync(now)
+                read = self._sync(now)  # not read (the database away): again after an interval, not _RESYNC_S
+                last_sync, next_sync = now, now + (max(self.interval_s, _RESYNC_S) if read else self.interval_s)
                 next_pass = now
             if now >= next_pass:
                 next_pass = now + self.interval_s / _PARKED_PASSES
@@ -315,13 +315,14 @@ class EngineMetrics:
             self._wake.wait(max(0.0, until - time.monotonic()))
             self._wake.clear()
 
-    def _sync(self, now: float) -> None:
-        """Take the current targets: forget pools that stopped serving, spread new ones over the interval."""
+    def _sync(self, now: float) -> bool:
+        """Take the current targets: forget pools that stopped serving, spread new ones over the interval. False:
+        they could not be read."""
         try:
             targets = {t.pool_id: t for t in self._read_targets()}
         except Exception as exc:  # the database away: keep fetching what was known
             log.debug("engine metrics: could not read the pools: %s", exc)
-            return
+            return False
         with self._lock:
             new = [pool_id for pool_id in targets if pool_id not in self._targets]
             for pool_id in [p for p, t in self._targets.items() if targets.get(p) != t]:  # gone, moved, restarted
@@ -337,6 +338,7 @@ class EngineMetrics:
                     self._deferred.discard(pool_id)
             self._spread(new, now)
             self._targets = targets
+        return True
 
     def _schedule(self, pool_id: str, at: float) -> None:
         """The pool's next fetch starts at `at` (under the lock); an earlier entry in the heap goes stale."""

@@ -155,7 +155,7 @@ class PoolMetricsCollector:
             )
             if self._traffic is not None:
                 board = self._traffic
-                key = [(p, t.stats.version, t.in_flight, t.queued) for p, t in sorted(dict(board.pools).items())]
+                key = [(p, id(t), t.stats.version, t.in_flight, t.queued) for p, t in sorted(dict(board.pools).items())]
                 out.append(self._blocks["requests"].get(key, lambda o, w: _request_metrics(o, board, w)))
             self._engine_metrics(out, pools if db_up else None)
             return "".join(out)

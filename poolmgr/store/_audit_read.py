@@ -91,6 +91,7 @@ _GAUGES = {by_node: _gauges_query(by_node) for by_node in (True, False)}
 _AFTER = {by_node: _rows_query(by_node, limited=True) for by_node in (True, False)}
 _IDS = {by_node: _ids_query(by_node) for by_node in (True, False)}
 _IN = {by_node: _rows_in_query(by_node) for by_node in (True, False)}
+_EXPANDING = frozenset(id(q) for q in _IN.values())
 _EVERY_SCRAPE = frozenset(id(q) for q in (*_GAUGES.values(), *_AFTER.values(), *_IDS.values()))
 
 
@@ -178,6 +179,9 @@ class AuditReader:
         cur = raw.cursor()
 
         def run(q: Select[Any], params: dict[str, Any]) -> Any:
+            if id(q) in _EXPANDING:  # an IN list: its `?`s depend on the values
+                state = q.compile(dialect=self.engine.dialect).construct_expanded_state(params)
+                return cur.execute(state.statement, state.positional_parameters)
             sql, names, bound = self._sql(q)
             return cur.execute(sql, [params[n] if n in params else bound[n] for n in names])
 

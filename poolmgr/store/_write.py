@@ -171,24 +171,22 @@ class RawStatements:
 
     def beat(self, cur: Any, node_id: str, now: datetime, values: Mapping[str, Any], alive_sql: str) -> Beat | None:
         """The node's heartbeat on `cur`: its row's heartbeat_at = `now`, `values`, alive_until = `alive_sql`;
-        then whether a lease of its pools expired. None: the node has no row yet (nothing written)."""
+        then its desired generation and whether a lease of its pools expired, in one SELECT (no RETURNING: SQLite
+        before 3.35 has none). None: the node has no row yet (nothing written)."""
         m = self.mark
         sets = ", ".join(f"{k} = {m}" for k in values)
-        update_sql = (
-            f"UPDATE nodes SET heartbeat_at = {m}, {sets}, alive_until = {alive_sql} WHERE id = {m} "
-            "RETURNING desired_generation"
-        )
-        expired_sql = (
-            "SELECT 1 FROM leases JOIN pools ON pools.id = leases.pool_id "
-            f"WHERE pools.node_id = {m} AND leases.expires_at <= {m} LIMIT 1"
+        update_sql = f"UPDATE nodes SET heartbeat_at = {m}, {sets}, alive_until = {alive_sql} WHERE id = {m}"
+        read_sql = (
+            "SELECT desired_generation, EXISTS (SELECT 1 FROM leases JOIN pools ON pools.id = leases.pool_id "
+            f"WHERE pools.node_id = nodes.id AND leases.expires_at <= {m}) FROM nodes WHERE id = {m}"
         )
         stamp = _bound(self._stamp_bind, now)
         cur.execute(update_sql, [stamp, *values.values(), node_id])
-        row = cur.fetchone()
-        if row is None:
+        if cur.rowcount != 1:
             return None
-        cur.execute(expired_sql, [node_id, stamp])
-        return Beat(cur.fetchone() is not None, int(row[0] or 0))
+        cur.execute(read_sql, [stamp, node_id])
+        generation, expired = cur.fetchone()
+        return Beat(bool(expired), int(generation or 0))
 
     def _result_processors(self, cur: Any) -> list[tuple[str, Callable[[Any], Any]]]:
         """(column, processor) for the columns that have one, as SQLAlchemy builds them: from the driver's type

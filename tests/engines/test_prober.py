@@ -157,8 +157,11 @@ def test_a_unix_socket_engine_is_probed_like_a_tcp_one(tmp_path: Path) -> None:
         srv.listen(8)
 
         def serve() -> None:
-            for _ in range(3):
-                conn, _ = srv.accept()
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:  # the test is over: its socket closed
+                    return
                 with conn:
                     hits.append(conn.recv(1024))
                     conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -172,3 +175,42 @@ def test_a_unix_socket_engine_is_probed_like_a_tcp_one(tmp_path: Path) -> None:
         finally:
             prober.close()
     assert reported == [] and hits[0].startswith(b"GET /health HTTP/1.0\r\n")
+
+
+def test_an_answer_in_pieces_is_read_whole_and_close_ends_the_probes_in_flight(tmp_path: Path) -> None:
+    """An engine slower than the batch's settle: the status line arrives in two pieces, 50 ms apart; the probe
+    waits for the rest (epoll) and counts it healthy. Closing the prober with a probe in flight ends it."""
+    path = tmp_path / "engine.sock"
+    served: list[int] = []
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(str(path))
+        srv.listen(8)
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = srv.accept()
+                except OSError:  # the test is over: its socket closed
+                    return
+                with conn:
+                    conn.recv(1024)
+                    conn.sendall(b"HTTP/1.1 2")
+                    time.sleep(0.05)
+                    conn.sendall(b"00 OK\r\nContent-Length: 2\r\n\r\nok")
+                    served.append(1)
+
+        threading.Thread(target=serve, daemon=True).start()
+        reported: list[str] = []
+        prober = HealthProber(interval_s=0.2, timeout_s=5.0, threshold=1)
+        prober.watch("slow", str(path), reported.append)
+        assert _until(lambda: len(served) >= 3, 5)
+        time.sleep(0.1)
+        assert reported == []  # each split answer was read whole: 200, never a miss (threshold 1)
+        with socket.socket(socket.AF_UNIX) as silent_srv:  # a silent engine: its probe stays in flight
+            silent = tmp_path / "silent.sock"
+            silent_srv.bind(str(silent))
+            silent_srv.listen(8)
+            prober.watch("silent", str(silent), reported.append)
+            assert _until(lambda: prober.probes_sent >= 4, 2)
+            prober.close()  # ends the probe in flight (its socket closed), reports nothing
+    assert reported == []

@@ -32,7 +32,8 @@ async def _ready(engines: Engines, argv: list[str], env: dict[str, str], sock: P
 
 
 def test_health_is_loading_while_the_model_loads_then_ok(engines: Engines, fake_model: Path, sock: Path) -> None:
-    engine = engines.spawn(fake_argv(fake_model, sock), fake_env(FAKE_ENGINE_LOAD_MS="600"))
+    # 1.5 s of loading: seen even when a loaded machine starts the fake engine slowly (0.6 s was not, once)
+    engine = engines.spawn(fake_argv(fake_model, sock), fake_env(FAKE_ENGINE_LOAD_MS="1500"))
     seen = asyncio.run(wait_healthy(sock, time.monotonic() + 10, engine=engine))
     statuses = [result.status for result in seen]
     assert HealthStatus.LOADING in statuses and statuses[-1] is HealthStatus.OK, statuses

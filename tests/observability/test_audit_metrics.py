@@ -220,8 +220,9 @@ def test_incremental_reads_batched_reads_and_one_full_read_give_the_same_totals(
 
 def test_a_row_committed_after_a_higher_id_is_still_counted(registry: Registry, clock: FakeClock) -> None:
     """On PostgreSQL ids are taken at insert and rows become visible at commit: id 2 can appear after id 3.
-    Rows younger than the lag are re-read on every scrape, so a late one is counted when it shows up. SQLite
-    commits ids in order (one writer): there every row is folded at once, whatever the lag."""
+    The ids of rows younger than the lag are held, and each scrape reads the ids after the cursor, so a late one
+    is read (alone) and counted when it shows up. SQLite commits ids in order (one writer): there every row is
+    folded at once and the cursor moves past it, whatever the lag."""
     tally = AuditTally(registry, node_id="node-a", lag_s=60)
     _ready(registry, "p")
     first = registry.events()[-1].id
@@ -237,6 +238,34 @@ def test_a_row_committed_after_a_higher_id_is_still_counted(registry: Registry, 
     clock.advance(120)  # both are folded once older than the lag; the totals stay
     assert tally.snapshot().counter("circuit_breaker_open_total") == {("p",): 2}
     assert tally.snapshot().cursor == first + 2
+
+
+def test_rows_are_read_by_id_on_both_databases(registry: Registry, clock: FakeClock) -> None:
+    """What a scrape reads for ids it has not folded (PostgreSQL's late rows): the rows of those ids, of this
+    node, oldest first."""
+    for pool_id in ("a", "b"):
+        _ready(registry, pool_id)
+    ids = registry.audit.ids_after("node-a", 0)
+    assert ids == [e.id for e in registry.events()] and len(ids) >= 2
+    rows = registry.audit.rows_in("node-a", [ids[-1], ids[0]])
+    assert [r.id for r in rows] == [ids[0], ids[-1]] and rows[0].kind == registry.events()[0].kind
+    assert registry.audit.rows_in("another-node", ids) == [] and registry.audit.rows_in("node-a", []) == []
+
+
+def test_with_no_lag_a_row_stamped_after_the_scrape_began_is_folded_and_passed(
+    registry: Registry, clock: FakeClock
+) -> None:
+    """A row whose `at` is after the scrape's horizon (written meanwhile, or the clock stepped back) is folded and
+    the cursor moves past it when ids commit in order: nothing is held, every later scrape reads after it."""
+    tally = AuditTally(registry, node_id="node-a", lag_s=0)
+    _ready(registry, "p")
+    clock.advance(60)
+    _crash(registry, clock, "p", "exit", 100)
+    clock.advance(-30)  # the clock stepped back: the crash row is "in the future"
+    assert tally.snapshot().cursor == registry.events()[-1].id
+    _crash(registry, clock, "p", "signal", 100)
+    snap = tally.snapshot()
+    assert sum(snap.counter("engine_crash_total").values()) == 2 and snap.cursor == registry.events()[-1].id
 
 
 def _row(row_id: int, pool_id: str, clock: FakeClock, kind: str) -> dict[str, object]:

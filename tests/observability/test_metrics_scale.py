@@ -392,3 +392,25 @@ def test_a_part_of_the_exposition_is_written_again_only_when_its_inputs_change(
     assert generate_latest(endpoint.registry) == body  # byte for byte what prometheus_client writes
     assert writes == {"_pool_gauges": 2, "_audit_families": 2, "_request_metrics": 2}
     endpoint.close()
+
+
+def test_targets_that_could_not_be_read_are_read_again_after_an_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pools are read when told and every 300 s; a read that failed (the database away) is tried again
+    after an interval, so an engine that began serving meanwhile is not left out for five minutes."""
+    fetched: list[str] = []
+    monkeypatch.setattr(EngineScraper, "fetch", lambda self, t: fetched.append(t.pool_id) or [])
+    reads = {"n": 0}
+
+    def targets() -> list[EngineTarget]:
+        reads["n"] += 1
+        if reads["n"] == 1:
+            raise RuntimeError("the database is away")
+        return [EngineTarget("p", "http://n/pools/p/engine", "/s/p.sock", pid=1)]
+
+    metrics = EngineMetrics(targets, interval_s=0.2)
+    metrics.start()
+    try:
+        _until(lambda: fetched == ["p"], "the engine fetched after the failed read")
+        assert reads["n"] == 2
+    finally:
+        metrics.close()
