@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import logging
 import os
@@ -40,6 +41,7 @@ from poolmgr.store import Registry, migrate
 
 log = logging.getLogger("poolmgr.daemon")
 _T = TypeVar("_T")
+_GC_YOUNG_THRESHOLD = 50_000  # allocations between collections of the youngest generation (CPython: 700)
 _SERVER_TICK_S = 1.0  # uvicorn looks at its exit flag and limits 10 times a second by itself
 
 
@@ -159,6 +161,7 @@ async def serve(
         _reapply_on_sighup(cfg, reconciler, pools_file)
         server_task = asyncio.create_task(server.serve(sockets=[sock]), name="api")
         _log_serving(cfg, len(reconciler.workers), url)
+        _settle_gc()
         sd_notify("READY=1")
         await _unless(stop, asyncio.shield(server_task))
     except _Stopped:
@@ -202,6 +205,17 @@ def sd_notify(state: str) -> None:
             sock.send(state.encode())
     except OSError as exc:
         log.warning("could not tell systemd %s: %s", state, exc)
+
+
+def _settle_gc() -> None:
+    """What start built (the pools, their workers, the app) lives as long as serve: it is moved out of the cyclic
+    garbage collector's reach (after one collection), and the youngest generation is collected every 50,000
+    allocations instead of 700, so that a scrape's temporaries die before a collection promotes them. Without
+    both, a 1,000-pool node's scrapes set off a full collection every few seconds, ~250 ms each (bench/scale.py's
+    /metrics p95 on PostgreSQL); with them, none in a minute of back-to-back scrapes."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(_GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 def _log_serving(cfg: PoolManagerConfig, pools: int, url: str) -> None:
