@@ -27,11 +27,11 @@ from typing import Any
 from _common import bench_main, llama_server_path, machine, median, print_table, shared_dir
 from _serve import Serve, at, remove_pool_cgroup
 
+from poolmgr.engines._prober import _BATCH_S
 from poolmgr.engines.tiny_model import write_tiny_model
 from poolmgr.settings import PoolManagerConfig
 
 POOL = "bench-hang"
-_BATCH_MAX_S = 0.5  # poolmgr/engines/_prober.py's _BATCH_S
 
 
 def hang_once(srv: Serve, pool: str = POOL) -> dict[str, Any]:
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     binary = llama_server_path()
     cfg = PoolManagerConfig()
     interval, timeout = cfg.health_check_interval_ms / 1000, cfg.health_check_timeout_ms / 1000
-    bound = interval + min(_BATCH_MAX_S, interval / 4) + cfg.health_failure_threshold * timeout
+    bound = interval + min(_BATCH_S, interval / 4) + cfg.health_failure_threshold * timeout
     ids = [POOL] + [f"{POOL}-idle-{i:03d}" for i in range(args.pools - 1)]
     runs: list[dict[str, Any]] = []
     with shared_dir("poolmgr-bench-hang-") as d:

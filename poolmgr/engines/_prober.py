@@ -51,7 +51,6 @@ class _Target:
     last_text: str = ""
     generation: int = 0
     connected: bool = field(default=False)
-    entry: int = 0  # the sequence number of its live heap entry (an older one, left behind by a re-probe, is stale)
 
 
 class HealthProber:
@@ -126,8 +125,7 @@ class HealthProber:
             self._wake_w.send(b"x")
 
     def _push(self, target: _Target) -> None:
-        self._seq += 1
-        target.entry = self._seq
+        self._seq += 1  # (the tie-breaker: targets do not compare)
         heapq.heappush(self._heap, (target.due, self._seq, target))
 
     # -- the prober's thread ----------------------------------------------------------------------------
@@ -171,9 +169,9 @@ class HealthProber:
         due: list[_Target] = []
         with self._lock:
             while self._heap and self._heap[0][0] <= now:
-                _, seq, target = heapq.heappop(self._heap)
-                if seq == target.entry and not target.done and self._targets.get(target.key) is target:
-                    due.append(target)  # (an entry left behind when a timed-out probe moved its due is stale)
+                target = heapq.heappop(self._heap)[2]
+                if not target.done and self._targets.get(target.key) is target:  # (one entry per target)
+                    due.append(target)
         for target in due:
             if target.sock is None:  # one probe in flight per engine at most
                 self._start_probe(target)

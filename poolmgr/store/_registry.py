@@ -117,21 +117,21 @@ class Registry:
         desired pools (a change: re-read them). An idle node: one transaction a heartbeat, whatever it runs —
         two statements on the DB-API cursor (store/_write.py's `RawStatements.beat`), a tenth of Core's CPU."""
         now, values = self.clock.now(), {"version": __version__, "grace_ms": grace_ms, "hostname": hostname}
-        with self._raw_tx() as cur:
-            alive = _database_clock_plus(self._raw.dialect, grace_ms)
-            beat = self._raw.beat(cur, self.node_id, now, values, alive)
-        return beat if beat is not None else self._first_heartbeat(now, values, grace_ms)
+        alive = _database_clock_plus(self.engine.dialect.name, grace_ms)
+        for _ in range(2):
+            with self._raw_tx("heartbeat") as cur:
+                beat = self._raw.beat(cur, self.node_id, now, values, alive)
+            if beat is not None:
+                return beat
+            self._add_node(now, values, alive)  # the node's first beat: its row, then the beat again
+        raise AssertionError(f"node {self.node_id!r}: no row after creating it")  # pragma: no cover
 
-    def _first_heartbeat(self, now: datetime, values: dict[str, Any], grace_ms: int) -> Beat:
-        """The node's row does not exist yet: create it (Core; once per node)."""
-        alive: Any = literal_column(_database_clock_plus(self.engine.dialect.name, grace_ms))
+    def _add_node(self, now: datetime, values: dict[str, Any], alive: str) -> None:
+        """The node's row, created (Core; once per node), unless a CLI's registration made it meanwhile."""
         with self.engine.begin() as conn:
-            values = {**values, "heartbeat_at": now, "alive_until": alive}
-            if conn.execute(update(NODES).where(NODES.c.id == self.node_id).values(**values)).rowcount == 0:
-                conn.execute(insert(NODES).values(id=self.node_id, started_at=now, **values))
-            expired = conn.execute(self._expired_leases(now).limit(1)).first() is not None
-            generation = conn.execute(select(NODES.c.desired_generation).where(NODES.c.id == self.node_id))
-            return Beat(expired, int(generation.scalar_one() or 0))
+            row = {**values, "heartbeat_at": now, "alive_until": literal_column(alive)}
+            if conn.execute(update(NODES).where(NODES.c.id == self.node_id).values(**row)).rowcount == 0:
+                conn.execute(insert(NODES).values(id=self.node_id, started_at=now, **row))
 
     def _expired_leases(self, now: datetime) -> Any:
         """The expired leases of this node's pools (a node never touches another node's pools)."""
@@ -310,7 +310,7 @@ class Registry:
             yield RawTx(self._raw, cur)
 
     @contextmanager
-    def _raw_tx(self, what: str = "heartbeat", *, write: bool = True) -> Iterator[Any]:
+    def _raw_tx(self, what: str, *, write: bool = True) -> Iterator[Any]:
         """One transaction on a DB-API cursor of the pool (SQLite: BEGIN IMMEDIATE when it `write`s; a read runs
         in the statement's own snapshot, without the write lock). A driver error comes out as
         SQLAlchemy's, as from the Core paths: a lost or locked database as OperationalError (what the retry

@@ -25,7 +25,7 @@ rows after a pruned batch fold exactly as they would have with the batch still t
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, Protocol
@@ -150,17 +150,12 @@ class Tally:
     cursor: int = 0  # the id of the last row folded
     version: int = 0  # moves with every row or rollup added: what /metrics compares to reuse its text
 
-    def copy(self, pools: Collection[str] | None = None) -> Tally:
-        """An independent copy (cheaper than copy.deepcopy: only histograms and restart lists are objects). With
-        `pools`, only their histograms are copied, the others shared: a copy to add rows of those pools to."""
-
-        def hist(pool_id: str, h: Histogram) -> Histogram:
-            return h.copy() if pools is None or pool_id in pools else h
-
+    def copy(self) -> Tally:
+        """An independent copy (cheaper than copy.deepcopy: only histograms and restart lists are objects)."""
         return Tally(
             window_s=self.window_s,
             counters={name: dict(series) for name, series in self.counters.items()},
-            histograms={name: {p: hist(p, h) for p, h in per.items()} for name, per in self.histograms.items()},
+            histograms={name: {p: h.copy() for p, h in per.items()} for name, per in self.histograms.items()},
             last_failure=dict(self.last_failure),
             recent_restarts={p: list(times) for p, times in self.recent_restarts.items()},
             reload_started=dict(self.reload_started),

@@ -150,7 +150,6 @@ class RawStatements:
         self._pool_result: list[tuple[str, Callable[[Any], Any]]] | None = None  # from the first result's types
         self._event_bind = {c.name: c.type._cached_bind_processor(dialect) for c in EVENTS.columns}
         self._node_hb: Callable[[Any], Any] | None = None
-        self.dialect = dialect.name
         self._stamp_bind = NODES.c.heartbeat_at.type._cached_bind_processor(dialect)  # = leases.expires_at's
         # The spec as its stored text (PostgreSQL would parse the JSON): the same text gives the same PoolSpec,
         # parsed and checked once (`_spec`), not on every transition.

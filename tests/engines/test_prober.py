@@ -150,9 +150,9 @@ def test_probes_follow_the_given_clock_not_the_wall(server: ThreadingHTTPServer)
         prober.close()
 
 
-def test_a_unix_socket_engine_is_probed_like_a_tcp_one(tmp_path: Path) -> None:
-    path = tmp_path / "engine.sock"
-    hits: list[bytes] = []
+@contextlib.contextmanager
+def _unix_engine(path: Path, answer: Callable[[socket.socket], None]) -> Iterator[None]:
+    """An engine on a unix socket: each connection is handed to `answer` (in a thread) until the block ends."""
     with socket.socket(socket.AF_UNIX) as srv:
         srv.bind(str(path))
         srv.listen(8)
@@ -161,17 +161,30 @@ def test_a_unix_socket_engine_is_probed_like_a_tcp_one(tmp_path: Path) -> None:
             while True:
                 try:
                     conn, _ = srv.accept()
-                except OSError:  # the test is over: its socket closed
+                except OSError:  # the block is over: its socket shut down
                     return
-                with conn:
-                    hits.append(conn.recv(1024))
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                with conn, contextlib.suppress(OSError):  # (the prober may close first: close())
+                    answer(conn)
 
         threading.Thread(target=serve, daemon=True).start()
-        reported: list[str] = []
+        try:
+            yield
+        finally:
+            srv.shutdown(socket.SHUT_RDWR)  # wakes the serving thread's accept: it returns
+
+
+def test_a_unix_socket_engine_is_probed_like_a_tcp_one(tmp_path: Path) -> None:
+    hits: list[bytes] = []
+
+    def answer(conn: socket.socket) -> None:
+        hits.append(conn.recv(1024))
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    reported: list[str] = []
+    with _unix_engine(tmp_path / "engine.sock", answer):
         prober = HealthProber(interval_s=0.05, timeout_s=0.5, threshold=2)
         try:
-            prober.watch("u", str(path), reported.append)
+            prober.watch("u", str(tmp_path / "engine.sock"), reported.append)
             assert _until(lambda: len(hits) == 3, 2)
         finally:
             prober.close()
@@ -181,29 +194,19 @@ def test_a_unix_socket_engine_is_probed_like_a_tcp_one(tmp_path: Path) -> None:
 def test_an_answer_in_pieces_is_read_whole_and_close_ends_the_probes_in_flight(tmp_path: Path) -> None:
     """An engine slower than the batch's settle: the status line arrives in two pieces, 50 ms apart; the probe
     waits for the rest (epoll) and counts it healthy. Closing the prober with a probe in flight ends it."""
-    path = tmp_path / "engine.sock"
     served: list[int] = []
-    with socket.socket(socket.AF_UNIX) as srv:
-        srv.bind(str(path))
-        srv.listen(8)
 
-        def serve() -> None:
-            while True:
-                try:
-                    conn, _ = srv.accept()
-                except OSError:  # the test is over: its socket closed
-                    return
-                with conn, contextlib.suppress(OSError):  # the prober may close first (close())
-                    conn.recv(1024)
-                    conn.sendall(b"HTTP/1.1 2")
-                    time.sleep(0.05)
-                    conn.sendall(b"00 OK\r\nContent-Length: 2\r\n\r\nok")
-                    served.append(1)
+    def answer(conn: socket.socket) -> None:
+        conn.recv(1024)
+        conn.sendall(b"HTTP/1.1 2")
+        time.sleep(0.05)
+        conn.sendall(b"00 OK\r\nContent-Length: 2\r\n\r\nok")
+        served.append(1)
 
-        threading.Thread(target=serve, daemon=True).start()
-        reported: list[str] = []
+    reported: list[str] = []
+    with _unix_engine(tmp_path / "engine.sock", answer):
         prober = HealthProber(interval_s=0.2, timeout_s=5.0, threshold=1)
-        prober.watch("slow", str(path), reported.append)
+        prober.watch("slow", str(tmp_path / "engine.sock"), reported.append)
         assert _until(lambda: len(served) >= 3, 5)
         time.sleep(0.1)
         assert reported == []  # each split answer was read whole: 200, never a miss (threshold 1)
@@ -214,5 +217,4 @@ def test_an_answer_in_pieces_is_read_whole_and_close_ends_the_probes_in_flight(t
             prober.watch("silent", str(silent), reported.append)
             assert _until(lambda: prober.probes_sent >= 4, 2)
             prober.close()  # ends the probe in flight (its socket closed), reports nothing
-        srv.shutdown(socket.SHUT_RDWR)  # wakes the serving thread's accept: it returns
     assert reported == []
